@@ -1,0 +1,1 @@
+//! C ABI. STUB: replaced by the real implementation.

@@ -1,0 +1,1 @@
+//! SIGBUS fallback. STUB: replaced by the real implementation.

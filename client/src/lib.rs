@@ -1,0 +1,115 @@
+//! replicad's client side: the API a program uses to read a file through
+//! its node's replica, the C ABI over it, and the control-socket protocol the
+//! daemon and `replicactl` share.
+//!
+//! ```text
+//!  map(path) ── open(path, O_RDONLY) ──> fd ── Map{node} + fd ──> replicad
+//!                                                                  │
+//!         Mapped{generation,size} + replica fd <───────────────────┘
+//!                  │                         (or Original{reason})
+//!                  ▼
+//!   [ replica mapping ]  [ spare mapping of the file itself ]
+//!         │  SIGBUS after a writer revoked the replica
+//!         └─ mremap(spare -> replica range): the reader goes on with the
+//!            file's current bytes, no fd needed
+//! ```
+//!
+//! Without a daemon, or when the daemon has no replica for the caller's
+//! node, [`map`] maps the file itself: a program never fails because
+//! replicad is absent.
+
+pub mod capi;
+mod fallback;
+mod mapping;
+pub mod proto;
+pub mod sock;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use mapping::{map, map_with, Backing, MapOptions, Mapping};
+
+/// Everything the client API can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot map {path}: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is empty: there is nothing to map")]
+    Empty { path: PathBuf },
+    #[error("{path} is not a regular file")]
+    NotRegularFile { path: PathBuf },
+    #[error(
+        "cannot reach replicad at {socket}: {source} (is the daemon running? \
+         set {env} to its socket)",
+        env = proto::SOCKET_ENV
+    )]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to replicad at {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("replicad at {socket} closed the connection without an answer")]
+    NoAnswer { socket: PathBuf },
+    #[error("replicad sent an answer this client cannot read: {0}")]
+    Protocol(#[from] proto::ProtoError),
+    #[error("replicad refused: {message}")]
+    Refused {
+        kind: proto::ErrorKind,
+        message: String,
+    },
+}
+
+/// The socket clients use: `$REPLICAD_SOCKET`, else the default path.
+pub fn socket_path() -> PathBuf {
+    std::env::var_os(proto::SOCKET_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET))
+}
+
+/// Send one request (with fds) and wait for its answer and the fds that
+/// ride along. An `Error` response is returned as [`Error::Refused`].
+pub fn request(
+    socket: &Path,
+    req: &proto::Request,
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<(proto::Response, Vec<OwnedFd>), Error> {
+    let conn = sock::connect(socket, timeout).map_err(|source| Error::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    let io_err = |source| Error::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    sock::send(conn.as_fd(), &req.encode(), fds).map_err(io_err)?;
+    let packet = sock::recv(conn.as_fd(), proto::MAX_RESPONSE + 1)
+        .map_err(io_err)?
+        .ok_or_else(|| Error::NoAnswer {
+            socket: socket.to_path_buf(),
+        })?;
+    if packet.truncated {
+        return Err(proto::ProtoError::TooLarge {
+            len: packet.len,
+            limit: proto::MAX_RESPONSE,
+        }
+        .into());
+    }
+    match proto::Response::decode(&packet.data)? {
+        proto::Response::Error { kind, message } => Err(Error::Refused { kind, message }),
+        resp => Ok((resp, packet.fds)),
+    }
+}
