@@ -2,8 +2,7 @@
 //! ...), reason, result. Per-file detail goes to the status report.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the engine updates.
@@ -44,7 +43,10 @@ impl Metrics {
             &["target"],
         )?;
         let replica_bytes = IntGaugeVec::new(
-            Opts::new("replicad_replica_bytes", "Bytes held in valid replicas per target"),
+            Opts::new(
+                "replicad_replica_bytes",
+                "Bytes held in valid replicas per target",
+            ),
             &["target"],
         )?;
         let copied_bytes = IntCounterVec::new(

@@ -1,1 +1,22 @@
-fn main() {}
+//! `replicactl`: the CLI. See `replicactl --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use replicad::ctl::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match ctl::run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replicactl: {e:#}");
+            if ctl::is_unreachable(&e) {
+                ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

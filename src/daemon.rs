@@ -1,0 +1,181 @@
+//! The daemon's life: load config, start the engine (which clears leftovers
+//! of an earlier run before anything else), serve the control socket and
+//! HTTP, reload on SIGHUP, and on SIGTERM invalidate every replica before
+//! exit.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use replicad_replicator::{fence, Metrics, Replicator, Topology};
+
+use crate::config::Config;
+use crate::{http, server};
+
+/// Command-line overrides of the config.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub run_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+}
+
+fn load(file: Option<&Path>, over: &Overrides) -> anyhow::Result<Config> {
+    let mut cfg = match file {
+        Some(f) => Config::load(f)?,
+        None => Config::embedded()?,
+    };
+    if let Some(d) = &over.run_dir {
+        cfg.daemon.run_dir = d.clone();
+    }
+    if let Some(s) = &over.socket {
+        cfg.daemon.socket = Some(s.clone());
+    }
+    if let Some(m) = &over.metrics_listen {
+        cfg.daemon.metrics_listen = m.clone();
+    }
+    Ok(cfg)
+}
+
+/// Run the daemon until SIGTERM or SIGINT. `fence::prepare()` must have run
+/// at the very start of `main`.
+pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
+    let cfg = load(file.as_deref(), &over)?;
+    // Bind first: a live daemon on this socket must stop us before the
+    // store is touched (opening it removes every replica found there).
+    let listener = server::bind(&cfg.socket())?;
+    let topology = Topology::detect().context("detecting the NUMA topology")?;
+    tracing::info!(
+        "topology ({}): {} node(s): {}",
+        topology.source,
+        topology.nodes.len(),
+        topology.node_list()
+    );
+    let metrics = Metrics::new().context("creating metrics")?;
+    std::fs::create_dir_all(&cfg.daemon.run_dir)
+        .with_context(|| format!("creating run directory {}", cfg.daemon.run_dir.display()))?;
+    let engine = Replicator::start(cfg.engine(), topology, metrics)
+        .context("starting the replica engine")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("replicad-io")
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve(cfg, listener, file, over, engine.clone()));
+    engine.shutdown();
+    runtime.shutdown_background();
+    result
+}
+
+async fn serve(
+    mut cfg: Config,
+    listener: std::os::fd::OwnedFd,
+    file: Option<PathBuf>,
+    over: Overrides,
+    engine: Replicator,
+) -> anyhow::Result<()> {
+    let socket = cfg.socket();
+    let control = tokio::spawn(server::serve(listener, engine.clone(), socket.clone()));
+    let web = if cfg.daemon.metrics_listen.is_empty() {
+        None
+    } else {
+        let addr = cfg.daemon.metrics_listen.clone();
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening for HTTP on {addr} (daemon.metrics_listen)"))?;
+        tracing::info!("metrics at http://{addr}/metrics, status at http://{addr}/status");
+        Some(tokio::spawn(http::serve(l, engine.clone())))
+    };
+    apply_replicate_list(&engine, &cfg, &BTreeSet::new()).await;
+    notify_systemd("READY=1");
+    tracing::info!("replicad ready");
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match load(file.as_deref(), &over) {
+                    Ok(new) => {
+                        warn_restart_only(&cfg, &new);
+                        let old: BTreeSet<PathBuf> =
+                            cfg.replicate.iter().map(|r| r.path.clone()).collect();
+                        apply_replicate_list(&engine, &new, &old).await;
+                        cfg = new;
+                        tracing::info!("configuration reloaded");
+                    }
+                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: invalidating every replica");
+    notify_systemd("STOPPING=1");
+    control.abort();
+    if let Some(w) = web {
+        w.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Replicate every listed file; evict files that were listed before and
+/// are not any more.
+async fn apply_replicate_list(engine: &Replicator, cfg: &Config, before: &BTreeSet<PathBuf>) {
+    let now: BTreeSet<PathBuf> = cfg.replicate.iter().map(|r| r.path.clone()).collect();
+    let engine = engine.clone();
+    let entries = cfg.replicate.clone();
+    let gone: Vec<PathBuf> = before.difference(&now).cloned().collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for path in gone {
+            match engine.evict(&path) {
+                Ok(n) => tracing::info!(
+                    "{}: no longer configured, {n} replicas evicted",
+                    path.display()
+                ),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        for r in entries {
+            let Some(nodes) = r.nodes.selection() else {
+                continue;
+            };
+            if let Err(e) = engine.replicate(&r.path, &nodes) {
+                tracing::warn!("configured replica: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+fn warn_restart_only(old: &Config, new: &Config) {
+    if old.daemon != new.daemon || old.store != new.store || old.fence != new.fence {
+        tracing::warn!(
+            "[daemon], [store] and [fence] changes take effect at the next restart; \
+             [[replicate]] changes apply now"
+        );
+    }
+}
+
+/// Tell systemd (Type=notify) about our state, if it is listening.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let _ = sock.send_to(state.as_bytes(), PathBuf::from(path));
+}
+
+/// Block the fence signals; must be the first thing `main` does.
+pub fn prepare() -> anyhow::Result<()> {
+    fence::prepare().context("blocking the fence signals")
+}

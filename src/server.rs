@@ -1,0 +1,288 @@
+//! The control socket: `SOCK_SEQPACKET` at `<run_dir>/replicad.sock`, one
+//! request per packet, peers known by `SO_PEERCRED`. Every request gets one
+//! answer; a malformed, oversized or unexpected one gets an `Error` answer
+//! and the connection stays usable. Engine calls run on blocking threads.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Semaphore;
+
+use replicad_client::proto::{ErrorKind, Request, Response, MAX_REQUEST};
+use replicad_client::sock::{self, PeerCred};
+use replicad_replicator::engine::Attach;
+use replicad_replicator::Replicator;
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+/// A connection idle this long is closed.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Bind the control socket at `path` (mode 0666: any user may ask for
+/// replicas of files it can read). A live daemon already there is an
+/// error; a stale socket file is replaced.
+pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
+    if path.exists() {
+        if sock::connect(path, Duration::from_millis(200)).is_ok() {
+            bail!(
+                "another replicad is already serving {}: stop it first, or set daemon.socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        bail!(
+            "socket path {} is too long for a unix socket",
+            path.display()
+        );
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket(AF_UNIX, SOCK_SEQPACKET)");
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("binding {}", path.display()));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 256) } < 0 {
+        return Err(io::Error::last_os_error()).context("listen");
+    }
+    Ok(fd)
+}
+
+/// Serve the control socket until the task is dropped.
+pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> anyhow::Result<()> {
+    // SAFETY: the AsyncFd owns the fd, so it stays open until the AsyncFd
+    // deregisters it on drop.
+    let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracing::info!("control socket listening at {}", socket.display());
+    loop {
+        let permit = slots.clone().acquire_owned().await?;
+        let conn = listener
+            .async_io(Interest::READABLE, |fd| {
+                // SAFETY: accept4 on a listening socket we own; no address wanted.
+                let c = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    )
+                };
+                if c < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    // SAFETY: accept4 returned a new fd owned by nobody else.
+                    Ok(unsafe { OwnedFd::from_raw_fd(c) })
+                }
+            })
+            .await;
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept on {}: {e}", socket.display());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(conn, engine).await {
+                tracing::debug!("control connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
+    let peer = sock::peer_cred(conn.as_fd())?;
+    // SAFETY: the AsyncFd owns the fd, so it stays open until the AsyncFd
+    // deregisters it on drop.
+    let conn = unsafe { AsyncFd::register(conn) }?;
+    loop {
+        let packet = tokio::time::timeout(
+            IDLE,
+            conn.async_io(Interest::READABLE, |fd| {
+                sock::recv(fd.as_fd(), MAX_REQUEST + 1)
+            }),
+        )
+        .await;
+        let packet = match packet {
+            Err(_) => return Ok(()), // idle
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return Ok(()), // peer closed
+            Ok(Err(e)) => return Err(e),
+        };
+        let (response, fd) = if packet.truncated || packet.len > MAX_REQUEST {
+            (
+                Response::error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "request of {} bytes exceeds the limit of {MAX_REQUEST} bytes",
+                        packet.len
+                    ),
+                ),
+                None,
+            )
+        } else {
+            match Request::decode(&packet.data) {
+                Err(e) => {
+                    let kind = match e {
+                        replicad_client::proto::ProtoError::UnsupportedVersion(_) => {
+                            ErrorKind::UnsupportedVersion
+                        }
+                        _ => ErrorKind::BadRequest,
+                    };
+                    (Response::error(kind, e.to_string()), None)
+                }
+                Ok(req) => {
+                    let engine = engine.clone();
+                    let fds = packet.fds;
+                    tokio::task::spawn_blocking(move || handle(&engine, peer, req, fds))
+                        .await
+                        .unwrap_or_else(|e| {
+                            (
+                                Response::error(
+                                    ErrorKind::Internal,
+                                    format!("handler failed: {e}"),
+                                ),
+                                None,
+                            )
+                        })
+                }
+            }
+        };
+        let bytes = response.encode();
+        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+        conn.async_io(Interest::WRITABLE, |sockfd| {
+            sock::send(sockfd.as_fd(), &bytes, &fds)
+        })
+        .await?;
+        drop(fd);
+    }
+}
+
+/// Run one request on a blocking thread.
+fn handle(
+    engine: &Replicator,
+    peer: PeerCred,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> (Response, Option<OwnedFd>) {
+    if req.is_admin() && peer.uid != 0 {
+        return (
+            Response::error(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "this request needs root (uid 0); pid {} runs as uid {}",
+                    peer.pid, peer.uid
+                ),
+            ),
+            None,
+        );
+    }
+    let wants_fds = matches!(req, Request::Map { .. });
+    if !wants_fds && !fds.is_empty() {
+        return (
+            Response::error(
+                ErrorKind::BadRequest,
+                format!("this request carries no fds, but {} came along", fds.len()),
+            ),
+            None,
+        );
+    }
+    let from_engine = |e: replicad_replicator::Error| Response::error(e.kind(), e.to_string());
+    match req {
+        Request::Map { node } => {
+            if fds.len() != 1 {
+                return (
+                    Response::error(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "map needs exactly one fd (the file, opened O_RDONLY), got {}",
+                            fds.len()
+                        ),
+                    ),
+                    None,
+                );
+            }
+            match engine.attach(peer.pid, fds[0].as_fd(), node) {
+                Ok(Attach::Replica {
+                    fd,
+                    node,
+                    generation,
+                    size,
+                }) => (
+                    Response::Mapped {
+                        node,
+                        generation,
+                        size,
+                    },
+                    Some(fd),
+                ),
+                Ok(Attach::Original { reason }) => (Response::Original { reason }, None),
+                Err(e) => (from_engine(e), None),
+            }
+        }
+        Request::Replicate { path, nodes } => match engine.replicate(&path, &nodes) {
+            Ok(source) => (Response::Replicated { source }, None),
+            Err(e) => {
+                tracing::warn!("replicate requested by pid {}: {e}", peer.pid);
+                (from_engine(e), None)
+            }
+        },
+        Request::Evict { path } => match engine.evict(&path) {
+            Ok(replicas) => (Response::Evicted { replicas }, None),
+            Err(e) => (from_engine(e), None),
+        },
+        Request::Status => (
+            Response::Status {
+                report: engine.status(),
+            },
+            None,
+        ),
+    }
+}

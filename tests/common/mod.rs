@@ -1,0 +1,327 @@
+//! Test harness: a real `replicad` process on a private run directory and
+//! socket, `replicactl` and the test programs, and the checks shared by the
+//! integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use replicad_client::proto::{Request, Response, StatusReport};
+
+pub const REPLICAD: &str = env!("CARGO_BIN_EXE_replicad");
+pub const REPLICACTL: &str = env!("CARGO_BIN_EXE_replicactl");
+
+/// Whether we run as root; tests that need it print why they skip.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root (tmpfs mounts, leases on any file, trusted xattrs)");
+    false
+}
+
+/// A test program built by `cargo test` (examples land beside deps/).
+pub fn program(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} not built (cargo test builds examples)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory on a real (ext4) filesystem, not tmpfs.
+pub fn scratch(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("replicad-{tag}-"))
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+/// Write `len` bytes of a deterministic pattern to `path`.
+pub fn make_file(path: &Path, len: usize, seed: u8) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut x = seed as u64 | 1;
+    let mut left = len;
+    while left > 0 {
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let n = left.min(buf.len());
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+}
+
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A running daemon. Dropping it kills it and unmounts its stores.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub run_dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub http: Option<String>,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Daemon {
+    /// Start with a small settle time and HTTP on a free port; `extra` is
+    /// appended to the config file.
+    pub fn start(extra: &str) -> Daemon {
+        Daemon::start_opts(extra, true)
+    }
+
+    pub fn start_opts(extra: &str, http: bool) -> Daemon {
+        let run_dir = tempfile::Builder::new()
+            .prefix("replicad-run-")
+            .tempdir()
+            .unwrap();
+        Daemon::start_in(run_dir, extra, http)
+    }
+
+    /// Start on an existing run directory (for restart tests).
+    pub fn start_in(run_dir: tempfile::TempDir, extra: &str, http: bool) -> Daemon {
+        let socket = run_dir.path().join("replicad.sock");
+        let http = http.then(|| format!("127.0.0.1:{}", free_port()));
+        let config = run_dir.path().join("replicad.toml");
+        let log = run_dir.path().join("replicad.log");
+        let mut text = format!(
+            "[daemon]\nrun_dir = \"{}\"\nmetrics_listen = \"{}\"\n",
+            run_dir.path().display(),
+            http.clone().unwrap_or_default()
+        );
+        if !extra.contains("[fence]") {
+            text.push_str("[fence]\nsettle_ms = 20\nretry_max_ms = 200\n");
+        }
+        text.push_str(extra);
+        std::fs::write(&config, text).unwrap();
+        let mut d = Daemon {
+            child: None,
+            run_dir,
+            socket,
+            config,
+            http,
+            log,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(REPLICAD)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            if let Ok((Response::Status { .. }, _)) = replicad_client::request(
+                &self.socket,
+                &Request::Status,
+                &[],
+                Duration::from_secs(2),
+            ) {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("replicad exited at start ({st}):\n{}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "replicad did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run replicactl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(REPLICACTL)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// replicactl that must succeed; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "replicactl {args:?} failed: {}\n{}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// replicactl that must fail; returns stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            !out.status.success(),
+            "replicactl {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn request(&self, req: &Request) -> Result<Response, replicad_client::Error> {
+        replicad_client::request(&self.socket, req, &[], Duration::from_secs(60)).map(|r| r.0)
+    }
+
+    pub fn status(&self) -> StatusReport {
+        match self.request(&Request::Status).unwrap() {
+            Response::Status { report } => report,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// GET a path from the daemon's HTTP server.
+    pub fn http_get(&self, path: &str) -> String {
+        let addr = self.http.as_ref().expect("HTTP is off");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or(out)
+    }
+
+    /// The value of a metric line that starts with `prefix`.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let text = self.http_get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {prefix} not found in:\n{text}"))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill on our child's pid.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// SIGTERM and wait; the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20))
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            if t0.elapsed() > limit {
+                let _ = child.kill();
+                panic!("replicad did not exit within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL (a crash) and wait.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        let st = child.wait().unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+    }
+
+    /// Restart on the same run directory and config.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or crash the daemon first");
+        self.spawn();
+    }
+
+    /// Mountpoints under the run directory.
+    pub fn mounts(&self) -> Vec<String> {
+        mounts_under(self.run_dir.path())
+    }
+}
+
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for m in mounts_under(self.run_dir.path()) {
+            let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: unmounting a test mount by path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Parse one JSON line printed by a test program.
+pub fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+}

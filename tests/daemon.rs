@@ -1,0 +1,800 @@
+//! The daemon end to end, with real processes: replicate, read through the
+//! client API, evict, status, metrics, reload, restart, shutdown, and every
+//! kind of bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use replicad_client::proto::{self, ErrorKind, Request, Response};
+use replicad_client::sock;
+
+/// A reader process maps the file through `map()`: its maps name the
+/// replica file in the node store, its numa_maps put the pages on node 0,
+/// and the bytes equal the source.
+#[test]
+fn reader_maps_the_replica() {
+    if !root_or_skip("reader_maps_the_replica") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("reader");
+    let file = dir.path().join("weights.bin");
+    make_file(&file, 3 << 20, 7);
+    let want = fnv1a(&std::fs::read(&file).unwrap());
+    let out = d.ctl_ok(&["replicate", "--nodes", "0", file.to_str().unwrap()]);
+    assert!(out.contains("generation 1 on node0"), "{out}");
+
+    let mut reader = Command::new(program("replicad-reader"))
+        .args(["once", file.to_str().unwrap(), "--hold"])
+        .env("REPLICAD_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let v = json(&line);
+    assert_eq!(v["checksum"], format!("{want:016x}"), "{v}");
+    assert!(
+        v["backing"]
+            .as_str()
+            .unwrap()
+            .starts_with("replica node0 generation 1"),
+        "{v}"
+    );
+    let store = d.run_dir.path().join("node0");
+    let maps = v["maps"].as_str().unwrap();
+    assert!(
+        maps.contains(store.to_str().unwrap()),
+        "maps line {maps:?} does not name the replica in {}",
+        store.display()
+    );
+    assert!(
+        maps.split_whitespace().nth(1).unwrap().starts_with("r--s"),
+        "{maps}"
+    );
+    let numa = v["numa_maps"].as_str().unwrap();
+    assert!(
+        numa.contains("N0="),
+        "numa_maps {numa:?} shows no pages on node 0"
+    );
+    assert!(!numa.contains("N1="), "{numa}");
+
+    // While it holds the mapping, status lists it as attached.
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let st = d.status();
+    let r = &st.sources[0].replicas[0];
+    assert_eq!(r.attachments, vec![pid], "{st:?}");
+    let table = d.ctl_ok(&["status"]);
+    assert!(
+        table.contains(&pid.to_string()) && table.contains("valid"),
+        "{table}"
+    );
+    let js: serde_json::Value = serde_json::from_str(&d.ctl_ok(&["status", "--json"])).unwrap();
+    assert_eq!(js["sources"][0]["replicas"][0]["state"], "valid");
+
+    // Evict while it reads: the reader falls back to the file, same bytes.
+    let out = d.ctl_ok(&["evict", file.to_str().unwrap()]);
+    assert!(out.contains("1 replicas evicted"), "{out}");
+    drop(reader.stdin.take());
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let v = json(&line);
+    assert_eq!(v["after_hold_checksum"], format!("{want:016x}"));
+    assert_eq!(v["on_replica"], false);
+    assert!(reader.wait().unwrap().success());
+    assert!(d.status().sources.is_empty());
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "replica file left behind"
+    );
+    assert!(d.metric("replicad_invalidations_total{reason=\"evict\"}") >= 1.0);
+    assert!(d.metric("replicad_attach_total{result=\"replica\"}") >= 1.0);
+}
+
+/// replicactl map reads through the client API too.
+#[test]
+fn replicactl_map_reports_backing() {
+    if !root_or_skip("replicactl_map_reports_backing") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("ctlmap");
+    let file = dir.path().join("index.db");
+    make_file(&file, 100_000, 3);
+    let want = format!("{:016x}", fnv1a(&std::fs::read(&file).unwrap()));
+    let out = d.ctl_ok(&["map", file.to_str().unwrap()]);
+    assert!(
+        out.contains(&want) && out.contains("the file itself (the file is not replicated)"),
+        "{out}"
+    );
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let out = d.ctl_ok(&["map", file.to_str().unwrap()]);
+    assert!(
+        out.contains(&want) && out.contains("replica on node0, generation 1"),
+        "{out}"
+    );
+}
+
+/// Every bad request gets a clear error, leaves nothing half-made, and the
+/// daemon keeps serving.
+#[test]
+fn bad_requests_get_clear_errors() {
+    if !root_or_skip("bad_requests_get_clear_errors") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("bad");
+    let store = d.run_dir.path().join("node0");
+
+    let missing = dir.path().join("missing");
+    let e = d.ctl_err(&["replicate", missing.to_str().unwrap()]);
+    assert!(
+        e.contains(&format!("{} does not exist", missing.display())),
+        "{e}"
+    );
+
+    let e = d.ctl_err(&["replicate", dir.path().to_str().unwrap()]);
+    assert!(e.contains("is a directory, not a regular file"), "{e}");
+
+    let e = d.ctl_err(&["replicate", "/proc/self/status"]);
+    assert!(
+        e.contains("cannot be write-fenced") && e.contains("procfs"),
+        "{e}"
+    );
+
+    let file = dir.path().join("data");
+    make_file(&file, 1 << 20, 1);
+    let e = d.ctl_err(&["replicate", "--nodes", "7", file.to_str().unwrap()]);
+    assert!(
+        e.contains("node 7 does not exist: this machine has nodes 0"),
+        "{e}"
+    );
+    let e = d.ctl_err(&["replicate", "--nodes", "x", file.to_str().unwrap()]);
+    assert!(e.contains("not a node number"), "{e}");
+
+    // Open for write by another process: refused, naming the writer.
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3>>'{}'; echo ready; read _", file.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let e = d.ctl_err(&["replicate", file.to_str().unwrap()]);
+    assert!(e.contains("open for writing by pid"), "{e}");
+    assert!(e.contains(&holder.id().to_string()), "{e}");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    assert!(d.metric("replicad_fence_failures_total{reason=\"open_for_write\"}") >= 1.0);
+
+    let e = d.ctl_err(&["evict", file.to_str().unwrap()]);
+    assert!(e.contains("not replicated"), "{e}");
+
+    // Nothing was left in the store by any of these.
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+    assert!(d.status().sources.is_empty());
+    // And the daemon still works.
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    assert_eq!(d.status().sources.len(), 1);
+}
+
+/// A full node store (ENOSPC) fails the copy and leaves no file behind.
+#[test]
+fn full_store_is_refused_cleanly() {
+    if !root_or_skip("full_store_is_refused_cleanly") {
+        return;
+    }
+    let d = Daemon::start("[store]\nsize = \"1m\"\n");
+    let dir = scratch("enospc");
+    let file = dir.path().join("big");
+    make_file(&file, 4 << 20, 2);
+    let e = d.ctl_err(&["replicate", file.to_str().unwrap()]);
+    assert!(e.contains("is full"), "{e}");
+    let store = d.run_dir.path().join("node0");
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "half-made replica left"
+    );
+    assert!(d.metric("replicad_replication_failures_total{reason=\"no_space\"}") >= 1.0);
+    // A file that fits still replicates.
+    let small = dir.path().join("small");
+    make_file(&small, 100_000, 2);
+    d.ctl_ok(&["replicate", small.to_str().unwrap()]);
+}
+
+/// A source truncated while it is being copied: the writer breaks the
+/// fence, the copy stops, nothing is replicated, the writer goes on.
+#[test]
+fn source_truncated_mid_copy() {
+    if !root_or_skip("source_truncated_mid_copy") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("midcopy");
+    let file = dir.path().join("big");
+    make_file(&file, 768 << 20, 5);
+    let _ = std::fs::read(&file).unwrap(); // warm
+    let path = file.to_str().unwrap().to_string();
+    let socket = d.socket.clone();
+    let rep = std::thread::spawn(move || {
+        replicad_client::request(
+            &socket,
+            &Request::Replicate {
+                path: path.into(),
+                nodes: proto::NodeSelection::All,
+            },
+            &[],
+            Duration::from_secs(60),
+        )
+    });
+    // Wait until the copy is under way, then truncate.
+    let t0 = std::time::Instant::now();
+    while d.status().sources.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+    match rep.join().unwrap() {
+        Err(replicad_client::Error::Refused { kind, message }) => {
+            assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
+            assert!(message.contains("was opened for writing while it was being copied"), "{message}");
+        }
+        Ok(r) => eprintln!("NOTE source_truncated_mid_copy: the copy won the race ({r:?}); checking the revoke instead"),
+        Err(e) => panic!("unexpected {e}"),
+    }
+    // Either way no replica of the old bytes remains valid, and the new
+    // generation (4096 bytes) comes back by itself.
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = d.status();
+        if let Some(s) = st.sources.first() {
+            assert!(
+                s.replicas
+                    .iter()
+                    .all(|r| r.bytes == 4096 || r.generation == s.generation),
+                "{st:?}"
+            );
+            if s.size == 4096
+                && s.replicas
+                    .iter()
+                    .any(|r| r.state == proto::ReplicaState::Valid)
+            {
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no new generation: {st:?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = d.run_dir.path().join("node0");
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        1,
+        "stale copies left in the store"
+    );
+}
+
+/// A source deleted while it is copied is not replicated (or, if the copy
+/// won, is dropped once unlinked and unattached).
+#[test]
+fn source_deleted_mid_copy() {
+    if !root_or_skip("source_deleted_mid_copy") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("delcopy");
+    let file = dir.path().join("big");
+    make_file(&file, 768 << 20, 6);
+    let _ = std::fs::read(&file).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let socket = d.socket.clone();
+    let rep = std::thread::spawn(move || {
+        replicad_client::request(
+            &socket,
+            &Request::Replicate {
+                path: path.into(),
+                nodes: proto::NodeSelection::All,
+            },
+            &[],
+            Duration::from_secs(60),
+        )
+    });
+    let t0 = std::time::Instant::now();
+    while d.status().sources.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::remove_file(&file).unwrap();
+    match rep.join().unwrap() {
+        Err(replicad_client::Error::Refused { kind, message }) => {
+            assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
+            assert!(message.contains("was deleted"), "{message}");
+        }
+        Ok(_) => {
+            eprintln!("NOTE source_deleted_mid_copy: the copy won the race; checking the prune")
+        }
+        Err(e) => panic!("unexpected {e}"),
+    }
+    let t0 = std::time::Instant::now();
+    while !d.status().sources.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "unlinked source kept: {:?}",
+            d.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let store = d.run_dir.path().join("node0");
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+}
+
+fn raw_connect(d: &Daemon) -> OwnedFd {
+    sock::connect(&d.socket, Duration::from_secs(5)).unwrap()
+}
+
+fn raw_answer(fd: &OwnedFd) -> Response {
+    let p = sock::recv(fd.as_fd(), proto::MAX_RESPONSE)
+        .unwrap()
+        .expect("an answer");
+    Response::decode(&p.data).unwrap()
+}
+
+fn expect_error(resp: Response, kind: ErrorKind, needle: &str) {
+    match resp {
+        Response::Error { kind: k, message } => {
+            assert_eq!(k, kind, "{message}");
+            assert!(message.contains(needle), "{needle:?} not in {message:?}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Malformed, oversized, wrong-version and fd-smuggling messages, and
+/// clients that vanish mid-request: each gets an error (or nothing), and
+/// the daemon keeps serving on the same and new connections.
+#[test]
+fn hostile_control_messages() {
+    if !root_or_skip("hostile_control_messages") {
+        return;
+    }
+    let d = Daemon::start("");
+    let c = raw_connect(&d);
+    sock::send(c.as_fd(), b"garbage", &[]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "shorter than");
+    sock::send(c.as_fd(), b"XXXX\x01\x00\x01\x00{}", &[]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "magic");
+    sock::send(c.as_fd(), b"RPLD\x07\x00\x01\x00{}", &[]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::UnsupportedVersion, "version 7");
+    sock::send(c.as_fd(), b"RPLD\x01\x00\x01\x00{\"op\":\"nuke\"}", &[]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "malformed");
+    let mut big = b"RPLD\x01\x00\x01\x00".to_vec();
+    big.resize(200_000, b' ');
+    sock::send(c.as_fd(), &big, &[]).unwrap();
+    expect_error(
+        raw_answer(&c),
+        ErrorKind::BadRequest,
+        "exceeds the limit of 65536",
+    );
+    // Same connection still answers.
+    sock::send(c.as_fd(), &Request::Status.encode(), &[]).unwrap();
+    assert!(matches!(raw_answer(&c), Response::Status { .. }));
+
+    let dir = scratch("hostile");
+    let file = dir.path().join("f");
+    make_file(&file, 8192, 9);
+    let f = std::fs::File::open(&file).unwrap();
+    // fds on a request that takes none.
+    sock::send(c.as_fd(), &Request::Status.encode(), &[f.as_fd()]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "carries no fds");
+    // map with no fd, with two.
+    sock::send(c.as_fd(), &Request::Map { node: None }.encode(), &[]).unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "exactly one fd");
+    sock::send(
+        c.as_fd(),
+        &Request::Map { node: None }.encode(),
+        &[f.as_fd(), f.as_fd()],
+    )
+    .unwrap();
+    expect_error(raw_answer(&c), ErrorKind::BadRequest, "exactly one fd");
+    // An O_PATH fd proves nothing about read permission.
+    let cpath = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: open(2) with a valid path.
+    let opath = unsafe { libc::open(cpath.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(opath >= 0);
+    // SAFETY: opath was just opened.
+    let opath = unsafe { OwnedFd::from_raw_fd(opath) };
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    sock::send(
+        c.as_fd(),
+        &Request::Map { node: None }.encode(),
+        &[opath.as_fd()],
+    )
+    .unwrap();
+    expect_error(
+        raw_answer(&c),
+        ErrorKind::PermissionDenied,
+        "not open for reading",
+    );
+    // A write-only fd neither.
+    let wo = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/null")
+        .unwrap();
+    sock::send(
+        c.as_fd(),
+        &Request::Map { node: None }.encode(),
+        &[wo.as_fd()],
+    )
+    .unwrap();
+    assert!(matches!(raw_answer(&c), Response::Error { .. }));
+    // Node out of range on map.
+    sock::send(
+        c.as_fd(),
+        &Request::Map { node: Some(9) }.encode(),
+        &[f.as_fd()],
+    )
+    .unwrap();
+    expect_error(raw_answer(&c), ErrorKind::NoSuchNode, "node 9");
+
+    // Clients that disconnect mid-request: before reading the answer of a
+    // long copy, and right after connecting.
+    let big = dir.path().join("big");
+    make_file(&big, 256 << 20, 4);
+    for _ in 0..3 {
+        let c2 = raw_connect(&d);
+        sock::send(
+            c2.as_fd(),
+            &Request::Replicate {
+                path: big.clone(),
+                nodes: proto::NodeSelection::All,
+            }
+            .encode(),
+            &[],
+        )
+        .unwrap();
+        drop(c2);
+        drop(raw_connect(&d));
+    }
+    // A half-sent stream of junk on many connections.
+    for i in 0..50u8 {
+        let c3 = raw_connect(&d);
+        let _ = sock::send(c3.as_fd(), &vec![i; i as usize * 100], &[]);
+    }
+    // Still serving.
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = d.status();
+        if st.sources.len() == 2 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.child.is_some());
+    d.ctl_ok(&["evict", big.to_str().unwrap()]);
+}
+
+/// Admin requests need root; anyone may map files they can read, and
+/// nobody gets a replica of a file they cannot read.
+#[test]
+fn unprivileged_clients() {
+    if !root_or_skip("unprivileged_clients") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("unpriv");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let secret = dir.path().join("secret");
+    make_file(&secret, 8192, 1);
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let public = dir.path().join("public");
+    make_file(&public, 8192, 2);
+    std::fs::set_permissions(&public, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    d.ctl_ok(&[
+        "replicate",
+        secret.to_str().unwrap(),
+        public.to_str().unwrap(),
+    ]);
+
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                REPLICACTL,
+                "--socket",
+            ])
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["replicate", public.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root (uid 0)"), "{err}");
+    let out = as_nobody(&["evict", public.to_str().unwrap()]);
+    assert!(!out.status.success());
+
+    let out = as_nobody(&["map", public.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("replica on node0"),
+        "{text}"
+    );
+    // The secret: the client cannot even open it, so it has no fd to pass.
+    let out = as_nobody(&["map", secret.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    // Nor can it open the replica file in the store directly.
+    let st = d.status();
+    let replica = st
+        .sources
+        .iter()
+        .find(|s| s.path == secret)
+        .unwrap()
+        .replicas[0]
+        .file
+        .clone();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            &replica,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "nobody read the replica of a 0600 file"
+    );
+    assert!(d
+        .status()
+        .sources
+        .iter()
+        .all(|s| s.replicas[0].attachments.len() <= 1));
+}
+
+/// A replica fd is read-only: writes and writable shared mappings fail,
+/// and so does reopening it for writing through /proc.
+#[test]
+fn replica_fd_is_read_only() {
+    if !root_or_skip("replica_fd_is_read_only") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("rofd");
+    let file = dir.path().join("f");
+    make_file(&file, 16384, 1);
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let f = std::fs::File::open(&file).unwrap();
+    let (resp, fds) = replicad_client::request(
+        &d.socket,
+        &Request::Map { node: None },
+        &[f.as_fd()],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        matches!(resp, Response::Mapped { size: 16384, .. }),
+        "{resp:?}"
+    );
+    let rfd = &fds[0];
+    // SAFETY: write(2) of one byte from a valid buffer.
+    let n = unsafe { libc::write(rfd.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+    assert_eq!(n, -1, "write to a replica fd succeeded");
+    // SAFETY: mmap with a null hint; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rfd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_eq!(p, libc::MAP_FAILED, "writable shared mapping of a replica");
+    // As root, the /proc reopen works by design; as nobody it must not.
+    let link = format!("/proc/self/fd/{}", rfd.as_raw_fd());
+    let target = std::fs::read_link(&link).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("echo x >> '{}'", target.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nobody could write the replica file");
+    assert_eq!(std::fs::read(&file).unwrap().len(), 16384);
+}
+
+/// /metrics exposes the required families, /status the list.
+#[test]
+fn metrics_and_status_api() {
+    if !root_or_skip("metrics_and_status_api") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("metrics");
+    let file = dir.path().join("f");
+    make_file(&file, 2 << 20, 1);
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    assert_eq!(d.metric("replicad_replicas{target=\"node0\"}"), 1.0);
+    assert_eq!(
+        d.metric("replicad_replica_bytes{target=\"node0\"}"),
+        (2 << 20) as f64
+    );
+    assert!(d.metric("replicad_copied_bytes_total{target=\"node0\"}") >= (2 << 20) as f64);
+    // A write: invalidation counted, latency observed.
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    assert!(d.metric("replicad_invalidations_total{reason=\"write\"}") >= 1.0);
+    assert!(d.metric("replicad_invalidation_seconds_count") >= 1.0);
+    let status: serde_json::Value = serde_json::from_str(&d.http_get("/status")).unwrap();
+    assert_eq!(status["sources"][0]["path"], file.to_str().unwrap());
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+}
+
+/// SIGHUP: an invalid config is refused with file, line and reason and the
+/// daemon keeps running; a valid one applies its [[replicate]] list.
+#[test]
+fn sighup_reload() {
+    if !root_or_skip("sighup_reload") {
+        return;
+    }
+    let d = Daemon::start("");
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        format!("{good}\n[store]\ncopy_threads = \"two\"\n"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while !d.log().contains("reload refused") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        line.contains(&format!("{}:", d.config.display())) && line.contains("copy_threads"),
+        "{line}"
+    );
+    assert!(d.status().sources.is_empty());
+
+    let dir = scratch("hup");
+    let file = dir.path().join("w");
+    make_file(&file, 65536, 1);
+    std::fs::write(
+        &d.config,
+        format!(
+            "{good}\n[[replicate]]\npath = \"{}\"\nnodes = [0]\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while d.status().sources.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.status().sources[0].path, file);
+}
+
+/// A crashed daemon's replicas are removed at the next start, before
+/// anything else; SIGTERM invalidates everything and unmounts.
+#[test]
+fn restart_and_shutdown() {
+    if !root_or_skip("restart_and_shutdown") {
+        return;
+    }
+    let mut d = Daemon::start("");
+    let dir = scratch("restart");
+    let file = dir.path().join("w");
+    make_file(&file, 1 << 20, 1);
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let store = d.run_dir.path().join("node0");
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
+    d.crash();
+    // The lease died with the process; the leftover replica is stale.
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
+    d.restart();
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "leftover survived the restart"
+    );
+    assert!(d.status().sources.is_empty());
+    assert!(d.log().contains("leftover"), "{}", d.log());
+    assert_eq!(d.metric("replicad_leftovers_removed_total"), 1.0);
+
+    // A reader attached at SIGTERM falls back and keeps the right bytes.
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let want = fnv1a(&std::fs::read(&file).unwrap());
+    let mut reader = Command::new(program("replicad-reader"))
+        .args(["once", file.to_str().unwrap(), "--hold"])
+        .env("REPLICAD_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(
+        json(&line)["backing"]
+            .as_str()
+            .unwrap()
+            .starts_with("replica"),
+        "{line}"
+    );
+    let st = d.stop();
+    assert!(st.success(), "{st}\n{}", d.log());
+    assert!(
+        d.mounts().is_empty(),
+        "stores still mounted: {:?}",
+        d.mounts()
+    );
+    assert!(!d.socket.exists());
+    reader.stdin.take().unwrap().write_all(b"").unwrap();
+    drop(reader.stdin.take());
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let v = json(&line);
+    assert_eq!(v["after_hold_checksum"], format!("{want:016x}"));
+    assert_eq!(v["on_replica"], false);
+    assert!(reader.wait().unwrap().success());
+    // The writer is not held up by a dead daemon.
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+}
+
+/// A second daemon on the same socket refuses to start, naming it.
+#[test]
+fn second_daemon_refused() {
+    if !root_or_skip("second_daemon_refused") {
+        return;
+    }
+    let d = Daemon::start_opts("", false);
+    let out = Command::new(REPLICAD)
+        .args(["--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another replicad is already serving"), "{err}");
+    assert_eq!(d.status().sources.len(), 0);
+}
