@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what replicad needs to build and test on Debian/Ubuntu.
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+packages=(pkg-config libhwloc-dev libudev-dev gcc util-linux attr)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: install Rust 1.95 (https://rustup.rs), then run this again" >&2
+  exit 1
+fi
+echo "setup: ok ($(cargo --version))"
