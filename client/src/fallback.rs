@@ -1,1 +1,829 @@
-//! SIGBUS fallback. STUB: replaced by the real implementation.
+//! The SIGBUS fallback: when replicad revokes a replica (it truncates the
+//! replica file to 0 before a writer may touch the source), the next touch of
+//! the replica range raises SIGBUS. The handler here moves the spare mapping
+//! of the original file over the range with one `mremap(MREMAP_FIXED)` and
+//! returns; the faulting instruction then reads the file's current bytes.
+//!
+//! ```text
+//!  slot (fixed static table, atomics only)
+//!  ┌──────────────────────────────────────────┐
+//!  │ word = seq << 8 | state                  │  FREE ─claim─> CLAIMED ─> ACTIVE
+//!  │ start, len   (the range the caller reads)│  ACTIVE ─fault─> REMAPPING ─> FALLEN
+//!  │ spare        (the original file, mapped) │  (mremap failed:     ─> BROKEN)
+//!  └──────────────────────────────────────────┘  ACTIVE|FALLEN|BROKEN ─drop─> RELEASING ─> FREE
+//! ```
+//!
+//! The handler is async-signal-safe: it reads and CASes atomics, makes its
+//! syscalls with inline assembly (x86_64, aarch64; `libc::syscall` on other
+//! architectures), and calls nothing outside this crate except the previous
+//! handler it chains to, because the range being revoked could one day hold
+//! libc's own text. It never allocates, never panics (no indexing, only
+//! wrapping arithmetic) and never loops on a fault it cannot fix:
+//!
+//! * a fault in an `ACTIVE` range: exactly one thread wins the CAS to
+//!   `REMAPPING` and remaps; the others wait until it is done and return;
+//! * a fault in a `FALLEN` range is retried once per thread and address (the
+//!   thread may have faulted on the replica just before another thread's
+//!   remap completed); faulting again at the same address means the original
+//!   itself faults (e.g. the source shrank), and the fault goes where it would
+//!   have gone without replicad;
+//! * any other SIGBUS goes to the previous action: its handler is called with
+//!   its mask and flags honoured, or, for `SIG_DFL`/`SIG_IGN`, the default
+//!   action is restored and the fault re-raises.
+//!
+//! Flags: `SA_SIGINFO` (we need `si_addr`), `SA_ONSTACK` (run on the
+//! program's alternate stack if the thread has one, as the program's own
+//! handler would), `SA_RESTART`, and `SA_NODEFER`: SIGBUS stays unblocked
+//! inside the handler so that a chained program handler that itself touches
+//! another revoked replica gets that fault fixed too, instead of the kernel
+//! killing the process for a fault on a blocked signal. Before chaining, the
+//! handler blocks what the previous action asked for (its `sa_mask`, and
+//! SIGBUS unless it had `SA_NODEFER`); the kernel restores the thread's mask
+//! from the signal frame on return.
+
+use std::io;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Number of replica ranges one process can hold at once.
+pub(crate) const SLOTS: usize = 1024;
+
+const FREE: u64 = 0;
+const CLAIMED: u64 = 1;
+const ACTIVE: u64 = 2;
+const REMAPPING: u64 = 3;
+const FALLEN: u64 = 4;
+const BROKEN: u64 = 5;
+const RELEASING: u64 = 6;
+
+const STATE_MASK: u64 = 0xff;
+
+struct Slot {
+    /// `seq << 8 | state`. `seq` grows on every claim, so a handler that read
+    /// `start`/`len` can tell whether they still belong to the same range.
+    word: AtomicU64,
+    start: AtomicUsize,
+    len: AtomicUsize,
+    spare: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: Slot = Slot {
+    word: AtomicU64::new(0),
+    start: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    spare: AtomicUsize::new(0),
+};
+
+static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
+/// One past the highest slot ever claimed: the handler scans only this far.
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+
+/// Per-thread "last fault I returned on", direct-mapped by tid. A collision
+/// only costs the other thread one more retry; it never makes a fault look
+/// like a repeat that was not one (see `repeat_fault`).
+const THREAD_SLOTS: usize = 256;
+
+struct LastFault {
+    tid: AtomicUsize,
+    addr: AtomicUsize,
+    key: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_FAULT: LastFault = LastFault {
+    tid: AtomicUsize::new(0),
+    addr: AtomicUsize::new(0),
+    key: AtomicU64::new(0),
+};
+
+static LAST_FAULT: [LastFault; THREAD_SLOTS] = [EMPTY_FAULT; THREAD_SLOTS];
+
+/// The action that was installed for SIGBUS before ours.
+static PREV_READY: AtomicBool = AtomicBool::new(false);
+static PREV_HANDLER: AtomicUsize = AtomicUsize::new(0);
+static PREV_FLAGS: AtomicU64 = AtomicU64::new(0);
+/// The previous `sa_mask` as the kernel's 64-bit signal set.
+static PREV_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// How often ranges fell back, and how many faults went on to the previous
+/// action (for tests and debugging).
+static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+static CHAINED: AtomicU64 = AtomicU64::new(0);
+/// Faults that found another thread's remap in flight or done (waited or
+/// retried once).
+static RACED: AtomicU64 = AtomicU64::new(0);
+
+/// Installation result, once: `Ok` or the errno of `sigaction`.
+static INSTALL: Mutex<Option<Result<(), i32>>> = Mutex::new(None);
+
+fn state(word: u64) -> u64 {
+    word & STATE_MASK
+}
+
+fn seq(word: u64) -> u64 {
+    word >> 8
+}
+
+fn with_state(word: u64, st: u64) -> u64 {
+    (word & !STATE_MASK) | st
+}
+
+/// Why a range could not be registered.
+#[derive(Debug)]
+pub(crate) enum AttachError {
+    /// All [`SLOTS`] slots hold ranges.
+    Full,
+    /// The SIGBUS handler could not be installed.
+    Install(io::Error),
+}
+
+impl std::fmt::Display for AttachError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttachError::Full => write!(
+                f,
+                "the SIGBUS fallback table is full ({SLOTS} replica mappings)"
+            ),
+            AttachError::Install(e) => write!(f, "cannot install the SIGBUS handler: {e}"),
+        }
+    }
+}
+
+/// A replica mapped at `start` with the original file mapped at a spare
+/// address, registered for the fallback. Dropping it unmaps both (or the one
+/// range left after a fallback) and frees the slot.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    slot: usize,
+    seq: u64,
+    start: usize,
+    len: usize,
+}
+
+/// Register `len` bytes (a multiple of the page size) at `start` (the
+/// replica) with the original file mapped at `spare`. On success the
+/// returned value owns both mappings; on error the caller still owns them.
+pub(crate) fn attach(start: usize, len: usize, spare: usize) -> Result<Replica, AttachError> {
+    install().map_err(AttachError::Install)?;
+    for (i, slot) in TABLE.iter().enumerate() {
+        let w = slot.word.load(Ordering::Relaxed);
+        if state(w) != FREE {
+            continue;
+        }
+        let claimed = ((seq(w).wrapping_add(1)) << 8) | CLAIMED;
+        if slot
+            .word
+            .compare_exchange(w, claimed, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        slot.start.store(start, Ordering::Relaxed);
+        slot.len.store(len, Ordering::Relaxed);
+        slot.spare.store(spare, Ordering::Relaxed);
+        HIGH_WATER.fetch_max(i + 1, Ordering::AcqRel);
+        slot.word
+            .store(with_state(claimed, ACTIVE), Ordering::Release);
+        return Ok(Replica {
+            slot: i,
+            seq: seq(claimed),
+            start,
+            len,
+        });
+    }
+    Err(AttachError::Full)
+}
+
+impl Replica {
+    /// Whether the replica is still mapped (no fallback has begun).
+    pub(crate) fn on_replica(&self) -> bool {
+        let Some(slot) = TABLE.get(self.slot) else {
+            return false;
+        };
+        let w = slot.word.load(Ordering::Acquire);
+        seq(w) == self.seq && state(w) == ACTIVE
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let Some(slot) = TABLE.get(self.slot) else {
+            return;
+        };
+        // Take the slot away from the handler first; a remap in flight is
+        // waited for, so the spare is never unmapped under it.
+        let spare_separate = loop {
+            let w = slot.word.load(Ordering::Acquire);
+            if seq(w) != self.seq {
+                // Not ours any more: cannot happen, but never free another
+                // range's slot.
+                return;
+            }
+            match state(w) {
+                REMAPPING => {
+                    sys::sched_yield();
+                    continue;
+                }
+                ACTIVE | FALLEN | BROKEN => {
+                    if slot
+                        .word
+                        .compare_exchange(
+                            w,
+                            with_state(w, RELEASING),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                    {
+                        break state(w) != FALLEN;
+                    }
+                }
+                _ => return,
+            }
+        };
+        let spare = slot.spare.load(Ordering::Relaxed);
+        // SAFETY: start/len is the range this value owns; nothing borrows it
+        // any more (the Mapping that held us is being dropped).
+        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
+        if spare_separate {
+            // SAFETY: the spare mapping was never moved (the state was not
+            // FALLEN, and the handler can no longer move it: RELEASING), so
+            // it is still ours at `spare`.
+            unsafe { libc::munmap(spare as *mut libc::c_void, self.len) };
+        }
+        let w = slot.word.load(Ordering::Acquire);
+        slot.word.store(with_state(w, FREE), Ordering::Release);
+    }
+}
+
+/// Fallbacks done, faults that raced a remap, and faults chained so far.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn counters() -> (u64, u64, u64) {
+    (
+        FALLBACKS.load(Ordering::Relaxed),
+        RACED.load(Ordering::Relaxed),
+        CHAINED.load(Ordering::Relaxed),
+    )
+}
+
+/// Install the handler once per process, saving the previous action.
+fn install() -> io::Result<()> {
+    let mut done = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = *done {
+        return r.map_err(io::Error::from_raw_os_error);
+    }
+    // SAFETY: sigaction is plain old data; all-zero is a valid value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sigbus as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER | libc::SA_RESTART;
+    // SAFETY: act.sa_mask is a valid sigset_t to initialise.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: act and old are valid sigaction structs; SIGBUS is a valid
+    // signal. One call swaps the action, so no other installer slips in.
+    let rc = unsafe { libc::sigaction(libc::SIGBUS, &act, &mut old) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        *done = Some(Err(err.raw_os_error().unwrap_or(libc::EINVAL)));
+        return Err(err);
+    }
+    let mut mask = 0u64;
+    for sig in 1..=64 {
+        // SAFETY: old.sa_mask was filled by sigaction; sig is in range.
+        if unsafe { libc::sigismember(&old.sa_mask, sig) } == 1 {
+            mask |= 1u64 << (sig - 1);
+        }
+    }
+    PREV_HANDLER.store(old.sa_sigaction, Ordering::Relaxed);
+    PREV_FLAGS.store(old.sa_flags as u32 as u64, Ordering::Relaxed);
+    PREV_MASK.store(mask, Ordering::Relaxed);
+    PREV_READY.store(true, Ordering::Release);
+    *done = Some(Ok(()));
+    Ok(())
+}
+
+/// Find the live range holding `addr`: `(slot index, word seen)`.
+fn lookup(addr: usize) -> Option<(usize, u64)> {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    for (i, slot) in TABLE.iter().enumerate().take(high) {
+        // A few tries per slot: a slot whose seq changed under us is read
+        // again; after that it is skipped (it was being reused, so the fault
+        // cannot be in its old range any more).
+        for _ in 0..4 {
+            let w = slot.word.load(Ordering::Acquire);
+            match state(w) {
+                ACTIVE | REMAPPING | FALLEN | BROKEN => {}
+                _ => break,
+            }
+            let start = slot.start.load(Ordering::Relaxed);
+            let len = slot.len.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            let again = slot.word.load(Ordering::Relaxed);
+            if seq(again) != seq(w) {
+                continue;
+            }
+            if addr >= start && addr.wrapping_sub(start) < len {
+                return Some((i, again));
+            }
+            break;
+        }
+    }
+    None
+}
+
+/// Wait until no remap is in flight on `slot` (same `seq`).
+fn wait_remap(slot: &Slot, seq_seen: u64) {
+    loop {
+        let w = slot.word.load(Ordering::Acquire);
+        if seq(w) != seq_seen || state(w) != REMAPPING {
+            return;
+        }
+        sys::sched_yield();
+    }
+}
+
+/// Whether this thread already returned once on this very fault (same
+/// address, same range incarnation). If not, remember it and say no.
+fn repeat_fault(addr: usize, key: u64) -> bool {
+    let tid = sys::gettid();
+    let Some(entry) = LAST_FAULT.get(tid % THREAD_SLOTS) else {
+        return true;
+    };
+    if entry.tid.load(Ordering::Relaxed) == tid
+        && entry.addr.load(Ordering::Relaxed) == addr
+        && entry.key.load(Ordering::Relaxed) == key
+    {
+        return true;
+    }
+    entry.tid.store(tid, Ordering::Relaxed);
+    entry.addr.store(addr, Ordering::Relaxed);
+    entry.key.store(key, Ordering::Relaxed);
+    false
+}
+
+/// The SIGBUS handler.
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if info.is_null() {
+        chain(sig, info, ctx, false);
+        return;
+    }
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let code = unsafe { (*info).si_code };
+    // Only faults (kernel-generated, si_code > 0) carry a meaningful address.
+    if code <= 0 {
+        chain(sig, info, ctx, false);
+        return;
+    }
+    // SAFETY: as above; si_addr is the faulting address for SIGBUS faults.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let Some((i, w)) = lookup(addr) else {
+        chain(sig, info, ctx, true);
+        return;
+    };
+    let Some(slot) = TABLE.get(i) else {
+        chain(sig, info, ctx, true);
+        return;
+    };
+    match state(w) {
+        ACTIVE => {
+            let won = slot
+                .word
+                .compare_exchange(
+                    w,
+                    with_state(w, REMAPPING),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
+            if won {
+                let start = slot.start.load(Ordering::Relaxed);
+                let len = slot.len.load(Ordering::Relaxed);
+                let spare = slot.spare.load(Ordering::Relaxed);
+                let ok = sys::mremap_fixed(spare, len, start);
+                let st = if ok { FALLEN } else { BROKEN };
+                if ok {
+                    FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                }
+                slot.word.store(with_state(w, st), Ordering::Release);
+            } else {
+                RACED.fetch_add(1, Ordering::Relaxed);
+                wait_remap(slot, seq(w));
+            }
+            // Retry the faulting instruction: it now reads the original (or,
+            // if the remap failed, faults again and is chained as BROKEN).
+        }
+        REMAPPING => {
+            RACED.fetch_add(1, Ordering::Relaxed);
+            wait_remap(slot, seq(w));
+        }
+        FALLEN => {
+            let key = (seq(w) << 16) | (i as u64 & 0xffff);
+            if repeat_fault(addr, key) {
+                chain(sig, info, ctx, true);
+            } else {
+                RACED.fetch_add(1, Ordering::Relaxed);
+            }
+            // Else: first fault of this thread here since the fallback; it
+            // may have hit the replica just before the remap. Retry once.
+        }
+        _ => chain(sig, info, ctx, true),
+    }
+}
+
+/// Hand the signal to the action that was installed before ours, as the
+/// kernel would have delivered it.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, fault: bool) {
+    CHAINED.fetch_add(1, Ordering::Relaxed);
+    while !PREV_READY.load(Ordering::Acquire) {
+        // Our handler is installed but `install` has not saved the old
+        // action yet: a few instructions away on another thread.
+        sys::sched_yield();
+    }
+    let handler = PREV_HANDLER.load(Ordering::Relaxed);
+    let flags = PREV_FLAGS.load(Ordering::Relaxed);
+    if handler == libc::SIG_IGN && !fault {
+        // A sent SIGBUS that the program ignored: ignore it.
+        return;
+    }
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        // Restore the default action. A fault re-raises when the
+        // instruction retries (an ignored fault is fatal anyway, as the
+        // kernel forces the default for it); a sent signal is sent again.
+        sys::set_default(sig);
+        if !fault {
+            sys::raise(sig);
+        }
+        return;
+    }
+    let mut mask = PREV_MASK.load(Ordering::Relaxed);
+    if flags & libc::SA_NODEFER as u32 as u64 == 0 && sig > 0 && sig <= 64 {
+        mask |= 1u64 << (sig - 1);
+    }
+    sys::block(mask);
+    if flags & libc::SA_RESETHAND as u32 as u64 != 0 {
+        sys::set_default(sig);
+    }
+    if flags & libc::SA_SIGINFO as u32 as u64 != 0 {
+        // SAFETY: the program installed this value as an SA_SIGINFO handler.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe {
+            std::mem::transmute::<
+                usize,
+                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+            >(handler)
+        };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: the program installed this value as a plain handler.
+        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(handler) };
+        f(sig);
+    }
+}
+
+/// The handler's syscalls, made without libc.
+mod sys {
+    /// The kernel's `struct sigaction` for `rt_sigaction` (x86_64, aarch64
+    /// and the generic layout with `SA_RESTORER`).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn syscall6(
+        nr: libc::c_long,
+        a0: usize,
+        a1: usize,
+        a2: usize,
+        a3: usize,
+        a4: usize,
+        a5: usize,
+    ) -> isize {
+        let ret: isize;
+        // SAFETY: the x86_64 Linux syscall convention: number in rax, args
+        // in rdi, rsi, rdx, r10, r8, r9; the kernel clobbers rcx and r11.
+        // Callers pass arguments valid for the syscall they name.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") a0,
+                in("rsi") a1,
+                in("rdx") a2,
+                in("r10") a3,
+                in("r8") a4,
+                in("r9") a5,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    fn syscall6(
+        nr: libc::c_long,
+        a0: usize,
+        a1: usize,
+        a2: usize,
+        a3: usize,
+        a4: usize,
+        a5: usize,
+    ) -> isize {
+        let ret: isize;
+        // SAFETY: the aarch64 Linux syscall convention: number in x8, args
+        // in x0..x5, result in x0. Callers pass arguments valid for the
+        // syscall they name.
+        unsafe {
+            core::arch::asm!(
+                "svc 0",
+                in("x8") nr,
+                inlateout("x0") a0 as isize => ret,
+                in("x1") a1,
+                in("x2") a2,
+                in("x3") a3,
+                in("x4") a4,
+                in("x5") a5,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[inline(always)]
+    fn syscall6(
+        nr: libc::c_long,
+        a0: usize,
+        a1: usize,
+        a2: usize,
+        a3: usize,
+        a4: usize,
+        a5: usize,
+    ) -> isize {
+        // SAFETY: callers pass arguments valid for the syscall they name.
+        // On these architectures we go through libc's syscall(), which only
+        // sets errno on failure.
+        unsafe { libc::syscall(nr, a0, a1, a2, a3, a4, a5) as isize }
+    }
+
+    pub(super) fn sched_yield() {
+        syscall6(libc::SYS_sched_yield, 0, 0, 0, 0, 0, 0);
+    }
+
+    pub(super) fn gettid() -> usize {
+        syscall6(libc::SYS_gettid, 0, 0, 0, 0, 0, 0) as usize
+    }
+
+    /// Move the mapping at `from` over `to` in one step.
+    pub(super) fn mremap_fixed(from: usize, len: usize, to: usize) -> bool {
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as usize;
+        let r = syscall6(libc::SYS_mremap, from, len, len, flags, to, 0);
+        r as usize == to
+    }
+
+    /// Restore the default action of `sig`.
+    pub(super) fn set_default(sig: libc::c_int) {
+        let act = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        syscall6(
+            libc::SYS_rt_sigaction,
+            sig as usize,
+            &act as *const KernelSigaction as usize,
+            0,
+            8,
+            0,
+            0,
+        );
+    }
+
+    /// Block `mask` (a 64-bit kernel signal set) in this thread.
+    pub(super) fn block(mask: u64) {
+        syscall6(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK as usize,
+            &mask as *const u64 as usize,
+            0,
+            8,
+            0,
+            0,
+        );
+    }
+
+    /// Send `sig` to this thread.
+    pub(super) fn raise(sig: libc::c_int) {
+        let pid = syscall6(libc::SYS_getpid, 0, 0, 0, 0, 0, 0) as usize;
+        let tid = gettid();
+        syscall6(libc::SYS_tgkill, pid, tid, sig as usize, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_and_state_pack() {
+        let w = (7u64 << 8) | ACTIVE;
+        assert_eq!(state(w), ACTIVE);
+        assert_eq!(seq(w), 7);
+        assert_eq!(with_state(w, FALLEN), (7u64 << 8) | FALLEN);
+    }
+
+    #[test]
+    fn raw_syscalls_answer() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as usize;
+        assert_eq!(sys::gettid(), tid);
+        sys::sched_yield();
+        // A failed mremap reports failure (unaligned source address).
+        assert!(!sys::mremap_fixed(1, 4096, 0x10000));
+    }
+
+    #[test]
+    fn repeat_fault_is_per_address_and_key() {
+        assert!(!repeat_fault(0x1000, 1));
+        assert!(repeat_fault(0x1000, 1));
+        assert!(!repeat_fault(0x2000, 1));
+        assert!(!repeat_fault(0x2000, 2));
+        assert!(repeat_fault(0x2000, 2));
+    }
+
+    fn anon(len: usize) -> usize {
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as usize
+    }
+
+    #[test]
+    fn attach_lookup_and_release() {
+        let (a, b) = (anon(4096), anon(4096));
+        let r = attach(a, 4096, b).unwrap();
+        assert!(r.on_replica());
+        let (i, w) = lookup(a + 100).unwrap();
+        assert_eq!(i, r.slot);
+        assert_eq!(state(w), ACTIVE);
+        assert_ne!(lookup(a + 4096).map(|(i, _)| i), Some(r.slot));
+        drop(r);
+        assert!(lookup(a + 100).is_none());
+    }
+
+    /// A fault as the kernel would describe it, for calling the handler
+    /// directly (never on a path that chains: in a test binary the previous
+    /// action is std's stack-overflow handler, which resets SIGBUS).
+    fn fault_info(addr: usize) -> libc::siginfo_t {
+        // SAFETY: siginfo_t is plain old data; all-zero is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        info.si_signo = libc::SIGBUS;
+        info.si_code = 2; // BUS_ADRERR
+                          // SAFETY: on 64-bit Linux si_addr sits 16 bytes into siginfo_t,
+                          // which is 128 bytes long.
+        unsafe {
+            (&mut info as *mut libc::siginfo_t)
+                .cast::<u8>()
+                .add(16)
+                .cast::<usize>()
+                .write_unaligned(addr)
+        };
+        // SAFETY: reading back what was just written.
+        assert_eq!(unsafe { info.si_addr() } as usize, addr);
+        info
+    }
+
+    #[test]
+    fn a_fault_during_a_remap_waits_for_it() {
+        let (a, b) = (anon(4096), anon(4096));
+        let r = attach(a, 4096, b).unwrap();
+        let slot = &TABLE[r.slot];
+        let w = slot.word.load(Ordering::Acquire);
+        // Pretend another thread won the remap and is inside mremap.
+        slot.word.store(with_state(w, REMAPPING), Ordering::Release);
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let d2 = done.clone();
+        let t = std::thread::spawn(move || {
+            let mut info = fault_info(a + 8);
+            on_sigbus(libc::SIGBUS, &mut info, std::ptr::null_mut());
+            d2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "returned during the remap");
+        slot.word.store(with_state(w, FALLEN), Ordering::Release);
+        t.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        // The "remap" never happened: the spare is still separate.
+        slot.word.store(with_state(w, ACTIVE), Ordering::Release);
+        drop(r);
+    }
+
+    #[test]
+    fn a_late_fault_after_the_remap_is_retried_once() {
+        let (a, b) = (anon(4096), anon(4096));
+        let r = attach(a, 4096, b).unwrap();
+        let slot = &TABLE[r.slot];
+        let w = slot.word.load(Ordering::Acquire);
+        slot.word.store(with_state(w, FALLEN), Ordering::Release);
+        let (_, raced_before, _) = counters();
+        // This thread faulted on the replica just before another thread's
+        // remap: the first fault here returns to retry...
+        let mut info = fault_info(a + 16);
+        on_sigbus(libc::SIGBUS, &mut info, std::ptr::null_mut());
+        assert!(counters().1 > raced_before);
+        // ...and the same fault again would be the original's own, chained.
+        let key = (seq(w) << 16) | r.slot as u64;
+        assert!(repeat_fault(a + 16, key));
+        slot.word.store(with_state(w, ACTIVE), Ordering::Release);
+        drop(r);
+    }
+
+    #[test]
+    fn concurrent_faults_remap_once_and_read_the_original() {
+        use std::io::Write;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        const LEN: usize = 8 * 4096;
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8 + 1).collect();
+        let mut orig = tempfile::tempfile().unwrap();
+        orig.write_all(&data).unwrap();
+        let map = |fd: i32| {
+            // SAFETY: a new shared read-only mapping of a live fd.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    LEN,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as usize
+        };
+        for round in 0..10 {
+            // SAFETY: a valid name; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"fallback-unit".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: fd was just created and is ours.
+            let replica = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            (&replica).write_all(&data).unwrap();
+            let spare = map(orig.as_raw_fd());
+            let start = map(replica.as_raw_fd());
+            let (falls_before, _, _) = counters();
+            let r = attach(start, LEN, spare).unwrap();
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(9));
+            let readers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (stop, barrier, data) = (stop.clone(), barrier.clone(), data.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let mut passes = 0;
+                        while !stop.load(Ordering::Relaxed) || passes < 2 {
+                            for (i, want) in data.iter().enumerate() {
+                                // SAFETY: start..start+LEN stays mapped
+                                // (replica or original) until r is dropped.
+                                let b =
+                                    unsafe { std::ptr::read_volatile((start + i) as *const u8) };
+                                assert_eq!(b, *want, "byte {i}");
+                            }
+                            passes += 1;
+                        }
+                    })
+                })
+                .collect();
+            barrier.wait();
+            std::thread::sleep(std::time::Duration::from_micros(100 * round));
+            replica.set_len(0).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            stop.store(true, Ordering::Relaxed);
+            for t in readers {
+                t.join().unwrap();
+            }
+            assert!(!r.on_replica());
+            assert!(counters().0 > falls_before);
+            drop(r);
+        }
+        let (falls, raced, chained) = counters();
+        eprintln!("fallbacks {falls}, faults that raced a remap {raced}, chained {chained}");
+    }
+}
