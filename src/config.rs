@@ -163,11 +163,17 @@ impl Config {
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let source_line = text.lines().nth(line - 1).unwrap_or("").trim();
+            let reason = if source_line.is_empty() {
+                e.message().to_string()
+            } else {
+                format!("{} (in `{source_line}`)", e.message())
+            };
             ConfigError::Parse {
                 file: file.to_path_buf(),
                 line,
                 column,
-                reason: e.message().to_string(),
+                reason,
             }
         })?;
         cfg.check(file)?;

@@ -78,6 +78,11 @@ async fn serve(
     over: Overrides,
     engine: Replicator,
 ) -> anyhow::Result<()> {
+    // Signals first: a SIGHUP that arrived before this would end the
+    // process (its default action).
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let socket = cfg.socket();
     let control = tokio::spawn(server::serve(listener, engine.clone(), socket.clone()));
     let web = if cfg.daemon.metrics_listen.is_empty() {
@@ -93,10 +98,6 @@ async fn serve(
     apply_replicate_list(&engine, &cfg, &BTreeSet::new()).await;
     notify_systemd("READY=1");
     tracing::info!("replicad ready");
-
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {

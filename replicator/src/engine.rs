@@ -640,6 +640,7 @@ impl Inner {
         mut list: MutexGuard<'a, ReplicaList>,
         key: SourceKey,
         reason: Reason,
+        signalled: Option<Instant>,
     ) -> (MutexGuard<'a, ReplicaList>, usize) {
         // 1. No new attaches, and copiers stop at their next chunk.
         if let Some(src) = list.get_mut(key) {
@@ -684,6 +685,11 @@ impl Inner {
             .with_label_values(&[reason.label()])
             .inc_by(n as u64);
         // 4. Only now may the writer go on.
+        if let Some(at) = signalled {
+            self.metrics
+                .invalidation_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
         if src.fence == FenceKind::Lease && src.fenced {
             if let Err(e) = sys::release_lease(src.fd.as_fd()) {
                 tracing::warn!("{}: releasing the lease: {e}", src.path.display());
@@ -700,7 +706,7 @@ impl Inner {
         key: SourceKey,
         reason: Reason,
     ) -> (MutexGuard<'a, ReplicaList>, usize) {
-        let (mut list, n) = self.revoke(list, key, reason);
+        let (mut list, n) = self.revoke(list, key, reason, None);
         if let Some(src) = list.remove(key) {
             tracing::info!(
                 "{}: dropped ({}), {n} replicas invalidated",
@@ -734,11 +740,8 @@ impl Inner {
             if !list.get(key).is_some_and(|s| s.fenced) {
                 continue;
             }
-            let (mut list, n) = self.revoke(list, key, Reason::Write);
+            let (mut list, n) = self.revoke(list, key, Reason::Write, Some(at));
             let waited = at.elapsed();
-            self.metrics
-                .invalidation_seconds
-                .observe(waited.as_secs_f64());
             if let Some(src) = list.get_mut(key) {
                 src.broken_at = Some(Instant::now());
                 src.retries = 0;
