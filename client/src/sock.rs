@@ -114,10 +114,10 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
     };
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let fd_bytes = std::mem::size_of_val(raw.as_slice()) as u32;
-    // SAFETY: CMSG_SPACE is a pure computation.
     let space = if raw.is_empty() {
         0
     } else {
+        // SAFETY: CMSG_SPACE is a pure computation.
         unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
     };
     // u64 elements keep the buffer aligned for cmsghdr.
