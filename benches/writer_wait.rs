@@ -69,8 +69,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let run = tempfile::Builder::new().prefix("replicad-bench-").tempdir().unwrap();
-    let data = tempfile::Builder::new().prefix("replicad-bench-").tempdir_in("/var/tmp").unwrap();
+    let run = tempfile::Builder::new()
+        .prefix("replicad-bench-")
+        .tempdir()
+        .unwrap();
+    let data = tempfile::Builder::new()
+        .prefix("replicad-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let file: PathBuf = data.path().join("weights.bin");
     let plain: PathBuf = data.path().join("plain.bin");
     std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
@@ -110,8 +116,12 @@ fn main() {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while replicad_client::request(&socket, &Request::Status, &[], Duration::from_secs(1)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "replicad did not start");
+    while replicad_client::request(&socket, &Request::Status, &[], Duration::from_secs(1)).is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "replicad did not start"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     replicad_client::request(
@@ -150,7 +160,10 @@ fn main() {
     let mut baseline = Vec::with_capacity(opens);
     for _ in 0..opens {
         let t = Instant::now();
-        let f = std::fs::OpenOptions::new().write(true).open(&plain).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&plain)
+            .unwrap();
         baseline.push(t.elapsed().as_secs_f64());
         drop(f);
     }
@@ -165,13 +178,38 @@ fn main() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = daemon.wait();
 
-    let (f50, f99, fmax) = (pct(&mut fenced, 0.5), pct(&mut fenced, 0.99), pct(&mut fenced, 1.0));
+    let (f50, f99, fmax) = (
+        pct(&mut fenced, 0.5),
+        pct(&mut fenced, 0.99),
+        pct(&mut fenced, 1.0),
+    );
     let (b50, b99) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99));
-    println!("writer wait: open(O_WRONLY), {opens} opens, replicas attached by {ATTACHED} processes");
-    println!("  {:<28} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "max us");
-    println!("  {:<28} {:>10.1} {:>10.1} {:>10.1}", "replicated (fence + revoke)", f50 * 1e6, f99 * 1e6, fmax * 1e6);
-    println!("  {:<28} {:>10.1} {:>10.1}", "plain file", b50 * 1e6, b99 * 1e6);
-    println!("  ratio p50 {:.1}x, p99 {:.1}x; goal p99 < 1000 us: {}", f50 / b50, f99 / b99, if f99 < 1e-3 { "met" } else { "NOT met" });
+    println!(
+        "writer wait: open(O_WRONLY), {opens} opens, replicas attached by {ATTACHED} processes"
+    );
+    println!(
+        "  {:<28} {:>10} {:>10} {:>10}",
+        "", "p50 us", "p99 us", "max us"
+    );
+    println!(
+        "  {:<28} {:>10.1} {:>10.1} {:>10.1}",
+        "replicated (fence + revoke)",
+        f50 * 1e6,
+        f99 * 1e6,
+        fmax * 1e6
+    );
+    println!(
+        "  {:<28} {:>10.1} {:>10.1}",
+        "plain file",
+        b50 * 1e6,
+        b99 * 1e6
+    );
+    println!(
+        "  ratio p50 {:.1}x, p99 {:.1}x; goal p99 < 1000 us: {}",
+        f50 / b50,
+        f99 / b99,
+        if f99 < 1e-3 { "met" } else { "NOT met" }
+    );
     if short_rounds > 0 {
         println!("  note: {short_rounds} opens found fewer than {ATTACHED} attached readers");
     }

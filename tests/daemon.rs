@@ -113,7 +113,9 @@ fn replicactl_map_reports_backing() {
     let want = format!("{:016x}", fnv1a(&std::fs::read(&file).unwrap()));
     let out = d.ctl_ok(&["map", file.to_str().unwrap()]);
     assert!(
-        out.contains(&want) && out.contains("the file itself") && out.contains("the file is not replicated"),
+        out.contains(&want)
+            && out.contains("the file itself")
+            && out.contains("the file is not replicated"),
         "{out}"
     );
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);

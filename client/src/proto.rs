@@ -179,11 +179,22 @@ pub enum Response {
         size: u64,
     },
     /// No replica for this caller: use the file itself.
-    Original { reason: String },
-    Replicated { source: SourceStatus },
-    Evicted { replicas: usize },
-    Status { report: StatusReport },
-    Error { kind: ErrorKind, message: String },
+    Original {
+        reason: String,
+    },
+    Replicated {
+        source: SourceStatus,
+    },
+    Evicted {
+        replicas: usize,
+    },
+    Status {
+        report: StatusReport,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 impl Response {

@@ -50,13 +50,7 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: plain syscall; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
