@@ -800,3 +800,45 @@ fn second_daemon_refused() {
     assert!(err.contains("another replicad is already serving"), "{err}");
     assert_eq!(d.status().sources.len(), 0);
 }
+
+/// Files on a read-only mount need no lease: they replicate with the fence
+/// "read-only mount" and serve replicas like any other.
+#[test]
+fn read_only_mount_needs_no_lease() {
+    if !root_or_skip("read_only_mount_needs_no_lease") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("romount");
+    let src = dir.path().join("src");
+    let view = dir.path().join("view");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&view).unwrap();
+    make_file(&src.join("f"), 65536, 1);
+    // A tmpfs mounted read-only after filling it.
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "replicad-test-ro"])
+        .arg(&view)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs");
+    std::fs::copy(src.join("f"), view.join("f")).unwrap();
+    let ok = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&view)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "remount ro");
+    let out = d.ctl_ok(&["replicate", view.join("f").to_str().unwrap()]);
+    assert!(out.contains("generation 1"), "{out}");
+    let st = d.status();
+    assert_eq!(st.sources[0].fence, "read-only mount", "{st:?}");
+    let out = d.ctl_ok(&["map", view.join("f").to_str().unwrap()]);
+    assert!(out.contains("replica on node0"), "{out}");
+    d.ctl_ok(&["evict", view.join("f").to_str().unwrap()]);
+    let c = std::ffi::CString::new(view.to_str().unwrap()).unwrap();
+    // SAFETY: unmounting our test mount.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
