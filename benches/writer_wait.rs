@@ -4,7 +4,11 @@
 //! same run.
 //!
 //! `cargo bench --bench writer_wait` (root; starts its own replicad).
-//! `REPLICAD_BENCH_OPENS` sets the number of opens (default 1000).
+//! `REPLICAD_BENCH_OPENS` sets the number of opens (default 1000),
+//! `REPLICAD_BENCH_MB` the file size (default 1), and
+//! `REPLICAD_BENCH_HUGE=1` mounts the node stores with huge pages
+//! (`store.huge_pages`; files of 2 MiB and more then sit in 2 MiB pages,
+//! which makes the revoke's truncate far cheaper).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -69,6 +73,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    let mb: usize = std::env::var("REPLICAD_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let huge = std::env::var("REPLICAD_BENCH_HUGE").is_ok_and(|v| v == "1");
     let run = tempfile::Builder::new()
         .prefix("replicad-bench-")
         .tempdir()
@@ -79,14 +88,14 @@ fn main() {
         .unwrap();
     let file: PathBuf = data.path().join("weights.bin");
     let plain: PathBuf = data.path().join("plain.bin");
-    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
-    std::fs::write(&plain, vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(&file, vec![7u8; mb << 20]).unwrap();
+    std::fs::write(&plain, vec![7u8; mb << 20]).unwrap();
     let socket = run.path().join("replicad.sock");
     let config = run.path().join("replicad.toml");
     std::fs::write(
         &config,
         format!(
-            "[daemon]\nrun_dir = \"{}\"\nmetrics_listen = \"\"\n[fence]\nsettle_ms = 2\nretry_max_ms = 50\n",
+            "[daemon]\nrun_dir = \"{}\"\nmetrics_listen = \"\"\n[fence]\nsettle_ms = 2\nretry_max_ms = 50\n[store]\nhuge_pages = {huge}\n",
             run.path().display()
         ),
     )
@@ -185,7 +194,9 @@ fn main() {
     );
     let (b50, b99) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99));
     println!(
-        "writer wait: open(O_WRONLY), {opens} opens, replicas attached by {ATTACHED} processes"
+        "writer wait: open(O_WRONLY), {opens} opens, {mb} MiB file, huge pages {}, \
+         replicas attached by {ATTACHED} processes",
+        if huge { "on" } else { "off" }
     );
     println!(
         "  {:<28} {:>10} {:>10} {:>10}",
