@@ -1,11 +1,52 @@
-//! The CPU replica store. STUB: interface only; replaced by the real
-//! implementation.
+//! The CPU replica store: where node-local copies of source files live.
+//!
+//! ```text
+//!  Store ── node 0: tmpfs "replicad-node0" at <run_dir>/node0 (mpol=bind:0)
+//!       │      └─ ReplicaFile "<dev>-<ino>-g<generation>" (xattrs: source, generation, path)
+//!       └─ node 1: memfd + mbind (where mounting is not allowed)
+//!              └─ ReplicaFile memfd "replicad:<basename>:g<generation>"
+//! ```
+//!
+//! A replica's life: [`Store::create`] -> [`ReplicaFile::fill`] (copy, see
+//! [`crate::copy`]) -> [`ReplicaFile::placement`] (every page on its node?)
+//! -> [`ReplicaFile::seal`] -> [`ReplicaFile::open_readonly`] fds for
+//! clients -> [`ReplicaFile::revoke`] (truncate: the kernel unmaps it from
+//! every process) -> [`ReplicaFile::remove`].
+//!
+//! The source is never mapped, only read, so a writer that truncates it
+//! cannot crash the daemon; the daemon never touches a replica's bytes from
+//! userspace either (only the kernel does, through syscalls), so a revoke
+//! racing a copy is an error, not a SIGBUS.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use crate::{Error, Result};
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+use crate::copy::{self, CopyError, CopyJob, CopyMethod, Mapping};
+use crate::{numa, sys, Error, Result};
+
+/// Where the kernel lists this process's mounts.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// xattr naming the source: `"<dev>:<ino>"`.
+pub const XATTR_SOURCE: &str = "trusted.replicad.source";
+/// xattr naming the generation: `"<seq>:<size>:<mtime_ns>:<ctime_ns>"`.
+pub const XATTR_GENERATION: &str = "trusted.replicad.generation";
+/// xattr holding the source path's bytes.
+pub const XATTR_PATH: &str = "trusted.replicad.path";
+/// Pages queried per `move_pages` call by [`ReplicaFile::placement`].
+const PLACEMENT_BATCH: usize = 4096;
+/// The longest memfd name the kernel takes (`NAME_MAX` less `"memfd:"`).
+const MEMFD_NAME_MAX: usize = 249;
 
 /// How the store is configured.
 #[derive(Debug, Clone)]
@@ -23,6 +64,18 @@ pub struct StoreConfig {
     pub copy_threads: usize,
 }
 
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            run_dir: PathBuf::from("/run/replicad"),
+            size: None,
+            huge_pages: false,
+            force_memfd: false,
+            copy_threads: 2,
+        }
+    }
+}
+
 /// Identity of one replica: its source and generation. Written to the
 /// replica file's xattrs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +87,21 @@ pub struct ReplicaIdent {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+}
+
+impl ReplicaIdent {
+    /// The value of [`XATTR_SOURCE`].
+    pub fn source_xattr(&self) -> String {
+        format!("{}:{}", self.dev, self.ino)
+    }
+
+    /// The value of [`XATTR_GENERATION`].
+    pub fn generation_xattr(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.generation, self.size, self.mtime_ns, self.ctime_ns
+        )
+    }
 }
 
 /// Where pages of a replica sit.
@@ -50,85 +118,1303 @@ pub struct CopyStats {
     pub nanos: u64,
 }
 
+/// What backs one node's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A tmpfs mounted with `mpol=bind:N` (by this store or adopted).
+    Tmpfs,
+    /// memfds whose pages are bound to the node with `mbind`.
+    Memfd,
+}
+
+#[derive(Debug)]
+struct NodeStore {
+    dir: PathBuf,
+    kind: StoreKind,
+    /// This store mounted the tmpfs, so `close` unmounts it.
+    mounted: bool,
+}
+
 /// The per-node stores.
 #[derive(Debug)]
 pub struct Store {
-    _cfg: StoreConfig,
+    cfg: StoreConfig,
+    nodes: BTreeMap<u32, NodeStore>,
+    leftovers: usize,
+    method: CopyMethod,
+    closed: AtomicBool,
 }
 
 impl Store {
     /// Open (mount) the node stores and remove every replica an earlier run
     /// left behind.
-    pub fn open(cfg: &StoreConfig, _nodes: &[u32]) -> Result<Store> {
-        Ok(Store { _cfg: cfg.clone() })
+    ///
+    /// A node dir that is already a tmpfs mountpoint (a crashed earlier run)
+    /// is reused and, not being mounted by this store, left mounted by
+    /// [`Store::close`]. A node whose tmpfs cannot be mounted (or every node
+    /// with `force_memfd`) uses memfd + `mbind`, with a warning.
+    pub fn open(cfg: &StoreConfig, nodes: &[u32]) -> Result<Store> {
+        let mut store = Store {
+            cfg: cfg.clone(),
+            nodes: BTreeMap::new(),
+            leftovers: 0,
+            method: CopyMethod::DEFAULT,
+            closed: AtomicBool::new(false),
+        };
+        // Replicas of an earlier run: their fence is not ours, so they may
+        // be stale. Remove them before anything else.
+        let unique: std::collections::BTreeSet<u32> = nodes.iter().copied().collect();
+        let mut dirs = Vec::with_capacity(unique.len());
+        for node in unique {
+            let dir = cfg.run_dir.join(format!("node{node}"));
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::io(&dir, e))?;
+            store.leftovers += remove_leftovers(&dir)?;
+            dirs.push((node, dir));
+        }
+        for (node, dir) in dirs {
+            let ns = store.open_node(node, dir)?;
+            store.nodes.insert(node, ns);
+        }
+        Ok(store)
+    }
+
+    fn open_node(&self, node: u32, dir: PathBuf) -> Result<NodeStore> {
+        let canon = fs::canonicalize(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mountinfo = fs::read(MOUNTINFO).map_err(|e| Error::io(MOUNTINFO, e))?;
+        let memfd = |dir: PathBuf| NodeStore {
+            dir,
+            kind: StoreKind::Memfd,
+            mounted: false,
+        };
+        match mount_at(&mountinfo, &canon) {
+            Some(m) if m.fstype == b"tmpfs" => {
+                tracing::info!(node, dir = %dir.display(), "reusing the tmpfs already mounted there");
+                return Ok(NodeStore {
+                    dir,
+                    kind: StoreKind::Tmpfs,
+                    mounted: false,
+                });
+            }
+            Some(m) => {
+                tracing::warn!(
+                    node,
+                    dir = %dir.display(),
+                    fstype = %String::from_utf8_lossy(&m.fstype),
+                    "the store dir is a mountpoint but not tmpfs; using memfd + mbind for this node"
+                );
+                return Ok(memfd(dir));
+            }
+            None => {}
+        }
+        // A plain directory until the tmpfs covers it.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(&dir, e))?;
+        if self.cfg.force_memfd {
+            tracing::warn!(node, dir = %dir.display(), reason = "force_memfd is set", "using memfd + mbind for this node");
+            return Ok(memfd(dir));
+        }
+        match self.mount(node, &dir) {
+            Ok(()) => Ok(NodeStore {
+                dir,
+                kind: StoreKind::Tmpfs,
+                mounted: true,
+            }),
+            Err(e) => {
+                tracing::warn!(node, dir = %dir.display(), reason = %e, "cannot mount the node store; using memfd + mbind for this node");
+                Ok(memfd(dir))
+            }
+        }
+    }
+
+    fn mount(&self, node: u32, dir: &Path) -> Result<()> {
+        let source = format!("replicad-node{node}");
+        let options = |huge: bool| {
+            let mut o = format!("mpol=bind:{node},mode=0700");
+            if let Some(size) = &self.cfg.size {
+                o.push_str(",size=");
+                o.push_str(size);
+            }
+            if huge {
+                o.push_str(",huge=within_size");
+            }
+            o
+        };
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        let mount = |data: &str| {
+            nix::mount::mount(Some(source.as_str()), dir, Some("tmpfs"), flags, Some(data))
+        };
+        let mut data = options(self.cfg.huge_pages);
+        let mut result = mount(&data);
+        if result == Err(nix::errno::Errno::EINVAL) && self.cfg.huge_pages {
+            tracing::warn!(node, dir = %dir.display(), "tmpfs refused huge=within_size; mounting without huge pages");
+            data = options(false);
+            result = mount(&data);
+        }
+        result.map_err(|e| Error::Mount {
+            node,
+            dir: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        tracing::info!(node, dir = %dir.display(), options = %data, "mounted the node store");
+        Ok(())
     }
 
     /// How many leftover replica files `open` removed.
     pub fn leftovers_removed(&self) -> usize {
-        0
+        self.leftovers
+    }
+
+    /// The copy method new replicas use ([`CopyMethod::DEFAULT`] unless
+    /// set).
+    pub fn copy_method(&self) -> CopyMethod {
+        self.method
+    }
+
+    /// Use `method` for replicas created from now on.
+    pub fn set_copy_method(&mut self, method: CopyMethod) {
+        self.method = method;
+    }
+
+    /// The nodes this store serves.
+    pub fn nodes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.nodes.keys().copied()
+    }
+
+    /// What backs `node`'s store, if this store serves `node`.
+    pub fn kind(&self, node: u32) -> Option<StoreKind> {
+        self.nodes.get(&node).map(|n| n.kind)
+    }
+
+    /// `node`'s store directory, if this store serves `node`.
+    pub fn dir(&self, node: u32) -> Option<&Path> {
+        self.nodes.get(&node).map(|n| n.dir.as_path())
     }
 
     /// Create an empty replica file on `node`.
     pub fn create(&self, node: u32, ident: &ReplicaIdent) -> Result<ReplicaFile> {
-        Err(Error::NoSpace {
+        let ns = self.nodes.get(&node).ok_or_else(|| Error::NoSuchNode {
             node,
-            dir: PathBuf::new(),
-            path: ident.path.clone(),
+            have: self
+                .nodes
+                .keys()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        })?;
+        let file = match ns.kind {
+            StoreKind::Tmpfs => self.create_tmpfs(node, ns, ident)?,
+            StoreKind::Memfd => self.create_memfd(node, ns, ident)?,
+        };
+        tracing::debug!(node, replica = %file.label(), source = %ident.path.display(), "created replica");
+        Ok(file)
+    }
+
+    fn create_tmpfs(&self, node: u32, ns: &NodeStore, ident: &ReplicaIdent) -> Result<ReplicaFile> {
+        let path = ns
+            .dir
+            .join(format!("{}-{}-g{}", ident.dev, ident.ino, ident.generation));
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(replica = %path.display(), "removed a stale replica file"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        // std always adds O_CLOEXEC; create_new is O_CREAT | O_EXCL.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| self.create_error(node, ns, ident, &path, e))?;
+        let fd = OwnedFd::from(file);
+        if let Err(e) = set_xattrs(fd.as_fd(), ident) {
+            let _ = fs::remove_file(&path);
+            return Err(self.create_error(node, ns, ident, &path, e));
+        }
+        Ok(ReplicaFile {
+            fd,
+            node,
+            dir: ns.dir.clone(),
+            backing: Backing::Tmpfs(path),
+            method: self.method,
+            threads: self.cfg.copy_threads,
         })
     }
 
+    fn create_memfd(&self, node: u32, ns: &NodeStore, ident: &ReplicaIdent) -> Result<ReplicaFile> {
+        let name = memfd_name(ident);
+        let label = PathBuf::from(format!("memfd:{name}"));
+        let fd = memfd_create(
+            name.as_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| self.create_error(node, ns, ident, &label, e.into()))?;
+        if let Err(e) = set_xattrs(fd.as_fd(), ident) {
+            tracing::debug!(replica = %label.display(), error = %e, "memfd replica without xattrs");
+        }
+        Ok(ReplicaFile {
+            fd,
+            node,
+            dir: ns.dir.clone(),
+            backing: Backing::Memfd(name),
+            method: self.method,
+            threads: self.cfg.copy_threads,
+        })
+    }
+
+    fn create_error(
+        &self,
+        node: u32,
+        ns: &NodeStore,
+        ident: &ReplicaIdent,
+        path: &Path,
+        e: io::Error,
+    ) -> Error {
+        if is_no_space(&e) {
+            Error::NoSpace {
+                node,
+                dir: ns.dir.clone(),
+                path: ident.path.clone(),
+            }
+        } else {
+            Error::io(path, e)
+        }
+    }
+
     /// Unmount every node store (replicas must be gone first).
-    pub fn close(&self) {}
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for (&node, ns) in &self.nodes {
+            if ns.mounted {
+                match nix::mount::umount2(&ns.dir, MntFlags::MNT_DETACH) {
+                    Ok(()) => {
+                        tracing::info!(node, dir = %ns.dir.display(), "unmounted the node store")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, dir = %ns.dir.display(), error = %e, "cannot unmount the node store");
+                        continue;
+                    }
+                }
+            } else if ns.kind == StoreKind::Tmpfs {
+                // Adopted from an earlier run: not ours to unmount.
+                continue;
+            }
+            if let Err(e) = fs::remove_dir(&ns.dir) {
+                tracing::warn!(node, dir = %ns.dir.display(), error = %e, "cannot remove the node store dir");
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn set_xattrs(fd: BorrowedFd<'_>, ident: &ReplicaIdent) -> io::Result<()> {
+    sys::set_xattr(fd, XATTR_SOURCE, ident.source_xattr().as_bytes())?;
+    sys::set_xattr(fd, XATTR_GENERATION, ident.generation_xattr().as_bytes())?;
+    sys::set_xattr(fd, XATTR_PATH, ident.path.as_os_str().as_bytes())
+}
+
+/// `replicad:<basename>:g<generation>`, cut to what memfd_create takes, with
+/// no NUL.
+fn memfd_name(ident: &ReplicaIdent) -> String {
+    let base = ident
+        .path
+        .file_name()
+        .unwrap_or_else(|| OsStr::new("?"))
+        .to_string_lossy()
+        .replace('\0', "?");
+    let suffix = format!(":g{}", ident.generation);
+    let room = MEMFD_NAME_MAX - "replicad:".len() - suffix.len();
+    let mut cut = base.len().min(room);
+    while !base.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("replicad:{}{suffix}", &base[..cut])
+}
+
+/// Remove everything in `dir` (replicas of an earlier run); returns how
+/// many entries went.
+fn remove_leftovers(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let result = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(replica = %path.display(), "removed a replica left by an earlier run");
+                removed += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Ok(removed)
+}
+
+/// One line of mountinfo that matters here.
+#[derive(Debug, PartialEq, Eq)]
+struct MountEntry {
+    fstype: Vec<u8>,
+    source: Vec<u8>,
+}
+
+/// The mount visible at `dir` in `mountinfo` text (the last one listed
+/// there, as later mounts cover earlier ones), if any.
+fn mount_at(mountinfo: &[u8], dir: &Path) -> Option<MountEntry> {
+    let want = dir.as_os_str().as_bytes();
+    let mut found = None;
+    for line in mountinfo.split(|&b| b == b'\n') {
+        let mut fields = line.split(|&b| b == b' ');
+        let Some(point) = fields.nth(4) else { continue };
+        if unescape(point) != want {
+            continue;
+        }
+        // Optional fields, then "-", fstype, source.
+        let mut rest = fields.skip_while(|f| *f != b"-").skip(1);
+        if let (Some(fstype), Some(source)) = (rest.next(), rest.next()) {
+            found = Some(MountEntry {
+                fstype: unescape(fstype),
+                source: unescape(source),
+            });
+        }
+    }
+    found
+}
+
+/// Undo mountinfo's octal escapes (`\040` for space, and so on).
+fn unescape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' && i + 4 <= s.len() {
+            let oct = &s[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                if let Ok(b) = u8::try_from(v) {
+                    out.push(b);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// A file in the node's tmpfs.
+    Tmpfs(PathBuf),
+    /// A memfd with this name.
+    Memfd(String),
 }
 
 /// One replica file.
 #[derive(Debug)]
 pub struct ReplicaFile {
-    _fd: OwnedFd,
+    fd: OwnedFd,
+    node: u32,
+    dir: PathBuf,
+    backing: Backing,
+    method: CopyMethod,
+    threads: usize,
 }
 
 impl ReplicaFile {
     /// Copy `len` bytes of `src` into the replica.
     pub fn fill(
         &self,
-        _src: BorrowedFd<'_>,
-        _len: u64,
-        _abort: &AtomicBool,
-        _ident: &ReplicaIdent,
+        src: BorrowedFd<'_>,
+        len: u64,
+        abort: &AtomicBool,
+        ident: &ReplicaIdent,
     ) -> Result<CopyStats> {
-        Ok(CopyStats::default())
+        self.fill_with(src, len, abort, ident, self.method, self.threads)
+    }
+
+    /// [`ReplicaFile::fill`] with an explicit method and thread count (the
+    /// bench compares them).
+    pub fn fill_with(
+        &self,
+        src: BorrowedFd<'_>,
+        len: u64,
+        abort: &AtomicBool,
+        ident: &ReplicaIdent,
+        method: CopyMethod,
+        threads: usize,
+    ) -> Result<CopyStats> {
+        let start = Instant::now();
+        let result = self.copy_in(src, len, abort, method, threads);
+        if let Err(e) = result {
+            // Give the memory back at once; the caller removes the file.
+            if let Err(t) = self.truncate() {
+                tracing::warn!(replica = %self.label(), error = %t, "cannot truncate a failed replica");
+            }
+            return Err(self.copy_error(e, ident));
+        }
+        let stats = CopyStats {
+            bytes: len,
+            nanos: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        };
+        tracing::debug!(
+            replica = %self.label(),
+            bytes = len,
+            nanos = stats.nanos,
+            method = %method,
+            "filled replica"
+        );
+        Ok(stats)
+    }
+
+    fn copy_in(
+        &self,
+        src: BorrowedFd<'_>,
+        len: u64,
+        abort: &AtomicBool,
+        method: CopyMethod,
+        threads: usize,
+    ) -> Result<(), CopyError> {
+        if abort.load(Ordering::Acquire) {
+            return Err(CopyError::Aborted);
+        }
+        // Full size first: tmpfs `huge=within_size` then uses huge pages for
+        // the whole file, and the mapping below covers it.
+        let size = libc::off_t::try_from(len)
+            .map_err(|_| CopyError::Write(io::Error::from_raw_os_error(libc::EFBIG)))?;
+        // SAFETY: ftruncate on our own valid fd.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), size) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(if is_no_space(&e) {
+                CopyError::NoSpace(e)
+            } else {
+                CopyError::Write(e)
+            });
+        }
+        let memfd = matches!(self.backing, Backing::Memfd(_));
+        let mut map = None;
+        if len > 0 && (memfd || method.needs_mapping()) {
+            let m = Mapping::shared(
+                self.fd.as_fd(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                0,
+            )
+            .map_err(CopyError::Write)?;
+            if memfd {
+                // The memfd's shared policy: every page allocated for it from
+                // now on, by fault or write, comes from the node.
+                numa::mbind(
+                    m.as_ptr(),
+                    m.len(),
+                    self.node,
+                    numa::MF_STRICT | numa::MF_MOVE,
+                )
+                .map_err(CopyError::Write)?;
+            }
+            map = Some(m);
+        }
+        if !method.needs_mapping() {
+            map = None;
+        }
+        copy::copy(&CopyJob {
+            src,
+            dst: self.fd.as_fd(),
+            dst_map: map.as_ref(),
+            len,
+            method,
+            threads,
+            abort,
+        })
+        // `map` is unmapped here, before `seal` may need no writable mapping.
+    }
+
+    fn copy_error(&self, e: CopyError, ident: &ReplicaIdent) -> Error {
+        match e {
+            CopyError::Aborted => Error::SourceChanged {
+                path: ident.path.clone(),
+                what: "was opened for writing",
+            },
+            CopyError::Shrank { .. } => Error::SourceChanged {
+                path: ident.path.clone(),
+                what: "shrank",
+            },
+            CopyError::NoSpace(_) => Error::NoSpace {
+                node: self.node,
+                dir: self.dir.clone(),
+                path: ident.path.clone(),
+            },
+            CopyError::Read(e) => Error::io(&ident.path, e),
+            CopyError::Write(e) => Error::Io {
+                path: self.label_path(),
+                source: e,
+            },
+        }
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        // SAFETY: stat is plain old data; all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: st is valid for writes; the fd is ours.
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_size as u64)
     }
 
     /// Where the replica's pages are.
     pub fn placement(&self) -> Result<Placement> {
-        Ok(Placement::default())
+        let io_err = |e| Error::Io {
+            path: self.label_path(),
+            source: e,
+        };
+        let len = self.size().map_err(io_err)?;
+        if len == 0 {
+            return Ok(Placement::default());
+        }
+        let map = Mapping::shared(
+            self.fd.as_fd(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_POPULATE,
+        )
+        .map_err(io_err)?;
+        let page = page_size();
+        let pages = len.div_ceil(page as u64);
+        let node = self.node as i32;
+        let base = map.as_ptr().cast::<u8>().cast_const();
+        let mut misplaced = 0u64;
+        let mut addrs = Vec::with_capacity(PLACEMENT_BATCH);
+        let mut first = 0u64;
+        while first < pages {
+            let count = (pages - first).min(PLACEMENT_BATCH as u64);
+            addrs.clear();
+            addrs.extend((first..first + count).map(|i| {
+                base.wrapping_add((i as usize) * page)
+                    .cast::<libc::c_void>()
+            }));
+            let status = numa::page_nodes(&addrs).map_err(io_err)?;
+            misplaced += status.iter().filter(|&&s| s != node).count() as u64;
+            first += count;
+        }
+        Ok(Placement { pages, misplaced })
     }
 
     /// Make the replica read-only for good (mode, seals).
     pub fn seal(&self) -> Result<()> {
+        let io_err = |e| Error::Io {
+            path: self.label_path(),
+            source: e,
+        };
+        // SAFETY: fchmod on our own valid fd.
+        if unsafe { libc::fchmod(self.fd.as_raw_fd(), 0o400) } < 0 {
+            return Err(io_err(io::Error::last_os_error()));
+        }
+        if let Backing::Memfd(_) = self.backing {
+            // `fill` keeps no writable mapping, so F_SEAL_WRITE cannot be
+            // refused with EBUSY. Shrinking stays allowed: `revoke` needs it.
+            let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+            // SAFETY: fcntl on our own valid fd with an integer argument.
+            if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+                return Err(io_err(io::Error::last_os_error()));
+            }
+        }
         Ok(())
     }
 
     /// A read-only fd for a client.
     pub fn open_readonly(&self) -> std::io::Result<OwnedFd> {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+        let path = match &self.backing {
+            Backing::Tmpfs(path) => path.clone(),
+            Backing::Memfd(_) => PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())),
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(OwnedFd::from(file))
+    }
+
+    fn truncate(&self) -> io::Result<()> {
+        // SAFETY: ftruncate on our own valid fd.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Truncate to 0: the kernel unmaps it from every process.
     pub fn revoke(&self) -> std::io::Result<()> {
-        Ok(())
+        self.truncate()
     }
 
     /// Revoke and unlink.
-    pub fn remove(self) {}
+    pub fn remove(self) {
+        if let Err(e) = self.revoke() {
+            tracing::warn!(replica = %self.label(), error = %e, "cannot truncate the replica");
+        }
+        if let Backing::Tmpfs(path) = &self.backing {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(replica = %path.display(), error = %e, "cannot unlink the replica")
+                }
+            }
+        }
+        // The fd closes as `self` drops.
+    }
 
     /// The node it is on.
     pub fn node(&self) -> u32 {
-        0
+        self.node
     }
 
     /// Path in the store, or `memfd:<name>`.
     pub fn label(&self) -> String {
-        String::new()
+        match &self.backing {
+            Backing::Tmpfs(path) => path.display().to_string(),
+            Backing::Memfd(name) => format!("memfd:{name}"),
+        }
+    }
+
+    fn label_path(&self) -> PathBuf {
+        match &self.backing {
+            Backing::Tmpfs(path) => path.clone(),
+            Backing::Memfd(name) => PathBuf::from(format!("memfd:{name}")),
+        }
+    }
+
+    /// The replica's own read-write fd, for the daemon's use (device upload,
+    /// checks); clients get [`ReplicaFile::open_readonly`] fds only.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    const MIB: u64 = 1 << 20;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// A run dir under /tmp. Dropped after the Store of a test (declare it
+    /// first), it unmounts whatever is still mounted under it, even when the
+    /// test panicked or adopted a mount it does not unmount itself.
+    struct RunDir {
+        dir: tempfile::TempDir,
+    }
+
+    impl RunDir {
+        fn new() -> RunDir {
+            RunDir {
+                dir: tempfile::Builder::new()
+                    .prefix("replicad-store-test")
+                    .tempdir_in("/tmp")
+                    .unwrap(),
+            }
+        }
+
+        fn cfg(&self, kind: StoreKind, size: Option<&str>) -> StoreConfig {
+            StoreConfig {
+                run_dir: self.dir.path().to_path_buf(),
+                size: size.map(str::to_string),
+                huge_pages: false,
+                force_memfd: kind == StoreKind::Memfd,
+                copy_threads: 2,
+            }
+        }
+    }
+
+    impl Drop for RunDir {
+        fn drop(&mut self) {
+            let Ok(entries) = fs::read_dir(self.dir.path()) else {
+                return;
+            };
+            for e in entries.flatten() {
+                for _ in 0..8 {
+                    if nix::mount::umount2(&e.path(), MntFlags::MNT_DETACH).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A store of `kind` on node 0, or `None` after printing why the test
+    /// skips.
+    fn open_store(test: &str, rd: &RunDir, kind: StoreKind, size: Option<&str>) -> Option<Store> {
+        if kind == StoreKind::Tmpfs && !is_root() {
+            eprintln!("SKIP {test}: mounting tmpfs needs root");
+            return None;
+        }
+        let store = Store::open(&rd.cfg(kind, size), &[0]).unwrap();
+        if store.kind(0) != Some(kind) {
+            eprintln!("SKIP {test}: could not mount a tmpfs store (see the warning)");
+            return None;
+        }
+        Some(store)
+    }
+
+    fn pattern(len: u64, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut v = Vec::with_capacity(len as usize + 8);
+        while (v.len() as u64) < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(len as usize);
+        v
+    }
+
+    /// A source file on disk (not tmpfs) holding `bytes`.
+    fn source(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .prefix("replicad-src")
+            .tempfile_in("/var/tmp")
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    /// A large source made of one repeated MiB (cheap to build).
+    fn big_source(len: u64) -> tempfile::NamedTempFile {
+        let block = pattern(MIB, 99);
+        let mut f = tempfile::Builder::new()
+            .prefix("replicad-src")
+            .tempfile_in("/var/tmp")
+            .unwrap();
+        for _ in 0..len / MIB {
+            f.write_all(&block).unwrap();
+        }
+        f
+    }
+
+    fn ident(src: &tempfile::NamedTempFile, generation: u64) -> ReplicaIdent {
+        let md = src.as_file().metadata().unwrap();
+        ReplicaIdent {
+            path: src.path().to_path_buf(),
+            dev: md.dev(),
+            ino: md.ino(),
+            generation,
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        }
+    }
+
+    fn read_all(fd: OwnedFd) -> Vec<u8> {
+        let f = fs::File::from(fd);
+        let len = f.metadata().unwrap().len();
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    fn dir_entries(dir: &Path) -> usize {
+        fs::read_dir(dir).unwrap().count()
+    }
+
+    fn blocks(fd: BorrowedFd<'_>) -> i64 {
+        // SAFETY: stat is plain old data; all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: st is valid for writes; fd is valid.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        st.st_blocks
+    }
+
+    /// Run `then` as soon as the replica behind `fd` has its first pages
+    /// (the copy is under way), or give up once `done` is set.
+    fn when_filling(fd: BorrowedFd<'_>, done: &AtomicBool, then: impl FnOnce()) {
+        while blocks(fd) == 0 {
+            if done.load(Ordering::Acquire) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        then();
+    }
+
+    fn assert_source_changed(r: Result<CopyStats>, want: &str, ctx: &str) {
+        match r {
+            Err(Error::SourceChanged { what, .. }) => assert_eq!(what, want, "{ctx}"),
+            other => panic!("{ctx}: expected SourceChanged {want:?}, got {other:?}"),
+        }
+    }
+
+    fn fill_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let no = AtomicBool::new(false);
+        let sizes = [0, 1, 4095, 4097, 2 * MIB + 3, 40 * MIB];
+        let mut generation = 0;
+        for len in sizes {
+            let bytes = pattern(len, len);
+            let src = source(&bytes);
+            for method in CopyMethod::ALL {
+                generation += 1;
+                let ctx = format!("{test} {method} {len}");
+                let id = ident(&src, generation);
+                let r = store.create(0, &id).unwrap();
+                assert_eq!(r.node(), 0);
+                let stats = r
+                    .fill_with(src.as_file().as_fd(), len, &no, &id, method, 2)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert_eq!(stats.bytes, len, "{ctx}");
+                r.seal().unwrap();
+                // Every page on node 0.
+                let p = r.placement().unwrap();
+                assert_eq!(p.pages, len.div_ceil(4096), "{ctx}");
+                assert_eq!(p.misplaced, 0, "{ctx}");
+                // Identity in xattrs.
+                let fd = r.as_fd();
+                let got = |name| sys::get_xattr(fd, name).unwrap();
+                match got(XATTR_SOURCE) {
+                    Some(v) => {
+                        assert_eq!(v, id.source_xattr().into_bytes(), "{ctx}");
+                        assert_eq!(
+                            got(XATTR_GENERATION),
+                            Some(id.generation_xattr().into_bytes())
+                        );
+                        assert_eq!(
+                            got(XATTR_PATH),
+                            Some(id.path.as_os_str().as_bytes().to_vec())
+                        );
+                    }
+                    None if kind == StoreKind::Memfd => {
+                        if generation == 1 {
+                            eprintln!("SKIP {test} xattrs: memfd has no trusted xattrs here");
+                        }
+                    }
+                    None => panic!("{ctx}: tmpfs replica without xattrs"),
+                }
+                // Read-only for clients; sealed memfd refuses writes.
+                let ro = r.open_readonly().unwrap();
+                // SAFETY: one byte from a valid buffer to a valid fd.
+                let w = unsafe { libc::pwrite(ro.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
+                assert_eq!(w, -1, "{ctx}: read-only fd took a write");
+                if len > 0 {
+                    let m = Mapping::shared(
+                        ro.as_fd(),
+                        len as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        0,
+                    );
+                    assert!(m.is_err(), "{ctx}: writable mapping of a read-only fd");
+                }
+                if kind == StoreKind::Memfd {
+                    // SAFETY: one byte from a valid buffer to a valid fd.
+                    let w = unsafe { libc::pwrite(fd.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
+                    assert_eq!(w, -1, "{ctx}: sealed memfd took a write");
+                    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+                    let m = Mapping::shared(
+                        fd,
+                        len.max(1) as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        0,
+                    );
+                    assert!(m.is_err(), "{ctx}: writable mapping of a sealed memfd");
+                    assert!(r.label().starts_with("memfd:replicad:"), "{}", r.label());
+                } else {
+                    assert!(Path::new(&r.label()).exists());
+                }
+                assert!(read_all(ro) == bytes, "{ctx}: bytes differ");
+                let label = r.label();
+                r.remove();
+                if kind == StoreKind::Tmpfs {
+                    assert!(!Path::new(&label).exists(), "{ctx}: not unlinked");
+                }
+            }
+        }
+        assert_eq!(dir_entries(store.dir(0).unwrap()), 0);
+        store.close();
+        assert!(
+            !rd.dir.path().join("node0").exists(),
+            "close left the node dir"
+        );
+    }
+
+    #[test]
+    fn store_tmpfs_fill_placement_xattrs_readonly() {
+        fill_suite(
+            "store_tmpfs_fill_placement_xattrs_readonly",
+            StoreKind::Tmpfs,
+        );
+    }
+
+    #[test]
+    fn store_memfd_fill_placement_xattrs_readonly() {
+        fill_suite(
+            "store_memfd_fill_placement_xattrs_readonly",
+            StoreKind::Memfd,
+        );
+    }
+
+    #[test]
+    fn store_tmpfs_huge_pages_fill() {
+        let test = "store_tmpfs_huge_pages_fill";
+        if !is_root() {
+            return eprintln!("SKIP {test}: mounting tmpfs needs root");
+        }
+        let rd = RunDir::new();
+        let mut cfg = rd.cfg(StoreKind::Tmpfs, Some("64m"));
+        cfg.huge_pages = true;
+        let store = Store::open(&cfg, &[0]).unwrap();
+        if store.kind(0) != Some(StoreKind::Tmpfs) {
+            return eprintln!("SKIP {test}: could not mount a tmpfs store");
+        }
+        let bytes = pattern(40 * MIB + 5, 3);
+        let src = source(&bytes);
+        let id = ident(&src, 1);
+        let r = store.create(0, &id).unwrap();
+        r.fill(
+            src.as_file().as_fd(),
+            bytes.len() as u64,
+            &AtomicBool::new(false),
+            &id,
+        )
+        .unwrap();
+        assert_eq!(r.placement().unwrap().misplaced, 0);
+        assert!(read_all(r.open_readonly().unwrap()) == bytes);
+        r.remove();
+    }
+
+    #[test]
+    fn store_tmpfs_full_is_no_space_and_leaves_nothing() {
+        let test = "store_tmpfs_full_is_no_space_and_leaves_nothing";
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, Some("1m")) else {
+            return;
+        };
+        let dir = store.dir(0).unwrap().to_path_buf();
+        let no = AtomicBool::new(false);
+        for (len, threads) in [(4 * MIB, 1), (40 * MIB, 2)] {
+            let src = big_source(len);
+            for method in CopyMethod::ALL {
+                let id = ident(&src, 7);
+                let r = store.create(0, &id).unwrap();
+                match r.fill_with(src.as_file().as_fd(), len, &no, &id, method, threads) {
+                    Err(Error::NoSpace { node, dir: d, path }) => {
+                        assert_eq!((node, &d, &path), (0, &dir, &id.path), "{method}");
+                    }
+                    other => panic!("{method} {len}: expected NoSpace, got {other:?}"),
+                }
+                r.remove();
+                assert_eq!(dir_entries(&dir), 0, "{method}: a file was left");
+            }
+        }
+    }
+
+    fn abort_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let len = 128 * MIB;
+        let src = big_source(len);
+        let id = ident(&src, 1);
+        for method in CopyMethod::ALL {
+            // Set before the copy.
+            let r = store.create(0, &id).unwrap();
+            let set = AtomicBool::new(true);
+            let res = r.fill_with(src.as_file().as_fd(), len, &set, &id, method, 2);
+            assert_source_changed(
+                res,
+                "was opened for writing",
+                &format!("{test} {method} before"),
+            );
+            assert_eq!(blocks(r.as_fd()), 0, "{method}: pages kept after abort");
+            r.remove();
+            // Set while copying: once the replica has its first pages.
+            let r = store.create(0, &id).unwrap();
+            let abort = AtomicBool::new(false);
+            let done = AtomicBool::new(false);
+            let res = std::thread::scope(|s| {
+                let (abort, done, fd) = (&abort, &done, r.as_fd());
+                s.spawn(move || when_filling(fd, done, || abort.store(true, Ordering::Release)));
+                let res = r.fill_with(src.as_file().as_fd(), len, abort, &id, method, 2);
+                done.store(true, Ordering::Release);
+                res
+            });
+            assert_source_changed(
+                res,
+                "was opened for writing",
+                &format!("{test} {method} during"),
+            );
+            r.remove();
+        }
+    }
+
+    #[test]
+    fn store_tmpfs_abort_is_source_changed() {
+        abort_suite("store_tmpfs_abort_is_source_changed", StoreKind::Tmpfs);
+    }
+
+    #[test]
+    fn store_memfd_abort_is_source_changed() {
+        abort_suite("store_memfd_abort_is_source_changed", StoreKind::Memfd);
+    }
+
+    fn shrink_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let no = AtomicBool::new(false);
+        // Shorter than promised from the start.
+        let src = source(&pattern(5000, 1));
+        let id = ident(&src, 1);
+        for method in CopyMethod::ALL {
+            let r = store.create(0, &id).unwrap();
+            let res = r.fill_with(src.as_file().as_fd(), 3 * MIB, &no, &id, method, 2);
+            assert_source_changed(res, "shrank", &format!("{test} {method} short"));
+            r.remove();
+        }
+        // Truncated by a "writer" while the copy runs: an error, no SIGBUS.
+        let len = 128 * MIB;
+        for method in CopyMethod::ALL {
+            let src = big_source(len);
+            let id = ident(&src, 2);
+            let writer = fs::OpenOptions::new().write(true).open(src.path()).unwrap();
+            let r = store.create(0, &id).unwrap();
+            let done = AtomicBool::new(false);
+            let res = std::thread::scope(|s| {
+                let (done, fd, writer) = (&done, r.as_fd(), &writer);
+                s.spawn(move || when_filling(fd, done, || writer.set_len(MIB).unwrap()));
+                let res = r.fill_with(src.as_file().as_fd(), len, &no, &id, method, 2);
+                done.store(true, Ordering::Release);
+                res
+            });
+            assert_source_changed(res, "shrank", &format!("{test} {method} truncated"));
+            r.remove();
+        }
+    }
+
+    #[test]
+    fn store_tmpfs_truncated_source_is_shrank() {
+        shrink_suite("store_tmpfs_truncated_source_is_shrank", StoreKind::Tmpfs);
+    }
+
+    #[test]
+    fn store_memfd_truncated_source_is_shrank() {
+        shrink_suite("store_memfd_truncated_source_is_shrank", StoreKind::Memfd);
+    }
+
+    #[test]
+    fn store_tmpfs_leftovers_are_removed_by_next_open() {
+        let test = "store_tmpfs_leftovers_are_removed_by_next_open";
+        let rd = RunDir::new();
+        let Some(first) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
+            return;
+        };
+        let src = source(&pattern(10_000, 5));
+        for generation in [1, 2] {
+            let id = ident(&src, generation);
+            let r = first.create(0, &id).unwrap();
+            r.fill(src.as_file().as_fd(), 10_000, &AtomicBool::new(false), &id)
+                .unwrap();
+            // Dropped without remove(): the file stays.
+        }
+        let dir = first.dir(0).unwrap().to_path_buf();
+        assert_eq!(dir_entries(&dir), 2);
+        // A crash: nothing is closed or unmounted.
+        std::mem::forget(first);
+        let second = Store::open(&rd.cfg(StoreKind::Tmpfs, None), &[0]).unwrap();
+        assert_eq!(
+            second.kind(0),
+            Some(StoreKind::Tmpfs),
+            "the mount is reused"
+        );
+        assert_eq!(second.leftovers_removed(), 2);
+        assert_eq!(dir_entries(&dir), 0);
+        // The adopted mount stays after close; RunDir unmounts it.
+        second.close();
+    }
+
+    #[test]
+    fn store_memfd_leftovers_are_removed_by_next_open() {
+        let rd = RunDir::new();
+        let dir = rd.dir.path().join("node0");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("1-2-g3"), b"stale").unwrap();
+        let store = Store::open(&rd.cfg(StoreKind::Memfd, None), &[0]).unwrap();
+        assert_eq!(store.kind(0), Some(StoreKind::Memfd));
+        assert_eq!(store.leftovers_removed(), 1);
+        assert_eq!(dir_entries(&dir), 0);
+    }
+
+    /// process_vm_readv from our own address space: EFAULT instead of SIGBUS
+    /// when the pages are gone.
+    fn read_own(addr: *const libc::c_void, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: addr.cast_mut(),
+            iov_len: len,
+        };
+        // SAFETY: both iovecs describe valid ranges (the remote one is only
+        // read by the kernel, which reports EFAULT rather than faulting us).
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn revoke_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let bytes = pattern(MIB, 11);
+        let src = source(&bytes);
+        let id = ident(&src, 1);
+        let r = store.create(0, &id).unwrap();
+        r.fill(src.as_file().as_fd(), MIB, &AtomicBool::new(false), &id)
+            .unwrap();
+        r.seal().unwrap();
+        let ro = r.open_readonly().unwrap();
+        let map = Mapping::shared(ro.as_fd(), MIB as usize, libc::PROT_READ, 0).unwrap();
+        let addr = map.as_ptr().cast_const();
+        assert!(read_own(addr, 4096).unwrap() == bytes[..4096]);
+        r.revoke().unwrap();
+        let err = read_own(addr, 4096).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{test}: {err}");
+        // A process touching the mapping dies of SIGBUS.
+        // SAFETY: the child only makes async-signal-safe calls (setrlimit,
+        // a volatile load, _exit) before it dies or exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: as above; the mapping is inherited by the child.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+                std::ptr::read_volatile(addr.cast::<u8>());
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child; status is valid for writes.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+            "{test}: child status {status:#x}, wanted SIGBUS"
+        );
+        drop(map);
+        r.remove();
+    }
+
+    #[test]
+    fn store_tmpfs_revoke_raises_sigbus() {
+        revoke_suite("store_tmpfs_revoke_raises_sigbus", StoreKind::Tmpfs);
+    }
+
+    #[test]
+    fn store_memfd_revoke_raises_sigbus() {
+        revoke_suite("store_memfd_revoke_raises_sigbus", StoreKind::Memfd);
+    }
+
+    #[test]
+    fn store_unknown_node_is_no_such_node() {
+        let rd = RunDir::new();
+        let store = Store::open(&rd.cfg(StoreKind::Memfd, None), &[0]).unwrap();
+        let src = source(b"x");
+        match store.create(3, &ident(&src, 1)) {
+            Err(Error::NoSuchNode { node: 3, have }) => assert_eq!(have, "0"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.nodes().collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn store_mountinfo_parsing() {
+        let text = b"22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+            99 22 0:50 / /tmp/run\\040dir/node0 rw,nosuid,nodev shared:7 - tmpfs replicad-node0 rw,size=1024k,mode=700,mpol=bind:0\n\
+            100 99 0:51 / /tmp/x rw master:2 unbindable - ext4 /dev/vdb rw\n\
+            101 22 0:52 / /tmp/x rw - tmpfs over rw\n";
+        let m = mount_at(text, Path::new("/tmp/run dir/node0")).unwrap();
+        assert_eq!(m.fstype, b"tmpfs");
+        assert_eq!(m.source, b"replicad-node0");
+        // The later mount covers the earlier one.
+        assert_eq!(mount_at(text, Path::new("/tmp/x")).unwrap().source, b"over");
+        assert_eq!(mount_at(text, Path::new("/tmp/run dir")), None);
+        assert_eq!(mount_at(b"", Path::new("/")), None);
+        assert_eq!(unescape(b"a\\134b\\011\\0"), b"a\\b\t\\0");
+    }
+
+    #[test]
+    fn store_memfd_names_are_bounded() {
+        let mut id = ReplicaIdent {
+            path: PathBuf::from("/usr/lib/libc.so.6"),
+            dev: 1,
+            ino: 2,
+            generation: 3,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+        };
+        assert_eq!(memfd_name(&id), "replicad:libc.so.6:g3");
+        id.path = PathBuf::from(format!("/x/{}", "é".repeat(200)));
+        let name = memfd_name(&id);
+        assert!(
+            name.len() <= MEMFD_NAME_MAX && name.ends_with(":g3"),
+            "{name}"
+        );
+        assert_eq!(id.source_xattr(), "1:2");
+        assert_eq!(id.generation_xattr(), "3:0:0:0");
     }
 }
