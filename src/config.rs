@@ -39,7 +39,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: Daemon,
@@ -123,7 +123,7 @@ impl Default for Store {
     fn default() -> Self {
         Store {
             size: Some("50%".into()),
-            huge_pages: false,
+            huge_pages: true,
             force_memfd: false,
             copy_threads: 2,
         }
@@ -135,17 +135,6 @@ impl Default for Fence {
         Fence {
             settle_ms: 200,
             retry_max_ms: 2000,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            daemon: Daemon::default(),
-            store: Store::default(),
-            fence: Fence::default(),
-            replicate: Vec::new(),
         }
     }
 }

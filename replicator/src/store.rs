@@ -131,7 +131,7 @@ pub enum StoreKind {
 struct NodeStore {
     dir: PathBuf,
     kind: StoreKind,
-    /// This store mounted the tmpfs, so `close` unmounts it.
+    /// This store mounted (or adopted) the tmpfs, so `close` unmounts it.
     mounted: bool,
 }
 
@@ -150,8 +150,8 @@ impl Store {
     /// left behind.
     ///
     /// A node dir that is already a tmpfs mountpoint (a crashed earlier run)
-    /// is reused and, not being mounted by this store, left mounted by
-    /// [`Store::close`]. A node whose tmpfs cannot be mounted (or every node
+    /// is adopted: reused, and unmounted by [`Store::close`] like one this
+    /// store mounted. A node whose tmpfs cannot be mounted (or every node
     /// with `force_memfd`) uses memfd + `mbind`, with a warning.
     pub fn open(cfg: &StoreConfig, nodes: &[u32]) -> Result<Store> {
         let mut store = Store {
@@ -193,10 +193,12 @@ impl Store {
         match mount_at(&mountinfo, &canon) {
             Some(m) if m.fstype == b"tmpfs" => {
                 tracing::info!(node, dir = %dir.display(), "reusing the tmpfs already mounted there");
+                // The run directory is ours: the tmpfs a crashed run left
+                // is ours too, and `close` unmounts it like one we made.
                 return Ok(NodeStore {
                     dir,
                     kind: StoreKind::Tmpfs,
-                    mounted: false,
+                    mounted: true,
                 });
             }
             Some(m) => {
@@ -403,7 +405,6 @@ impl Store {
                     }
                 }
             } else if ns.kind == StoreKind::Tmpfs {
-                // Adopted from an earlier run: not ours to unmount.
                 continue;
             }
             if let Err(e) = fs::remove_dir(&ns.dir) {
@@ -1273,8 +1274,13 @@ mod tests {
         );
         assert_eq!(second.leftovers_removed(), 2);
         assert_eq!(dir_entries(&dir), 0);
-        // The adopted mount stays after close; RunDir unmounts it.
+        // The adopted mount is ours: close unmounts it.
         second.close();
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mountinfo.contains(dir.to_str().unwrap()),
+            "adopted store still mounted after close"
+        );
     }
 
     #[test]
