@@ -220,6 +220,32 @@ fn full_store_is_refused_cleanly() {
     d.ctl_ok(&["replicate", small.to_str().unwrap()]);
 }
 
+/// Start replicating `file` on another thread and return once the copy is
+/// under way (the source is listed); join for the daemon's answer.
+fn replicate_in_background(
+    d: &Daemon,
+    file: &std::path::Path,
+) -> std::thread::JoinHandle<Result<(Response, Vec<OwnedFd>), replicad_client::Error>> {
+    let path = file.to_path_buf();
+    let socket = d.socket.clone();
+    let rep = std::thread::spawn(move || {
+        replicad_client::request(
+            &socket,
+            &Request::Replicate {
+                path,
+                nodes: proto::NodeSelection::All,
+            },
+            &[],
+            Duration::from_secs(60),
+        )
+    });
+    let t0 = std::time::Instant::now();
+    while d.status().sources.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rep
+}
+
 /// A source truncated while it is being copied: the writer breaks the
 /// fence, the copy stops, nothing is replicated, the writer goes on.
 #[test]
@@ -232,24 +258,7 @@ fn source_truncated_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 5);
     let _ = std::fs::read(&file).unwrap(); // warm
-    let path = file.to_str().unwrap().to_string();
-    let socket = d.socket.clone();
-    let rep = std::thread::spawn(move || {
-        replicad_client::request(
-            &socket,
-            &Request::Replicate {
-                path: path.into(),
-                nodes: proto::NodeSelection::All,
-            },
-            &[],
-            Duration::from_secs(60),
-        )
-    });
-    // Wait until the copy is under way, then truncate.
-    let t0 = std::time::Instant::now();
-    while d.status().sources.is_empty() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let rep = replicate_in_background(&d, &file);
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     f.set_len(4096).unwrap();
     drop(f);
@@ -308,23 +317,7 @@ fn source_deleted_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 6);
     let _ = std::fs::read(&file).unwrap();
-    let path = file.to_str().unwrap().to_string();
-    let socket = d.socket.clone();
-    let rep = std::thread::spawn(move || {
-        replicad_client::request(
-            &socket,
-            &Request::Replicate {
-                path: path.into(),
-                nodes: proto::NodeSelection::All,
-            },
-            &[],
-            Duration::from_secs(60),
-        )
-    });
-    let t0 = std::time::Instant::now();
-    while d.status().sources.is_empty() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let rep = replicate_in_background(&d, &file);
     std::fs::remove_file(&file).unwrap();
     match rep.join().unwrap() {
         Err(replicad_client::Error::Refused { kind, message }) => {
