@@ -22,7 +22,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -149,16 +149,7 @@ fn source_file(size: u64) -> io::Result<(PathBuf, fs::File)> {
 }
 
 fn ident_of(path: &Path, f: &fs::File, generation: u64) -> io::Result<ReplicaIdent> {
-    let md = f.metadata()?;
-    Ok(ReplicaIdent {
-        path: path.to_path_buf(),
-        dev: md.dev(),
-        ino: md.ino(),
-        generation,
-        size: md.size(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-    })
+    Ok(ReplicaIdent::of_file(path, &f.metadata()?, generation))
 }
 
 fn same_bytes(a: &fs::File, b: &fs::File, len: u64) -> io::Result<bool> {

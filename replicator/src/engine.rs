@@ -51,13 +51,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            store: StoreConfig {
-                run_dir: PathBuf::from("/run/replicad"),
-                size: None,
-                huge_pages: false,
-                force_memfd: false,
-                copy_threads: 2,
-            },
+            store: StoreConfig::default(),
             settle: Duration::from_millis(200),
             retry_max: Duration::from_secs(2),
             prune_every: Duration::from_secs(2),
@@ -856,6 +850,10 @@ impl Inner {
             },
         };
         let target = Target::Node(node);
+        let attachment = Attachment {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        };
         let mut list = lock(&self.list);
         let Some(src) = list.get_mut(key) else {
             return Ok(Attach::Original {
@@ -888,10 +886,7 @@ impl Inner {
         let rfd = file
             .open_readonly()
             .map_err(|e| Error::io(file.label(), e))?;
-        replica.attachments.insert(Attachment {
-            pid,
-            start_time: start_time(pid).unwrap_or(0),
-        });
+        replica.attachments.insert(attachment);
         Ok(Attach::Replica {
             fd: rfd,
             node,
@@ -903,23 +898,39 @@ impl Inner {
     /// Forget attachments of processes that exited, and drop sources that
     /// were unlinked and have no attachment left.
     fn prune(&self) {
+        // Read /proc without the list lock: the fence thread may need it.
+        let (attached, fds): (BTreeSet<Attachment>, Vec<(SourceKey, Arc<OwnedFd>)>) = {
+            let list = lock(&self.list);
+            (
+                list.iter()
+                    .flat_map(|s| s.replicas.iter())
+                    .flat_map(|r| r.attachments.iter().copied())
+                    .collect(),
+                list.iter().map(|s| (s.key, s.fd.clone())).collect(),
+            )
+        };
+        let dead: BTreeSet<Attachment> = attached
+            .into_iter()
+            .filter(|a| !start_time(a.pid).is_some_and(|t| t == a.start_time || a.start_time == 0))
+            .collect();
+        let unlinked: Vec<SourceKey> = fds
+            .into_iter()
+            .filter(|(_, fd)| nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0))
+            .map(|(key, _)| key)
+            .collect();
         let mut list = lock(&self.list);
-        let mut unlinked = Vec::new();
         for src in list.iter_mut() {
             for r in &mut src.replicas {
-                r.attachments.retain(|a| {
-                    start_time(a.pid).is_some_and(|t| t == a.start_time || a.start_time == 0)
-                });
-            }
-            let gone = nix::sys::stat::fstat(src.fd.as_fd())
-                .map(|st| st.st_nlink == 0)
-                .unwrap_or(false);
-            if gone && src.attached() == 0 && src.copies == 0 {
-                unlinked.push(src.key);
+                r.attachments.retain(|a| !dead.contains(a));
             }
         }
         for key in unlinked {
-            list = self.drop_source(list, key, Reason::Unlinked).0;
+            if list
+                .get(key)
+                .is_some_and(|s| s.attached() == 0 && s.copies == 0)
+            {
+                list = self.drop_source(list, key, Reason::Unlinked).0;
+            }
         }
     }
 

@@ -90,6 +90,21 @@ pub struct ReplicaIdent {
 }
 
 impl ReplicaIdent {
+    /// The identity of generation `generation` of the file `path` whose
+    /// metadata is `md`.
+    pub fn of_file(path: &Path, md: &fs::Metadata, generation: u64) -> ReplicaIdent {
+        use std::os::unix::fs::MetadataExt;
+        ReplicaIdent {
+            path: path.to_path_buf(),
+            dev: md.dev(),
+            ino: md.ino(),
+            generation,
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        }
+    }
+
     /// The value of [`XATTR_SOURCE`].
     pub fn source_xattr(&self) -> String {
         format!("{}:{}", self.dev, self.ino)
@@ -831,7 +846,7 @@ fn page_size() -> usize {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::fs::FileExt;
 
     const MIB: u64 = 1 << 20;
 
@@ -937,15 +952,7 @@ mod tests {
 
     fn ident(src: &tempfile::NamedTempFile, generation: u64) -> ReplicaIdent {
         let md = src.as_file().metadata().unwrap();
-        ReplicaIdent {
-            path: src.path().to_path_buf(),
-            dev: md.dev(),
-            ino: md.ino(),
-            generation,
-            size: md.size(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        }
+        ReplicaIdent::of_file(src.path(), &md, generation)
     }
 
     fn read_all(fd: OwnedFd) -> Vec<u8> {
