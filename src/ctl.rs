@@ -364,6 +364,7 @@ mod tests {
                     file: "/run/replicad/node0/1-2-g3".into(),
                 }],
             }],
+            left_alone: vec![],
         };
         let t = status_table(&report);
         let lines: Vec<&str> = t.lines().collect();

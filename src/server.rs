@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use replicad_client::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_client::sock::{self, PeerCred};
-use replicad_replicator::engine::Attach;
+use replicad_replicator::engine::{Attach, Hello};
 use replicad_replicator::Replicator;
 
 /// Connections served at once; more wait in the listen backlog.
@@ -139,6 +139,7 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
 
 async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
     let peer = sock::peer_cred(conn.as_fd())?;
+    let alive = Arc::new(PeerAlive::new(conn.as_fd(), peer.pid));
     // SAFETY: the AsyncFd owns the fd, so it stays open until the AsyncFd
     // deregisters it on drop.
     let conn = unsafe { AsyncFd::register(conn) }?;
@@ -156,7 +157,7 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
             Ok(Ok(None)) => return Ok(()), // peer closed
             Ok(Err(e)) => return Err(e),
         };
-        let (response, fd) = if packet.truncated || packet.len > MAX_REQUEST {
+        let (response, fds) = if packet.truncated || packet.len > MAX_REQUEST {
             (
                 Response::error(
                     ErrorKind::BadRequest,
@@ -165,7 +166,7 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
                         packet.len
                     ),
                 ),
-                None,
+                Vec::new(),
             )
         } else {
             match Request::decode(&packet.data) {
@@ -176,12 +177,13 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
                         }
                         _ => ErrorKind::BadRequest,
                     };
-                    (Response::error(kind, e.to_string()), None)
+                    (Response::error(kind, e.to_string()), Vec::new())
                 }
                 Ok(req) => {
                     let engine = engine.clone();
                     let fds = packet.fds;
-                    tokio::task::spawn_blocking(move || handle(&engine, peer, req, fds))
+                    let alive = alive.clone();
+                    tokio::task::spawn_blocking(move || handle(&engine, peer, &alive, req, fds))
                         .await
                         .unwrap_or_else(|e| {
                             (
@@ -189,19 +191,44 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
                                     ErrorKind::Internal,
                                     format!("handler failed: {e}"),
                                 ),
-                                None,
+                                Vec::new(),
                             )
                         })
                 }
             }
         };
         let bytes = response.encode();
-        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+        let out: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         conn.async_io(Interest::WRITABLE, |sockfd| {
-            sock::send(sockfd.as_fd(), &bytes, &fds)
+            sock::send(sockfd.as_fd(), &bytes, &out)
         })
         .await?;
-        drop(fd);
+        drop(out);
+        drop(fds);
+    }
+}
+
+/// Whether the process that connected still runs: a pidfd taken from the
+/// socket (`SO_PEERPIDFD`, Linux 6.5+) or, on older kernels, opened at
+/// accept. The daemon answers a hello from `/proc/<pid>/smaps`; checking
+/// after the read that the peer is still alive means the pid was not
+/// recycled to another process meanwhile (a pid is reused only after its
+/// process is gone).
+struct PeerAlive {
+    pidfd: Option<OwnedFd>,
+}
+
+impl PeerAlive {
+    fn new(conn: BorrowedFd<'_>, pid: u32) -> PeerAlive {
+        PeerAlive {
+            pidfd: sock::peer_pidfd(conn, pid).ok(),
+        }
+    }
+
+    fn check(&self) -> bool {
+        self.pidfd
+            .as_ref()
+            .is_some_and(|fd| sock::pidfd_alive(fd.as_fd()))
     }
 }
 
@@ -209,9 +236,10 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
 fn handle(
     engine: &Replicator,
     peer: PeerCred,
+    alive: &PeerAlive,
     req: Request,
     fds: Vec<OwnedFd>,
-) -> (Response, Option<OwnedFd>) {
+) -> (Response, Vec<OwnedFd>) {
     if req.is_admin() && peer.uid != 0 {
         return (
             Response::error(
@@ -221,7 +249,7 @@ fn handle(
                     peer.pid, peer.uid
                 ),
             ),
-            None,
+            Vec::new(),
         );
     }
     let wants_fds = matches!(req, Request::Map { .. });
@@ -231,7 +259,7 @@ fn handle(
                 ErrorKind::BadRequest,
                 format!("this request carries no fds, but {} came along", fds.len()),
             ),
-            None,
+            Vec::new(),
         );
     }
     let from_engine = |e: replicad_replicator::Error| Response::error(e.kind(), e.to_string());
@@ -246,7 +274,7 @@ fn handle(
                             fds.len()
                         ),
                     ),
-                    None,
+                    Vec::new(),
                 );
             }
             match engine.attach(peer.pid, fds[0].as_fd(), node) {
@@ -261,28 +289,48 @@ fn handle(
                         generation,
                         size,
                     },
-                    Some(fd),
+                    vec![fd],
                 ),
-                Ok(Attach::Original { reason }) => (Response::Original { reason }, None),
-                Err(e) => (from_engine(e), None),
+                Ok(Attach::Original { reason }) => (Response::Original { reason }, Vec::new()),
+                Err(e) => (from_engine(e), Vec::new()),
             }
         }
         Request::Replicate { path, nodes } => match engine.replicate(&path, &nodes) {
-            Ok(source) => (Response::Replicated { source }, None),
+            Ok(source) => (Response::Replicated { source }, Vec::new()),
             Err(e) => {
                 tracing::warn!("replicate requested by pid {}: {e}", peer.pid);
-                (from_engine(e), None)
+                (from_engine(e), Vec::new())
             }
         },
         Request::Evict { path } => match engine.evict(&path) {
-            Ok(replicas) => (Response::Evicted { replicas }, None),
-            Err(e) => (from_engine(e), None),
+            Ok(replicas) => (Response::Evicted { replicas }, Vec::new()),
+            Err(e) => (from_engine(e), Vec::new()),
         },
         Request::Status => (
             Response::Status {
                 report: engine.status(),
             },
-            None,
+            Vec::new(),
         ),
+        Request::Hello { node } => match engine.hello(peer.pid, node, &|| alive.check()) {
+            Ok(Hello::Attached(a)) => (
+                Response::Attached {
+                    node: a.node,
+                    sources: (a.fds.len() / 2) as u32,
+                    ranges: a.ranges,
+                    skipped: a.skipped,
+                },
+                a.fds,
+            ),
+            Ok(Hello::LeftAlone { reason }) => (Response::Original { reason }, Vec::new()),
+            Err(e) => (from_engine(e), Vec::new()),
+        },
+        Request::ReplicatePid { pid, nodes } => match engine.replicate_pid(pid, &nodes) {
+            Ok((sources, skipped)) => (Response::ReplicatedPid { sources, skipped }, Vec::new()),
+            Err(e) => {
+                tracing::warn!("replicate --pid {pid} requested by pid {}: {e}", peer.pid);
+                (from_engine(e), Vec::new())
+            }
+        },
     }
 }

@@ -21,6 +21,7 @@
 pub mod capi;
 mod fallback;
 mod mapping;
+pub mod maps;
 pub mod proto;
 pub mod sock;
 

@@ -304,6 +304,8 @@ fn response_name(r: &Response) -> &'static str {
         Response::Replicated { .. } => "replicated",
         Response::Evicted { .. } => "evicted",
         Response::Status { .. } => "status",
+        Response::Attached { .. } => "attached",
+        Response::ReplicatedPid { .. } => "replicated_pid",
         Response::Error { .. } => "error",
     }
 }

@@ -80,6 +80,45 @@ pub enum Request {
     Evict { path: PathBuf },
     /// The replica list. Answered by `Status`.
     Status,
+    /// The preload shim's hello: attach my file mappings to the replicas on
+    /// `node` (or on the node my CPUs are bound to). The daemon reads the
+    /// caller's own `/proc/<pid>/smaps` (the pid is the socket peer's; no
+    /// request names another process) and answers `Attached` with two fds
+    /// per source (the replica's, then a fresh one of the source for the
+    /// way back), or `Original` when the process is left alone.
+    Hello { node: Option<u32> },
+    /// Replicate the files whose text `pid` maps (executable private file
+    /// mappings: its program and libraries) onto `nodes` (root only).
+    /// Answered by `ReplicatedPid`.
+    ReplicatePid { pid: u32, nodes: NodeSelection },
+}
+
+/// One mapping of the caller that a replica may back, in an `Attached`
+/// answer. The shim re-checks all of it in `/proc/self/maps` before it
+/// remaps, and leaves the range alone if anything differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRange {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The source's device (`st_dev` encoding) and inode.
+    pub dev: u64,
+    pub ino: u64,
+    /// `r-xp` or `r--p`, as `/proc/<pid>/maps` shows it.
+    pub perms: String,
+    /// Index of the source: fds `2*source` (replica) and `2*source+1`
+    /// (source) ride along.
+    pub source: u32,
+    pub generation: u64,
+}
+
+/// A file `ReplicatePid` did not replicate, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 /// Why a request failed, for programs; the message is for people.
@@ -162,10 +201,21 @@ pub struct SourceStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
+/// A process the daemon left on its own mappings, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftAlone {
+    pub pid: u32,
+    pub comm: String,
+    pub reason: String,
+}
+
 /// The whole replica list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StatusReport {
     pub sources: Vec<SourceStatus>,
+    /// Processes that said hello and were left alone (still running).
+    #[serde(default)]
+    pub left_alone: Vec<LeftAlone>,
 }
 
 /// The daemon's answer.
@@ -190,6 +240,19 @@ pub enum Response {
     },
     Status {
         report: StatusReport,
+    },
+    /// The ranges to remap; `2 * sources` fds ride along.
+    Attached {
+        node: u32,
+        sources: u32,
+        ranges: Vec<AttachRange>,
+        /// Mappings of replicated files left on the file, and why (for
+        /// `REPLICAD_DEBUG`).
+        skipped: Vec<String>,
+    },
+    ReplicatedPid {
+        sources: Vec<SourceStatus>,
+        skipped: Vec<Skipped>,
     },
     Error {
         kind: ErrorKind,
@@ -263,7 +326,10 @@ impl Request {
 
     /// Whether this request must come from root.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Request::Replicate { .. } | Request::Evict { .. })
+        matches!(
+            self,
+            Request::Replicate { .. } | Request::Evict { .. } | Request::ReplicatePid { .. }
+        )
     }
 }
 
@@ -298,6 +364,12 @@ mod tests {
             },
             Request::Evict { path: "/a".into() },
             Request::Status,
+            Request::Hello { node: None },
+            Request::Hello { node: Some(3) },
+            Request::ReplicatePid {
+                pid: 42,
+                nodes: NodeSelection::All,
+            },
         ];
         for r in reqs {
             assert_eq!(Request::decode(&r.encode()), Ok(r.clone()));
@@ -312,6 +384,22 @@ mod tests {
             size: 4096,
         };
         assert_eq!(Response::decode(&r.encode()), Ok(r));
+        let a = Response::Attached {
+            node: 1,
+            sources: 1,
+            ranges: vec![AttachRange {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0001_0000,
+                offset: 0x1000,
+                dev: 0x801,
+                ino: 42,
+                perms: "r-xp".into(),
+                source: 0,
+                generation: 2,
+            }],
+            skipped: vec!["x".into()],
+        };
+        assert_eq!(Response::decode(&a.encode()), Ok(a));
         let e = Response::error(ErrorKind::NoSuchNode, "node 7 does not exist");
         assert_eq!(Response::decode(&e.encode()), Ok(e));
     }

@@ -7,8 +7,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
-/// Most fds one message carries.
+/// Most fds a request carries (the daemon reads no more).
 pub const MAX_FDS: usize = 4;
+/// Most fds one message may carry (one below the kernel's `SCM_MAX_FD`
+/// of 253): an attach answer carries two per source.
+pub const MAX_MESSAGE_FDS: usize = 252;
 
 /// One received packet.
 #[derive(Debug)]
@@ -96,7 +99,7 @@ fn set_timeout(fd: RawFd, opt: libc::c_int, timeout: Duration) -> io::Result<()>
 
 /// Send one packet with `fds` attached.
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    if fds.len() > MAX_FDS {
+    if fds.len() > MAX_MESSAGE_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "too many fds for one message",
@@ -153,6 +156,13 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
 /// Receive one packet of at most `max` bytes. A longer packet is consumed
 /// whole and reported `truncated`. An orderly close reads as `Ok(None)`.
 pub fn recv(sock: BorrowedFd<'_>, max: usize) -> io::Result<Option<Packet>> {
+    recv_fds(sock, max, MAX_FDS)
+}
+
+/// [`recv`] with room for `max_fds` fds (at most [`MAX_MESSAGE_FDS`]); the
+/// kernel closes any beyond that.
+pub fn recv_fds(sock: BorrowedFd<'_>, max: usize, max_fds: usize) -> io::Result<Option<Packet>> {
+    let max_fds = max_fds.clamp(1, MAX_MESSAGE_FDS);
     let mut data = vec![0u8; max];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
@@ -160,7 +170,7 @@ pub fn recv(sock: BorrowedFd<'_>, max: usize) -> io::Result<Option<Packet>> {
     };
     // SAFETY: CMSG_SPACE is a pure computation.
     let space =
-        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+        unsafe { libc::CMSG_SPACE((max_fds * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8)];
     // SAFETY: msghdr is plain old data; all-zero is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -215,6 +225,55 @@ pub fn recv(sock: BorrowedFd<'_>, max: usize) -> io::Result<Option<Packet>> {
         len: n,
         fds,
     }))
+}
+
+/// `SO_PEERPIDFD` (Linux 6.5; not in every libc crate version).
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// A pidfd of the process at the other end of a unix socket: the one the
+/// kernel recorded at connect (`SO_PEERPIDFD`) or, on kernels before 6.5,
+/// one opened now from `pid` (`pidfd_open`).
+pub fn peer_pidfd(sock: BorrowedFd<'_>, pid: u32) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 && fd >= 0 {
+        // SAFETY: the kernel returned a new pidfd that nobody else owns.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    // SAFETY: plain syscall; the result is checked.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Whether the process behind a pidfd still runs (signal 0 through the
+/// pidfd: no pid lookup, so no recycled pid answers for it).
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+    // SAFETY: plain syscall on a pidfd we hold; signal 0 sends nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd() as libc::c_long,
+            0 as libc::c_long,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_long,
+        )
+    };
+    // EPERM means it exists but we may not signal it (never for root).
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The credentials of the process at the other end of a unix socket.

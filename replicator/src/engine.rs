@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use replicad_client::proto::{
-    NodeSelection, ReplicaState, ReplicaStatus, SourceStatus, StatusReport,
+    LeftAlone, NodeSelection, ReplicaState, ReplicaStatus, SourceStatus, StatusReport,
 };
 
 use crate::fence::{self, FenceEvent, FenceThread};
@@ -34,6 +34,11 @@ use crate::list::{
 };
 use crate::store::{ReplicaFile, ReplicaIdent, Store, StoreConfig};
 use crate::{sys, Error, Metrics, Result, Topology};
+
+mod pid;
+mod process;
+
+pub use process::{Hello, ProcessAttach};
 
 /// How the engine behaves.
 #[derive(Debug, Clone)]
@@ -90,6 +95,9 @@ struct Inner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     shutting_down: AtomicBool,
     threads: Mutex<Threads>,
+    /// Processes that said hello and were left on their own mappings
+    /// (newest last, bounded), pruned when they exit.
+    left_alone: Mutex<Vec<(Attachment, LeftAlone)>>,
 }
 
 #[derive(Default)]
@@ -184,6 +192,7 @@ impl Replicator {
             jobs: Mutex::new(Some(tx)),
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(Threads::default()),
+            left_alone: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
         let fence = FenceThread::spawn(move |ev| {
@@ -321,8 +330,19 @@ impl Replicator {
     pub fn status(&self) -> StatusReport {
         self.inner.prune();
         let list = lock(&self.inner.list);
+        let sources = list.iter().map(|s| self.inner.source_status(s)).collect();
+        drop(list);
+        let left_alone = self
+            .inner
+            .left_alone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect();
         StatusReport {
-            sources: list.iter().map(|s| self.inner.source_status(s)).collect(),
+            sources,
+            left_alone,
         }
     }
 
@@ -918,6 +938,17 @@ impl Inner {
             .filter(|(_, fd)| nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0))
             .map(|(key, _)| key)
             .collect();
+        let gone: BTreeSet<Attachment> = {
+            let left = self.left_alone.lock().unwrap_or_else(|p| p.into_inner());
+            left.iter().map(|(a, _)| *a).collect::<Vec<Attachment>>()
+        }
+        .into_iter()
+        .filter(|a| !start_time(a.pid).is_some_and(|t| t == a.start_time || a.start_time == 0))
+        .collect();
+        self.left_alone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(a, _)| !gone.contains(a));
         let mut list = lock(&self.list);
         for src in list.iter_mut() {
             for r in &mut src.replicas {

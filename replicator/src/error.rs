@@ -63,6 +63,16 @@ pub enum Error {
     #[error("replicad is shutting down")]
     ShuttingDown,
 
+    #[error("pid {pid}: no such process (it may have exited)")]
+    NoSuchProcess { pid: u32 },
+
+    #[error("/proc/{pid}/{file}: {reason}")]
+    Proc {
+        pid: u32,
+        file: &'static str,
+        reason: String,
+    },
+
     #[error("{0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -87,7 +97,10 @@ impl Error {
             Error::Io { .. } | Error::Mount { .. } | Error::Topology(_) | Error::Metrics(_) => {
                 ErrorKind::Internal
             }
-            Error::NotFound { .. } | Error::NotReplicated { .. } => ErrorKind::NotFound,
+            Error::NotFound { .. } | Error::NotReplicated { .. } | Error::NoSuchProcess { .. } => {
+                ErrorKind::NotFound
+            }
+            Error::Proc { .. } => ErrorKind::Internal,
             Error::NotRegularFile { .. } => ErrorKind::NotRegularFile,
             Error::Unfenceable { .. } => ErrorKind::Unfenceable,
             Error::NoSuchNode { .. } => ErrorKind::NoSuchNode,
