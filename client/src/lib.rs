@@ -23,6 +23,7 @@ mod fallback;
 mod mapping;
 pub mod maps;
 pub mod proto;
+pub mod published;
 pub mod sock;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
