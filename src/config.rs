@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use replicad_client::proto::NodeSelection;
+use replicad_replicator::engine::HomeNode;
 use replicad_replicator::store::StoreConfig;
 use replicad_replicator::EngineConfig;
 
@@ -47,6 +48,16 @@ pub struct Config {
     pub fence: Fence,
     /// Files to replicate at start and keep replicated.
     pub replicate: Vec<Replicate>,
+    /// Home nodes for processes whose CPUs span several nodes, by cgroup.
+    pub home_node: Vec<HomeNodeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HomeNodeConfig {
+    /// Cgroup path as /proc/<pid>/cgroup shows it; covers the cgroups below.
+    pub cgroup: String,
+    pub node: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -234,6 +245,18 @@ impl Config {
                 "times over 10 minutes are not sensible".into(),
             ));
         }
+        for (i, h) in self.home_node.iter().enumerate() {
+            if !h.cgroup.starts_with('/') {
+                return Err(bad(
+                    &format!("home_node[{i}].cgroup"),
+                    format!(
+                        "{:?} is not a cgroup path: write it as /proc/<pid>/cgroup shows it, \
+                         e.g. \"/system.slice/model-server.service\"",
+                        h.cgroup
+                    ),
+                ));
+            }
+        }
         for (i, r) in self.replicate.iter().enumerate() {
             if !r.path.is_absolute() {
                 return Err(bad(
@@ -271,6 +294,14 @@ impl Config {
             },
             settle: Duration::from_millis(self.fence.settle_ms),
             retry_max: Duration::from_millis(self.fence.retry_max_ms.max(1)),
+            home_nodes: self
+                .home_node
+                .iter()
+                .map(|h| HomeNode {
+                    cgroup: h.cgroup.clone(),
+                    node: h.node,
+                })
+                .collect(),
             ..EngineConfig::default()
         }
     }
@@ -296,6 +327,27 @@ mod tests {
         assert_eq!(cfg.daemon.run_dir, PathBuf::from("/run/replicad"));
         assert_eq!(cfg.socket(), PathBuf::from("/run/replicad/replicad.sock"));
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn home_nodes_reach_the_engine() {
+        let cfg = Config::parse(
+            "[[home_node]]\ncgroup = \"/system.slice/m.service\"\nnode = 1\n",
+            Path::new("f"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.engine().home_nodes,
+            vec![HomeNode {
+                cgroup: "/system.slice/m.service".into(),
+                node: 1
+            }]
+        );
+        let e =
+            Config::parse("[[home_node]]\ncgroup = \"m\"\nnode = 1\n", Path::new("f")).unwrap_err();
+        assert!(e.to_string().contains("home_node[0].cgroup"), "{e}");
+        let e = Config::parse("[[home_node]]\ncgroup = \"/m\"\n", Path::new("f")).unwrap_err();
+        assert!(e.to_string().contains("node"), "{e}");
     }
 
     #[test]

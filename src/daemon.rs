@@ -106,6 +106,7 @@ async fn serve(
                         warn_restart_only(&cfg, &new);
                         let old: BTreeSet<PathBuf> =
                             cfg.replicate.iter().map(|r| r.path.clone()).collect();
+                        engine.set_home_nodes(new.engine().home_nodes);
                         apply_replicate_list(&engine, &new, &old).await;
                         cfg = new;
                         tracing::info!("configuration reloaded");
@@ -160,7 +161,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if old.daemon != new.daemon || old.store != new.store || old.fence != new.fence {
         tracing::warn!(
             "[daemon], [store] and [fence] changes take effect at the next restart; \
-             [[replicate]] changes apply now"
+             [[replicate]] and [[home_node]] changes apply now"
         );
     }
 }

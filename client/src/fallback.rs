@@ -55,6 +55,9 @@ const REMAPPING: u64 = 3;
 const FALLEN: u64 = 4;
 const BROKEN: u64 = 5;
 const RELEASING: u64 = 6;
+/// A shim range the program unmapped or replaced behind our back (found
+/// when a fault's range no longer maps the replica): never remapped again.
+const STALE: u64 = 7;
 
 const STATE_MASK: u64 = 0xff;
 
@@ -65,6 +68,13 @@ struct Slot {
     start: AtomicUsize,
     len: AtomicUsize,
     spare: AtomicUsize,
+    /// For ranges the preload shim swapped in (the program owns the range
+    /// and may unmap it without telling us): the replica's device
+    /// (`major << 32 | minor`) and inode. Before remapping, the handler
+    /// checks in `/proc/self/maps` that the faulting range still maps that
+    /// file. 0: not checked (a [`Replica`] owns its range).
+    dev: AtomicU64,
+    ino: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -73,6 +83,8 @@ const EMPTY_SLOT: Slot = Slot {
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     spare: AtomicUsize::new(0),
+    dev: AtomicU64::new(0),
+    ino: AtomicU64::new(0),
 };
 
 static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
@@ -165,6 +177,16 @@ pub(crate) struct Replica {
 /// replica) with the original file mapped at `spare`. On success the
 /// returned value owns both mappings; on error the caller still owns them.
 pub(crate) fn attach(start: usize, len: usize, spare: usize) -> Result<Replica, AttachError> {
+    claim(start, len, spare, 0, 0)
+}
+
+fn claim(
+    start: usize,
+    len: usize,
+    spare: usize,
+    dev: u64,
+    ino: u64,
+) -> Result<Replica, AttachError> {
     install().map_err(AttachError::Install)?;
     for (i, slot) in TABLE.iter().enumerate() {
         let w = slot.word.load(Ordering::Relaxed);
@@ -182,6 +204,8 @@ pub(crate) fn attach(start: usize, len: usize, spare: usize) -> Result<Replica, 
         slot.start.store(start, Ordering::Relaxed);
         slot.len.store(len, Ordering::Relaxed);
         slot.spare.store(spare, Ordering::Relaxed);
+        slot.dev.store(dev, Ordering::Relaxed);
+        slot.ino.store(ino, Ordering::Relaxed);
         HIGH_WATER.fetch_max(i + 1, Ordering::AcqRel);
         slot.word
             .store(with_state(claimed, ACTIVE), Ordering::Release);
@@ -254,6 +278,288 @@ impl Drop for Replica {
         }
         let w = slot.word.load(Ordering::Acquire);
         slot.word.store(with_state(w, FREE), Ordering::Release);
+    }
+}
+
+/// The preload shim's side of the table: ranges the program mapped (its
+/// libraries, its files) that the shim moved onto replicas. Unlike a
+/// [`Replica`], nobody owns them: they live until the program unmaps them,
+/// which the handler notices (see [`Slot::dev`]).
+pub mod shim {
+    use super::*;
+
+    /// Register the replica now mapped at `start` (or about to be), with
+    /// the original mapped at `spare`, and the replica file's device
+    /// (`major`, `minor`) and inode. Returns the slot.
+    pub fn register(
+        start: usize,
+        len: usize,
+        spare: usize,
+        major: u32,
+        minor: u32,
+        ino: u64,
+    ) -> Result<usize, String> {
+        let dev = (u64::from(major) << 32) | u64::from(minor);
+        let r = claim(start, len, spare, dev, ino.max(1)).map_err(|e| e.to_string())?;
+        let slot = r.slot;
+        // Nobody owns the range: never unmap it on drop.
+        std::mem::forget(r);
+        Ok(slot)
+    }
+
+    /// Undo [`register`] after the swap failed: the range is still the
+    /// program's original; the spare is unmapped.
+    pub fn unregister(slot: usize) {
+        release(slot, true);
+    }
+
+    /// Whether `start` holds a range the shim moved onto a replica that is
+    /// still in use (not fallen back, not stale). Slots at `start` that are
+    /// done (fallen back, broken or stale) are freed, so that the range can
+    /// be attached again.
+    pub fn live_at(start: usize) -> bool {
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        let mut live = false;
+        for (i, slot) in TABLE.iter().enumerate().take(high) {
+            let w = slot.word.load(Ordering::Acquire);
+            if slot.ino.load(Ordering::Relaxed) == 0 || slot.start.load(Ordering::Relaxed) != start
+            {
+                continue;
+            }
+            match state(w) {
+                ACTIVE | REMAPPING => live = true,
+                FALLEN | BROKEN | STALE => release(i, state(w) != FALLEN),
+                _ => {}
+            }
+        }
+        live
+    }
+
+    /// Whether `start` is the spare (the way back) of a shim range: a
+    /// mapping of the source the shim made itself, never to be attached.
+    pub fn is_spare(start: usize) -> bool {
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        TABLE.iter().take(high).any(|slot| {
+            slot.ino.load(Ordering::Relaxed) != 0
+                && slot.spare.load(Ordering::Relaxed) == start
+                && matches!(
+                    state(slot.word.load(Ordering::Acquire)),
+                    ACTIVE | REMAPPING | BROKEN | STALE
+                )
+        })
+    }
+
+    fn release(i: usize, unmap_spare: bool) {
+        let Some(slot) = TABLE.get(i) else {
+            return;
+        };
+        let w = slot.word.load(Ordering::Acquire);
+        if !matches!(state(w), ACTIVE | FALLEN | BROKEN | STALE)
+            || slot
+                .word
+                .compare_exchange(
+                    w,
+                    with_state(w, RELEASING),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        if unmap_spare {
+            let spare = slot.spare.load(Ordering::Relaxed);
+            let len = slot.len.load(Ordering::Relaxed);
+            // SAFETY: the spare is the shim's own mapping and was never moved
+            // (the slot was not FALLEN); the handler can no longer move it.
+            unsafe { libc::munmap(spare as *mut libc::c_void, len) };
+        }
+        slot.word.store(with_state(w, FREE), Ordering::Release);
+    }
+
+    /// Ranges on replicas now, and fallbacks so far.
+    pub fn counts() -> (usize, u64) {
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        let live = TABLE
+            .iter()
+            .take(high)
+            .filter(|s| {
+                s.ino.load(Ordering::Relaxed) != 0
+                    && state(s.word.load(Ordering::Acquire)) == ACTIVE
+            })
+            .count();
+        (live, FALLBACKS.load(Ordering::Relaxed))
+    }
+
+    /// Whether the SIGBUS handler is installed.
+    pub fn handler_installed() -> bool {
+        PREV_READY.load(Ordering::Acquire)
+    }
+
+    /// `sigaction(SIGBUS, act, old)` as the program sees it once the handler
+    /// is installed: the program's action becomes the one faults that are
+    /// not ours are chained to, and `old` gets the program's previous one.
+    /// Returns false (and does nothing) if the handler is not installed:
+    /// the caller then makes the real call.
+    ///
+    /// # Safety
+    /// `act` and `old` are null or valid `sigaction` pointers.
+    pub unsafe fn program_sigaction(
+        act: *const libc::sigaction,
+        old: *mut libc::sigaction,
+    ) -> bool {
+        if !handler_installed() {
+            return false;
+        }
+        if !old.is_null() {
+            // SAFETY: the caller passes a valid pointer; zeroed is valid.
+            unsafe {
+                std::ptr::write_bytes(old, 0, 1);
+                (*old).sa_sigaction = PREV_HANDLER.load(Ordering::Relaxed);
+                (*old).sa_flags = PREV_FLAGS.load(Ordering::Relaxed) as u32 as libc::c_int;
+                libc::sigemptyset(&mut (*old).sa_mask);
+            }
+            let mask = PREV_MASK.load(Ordering::Relaxed);
+            for sig in 1..=64 {
+                if mask & (1u64 << (sig - 1)) != 0 {
+                    // SAFETY: old is valid; sig is in range.
+                    unsafe { libc::sigaddset(&mut (*old).sa_mask, sig) };
+                }
+            }
+        }
+        if !act.is_null() {
+            let mut mask = 0u64;
+            for sig in 1..=64 {
+                // SAFETY: the caller passes a valid sigaction; sig in range.
+                if unsafe { libc::sigismember(&(*act).sa_mask, sig) } == 1 {
+                    mask |= 1u64 << (sig - 1);
+                }
+            }
+            // SAFETY: as above.
+            let (handler, flags) = unsafe { ((*act).sa_sigaction, (*act).sa_flags) };
+            PREV_MASK.store(mask, Ordering::Relaxed);
+            PREV_FLAGS.store(flags as u32 as u64, Ordering::Relaxed);
+            PREV_HANDLER.store(handler, Ordering::Release);
+        }
+        true
+    }
+}
+
+/// Whether the mapping holding `addr` still maps the file `dev`
+/// (`major << 32 | minor`), `ino`: read `/proc/self/maps` with raw
+/// syscalls into a small stack buffer (the handler may run on a small
+/// alternate stack), a byte at a time through [`MapsScan`]. If the file
+/// cannot be read, say yes: the check guards against a program's own
+/// unmapping, and failing to read maps must not turn every revoke into a
+/// crash.
+fn still_mapped(addr: usize, dev: u64, ino: u64) -> bool {
+    let fd = sys::open_maps();
+    if fd < 0 {
+        return true;
+    }
+    let mut scan = MapsScan::new(addr as u64);
+    let mut buf = [0u8; 512];
+    let found = 'read: loop {
+        let n = sys::read(fd, &mut buf);
+        if n <= 0 {
+            break 'read None;
+        }
+        for &b in buf.iter().take(n as usize) {
+            if let Some(hit) = scan.feed(b) {
+                break 'read Some(hit);
+            }
+        }
+    };
+    sys::close(fd);
+    match found {
+        Some((d, i)) => d == dev && i == ino,
+        None => false,
+    }
+}
+
+/// A byte-at-a-time reader of maps lines that reports the device and inode
+/// of the line whose range holds `addr`. No allocation, no panics.
+struct MapsScan {
+    addr: u64,
+    field: u8,
+    start: u64,
+    end: u64,
+    major: u64,
+    minor: u64,
+    ino: u64,
+    /// Inside the path field: skip to the end of the line.
+    skipping: bool,
+    bad: bool,
+}
+
+impl MapsScan {
+    fn new(addr: u64) -> MapsScan {
+        MapsScan {
+            addr,
+            field: 0,
+            start: 0,
+            end: 0,
+            major: 0,
+            minor: 0,
+            ino: 0,
+            skipping: false,
+            bad: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        *self = MapsScan::new(self.addr);
+    }
+
+    /// Feed one byte; at the end of the line holding `addr`, the answer.
+    fn feed(&mut self, b: u8) -> Option<(u64, u64)> {
+        if b == b'\n' {
+            let hit =
+                !self.bad && self.field >= 5 && self.start <= self.addr && self.addr < self.end;
+            let out = ((self.major << 32) | self.minor, self.ino);
+            self.reset();
+            return hit.then_some(out);
+        }
+        if self.skipping || self.bad {
+            return None;
+        }
+        let hexval = |b: u8| (b as char).to_digit(16).map(u64::from);
+        match (self.field, b) {
+            (0, b'-') => self.field = 1,
+            (0, _) => match hexval(b) {
+                Some(v) => self.start = self.start.wrapping_mul(16).wrapping_add(v),
+                None => self.bad = true,
+            },
+            (1, b' ') => self.field = 2,
+            (1, _) => match hexval(b) {
+                Some(v) => self.end = self.end.wrapping_mul(16).wrapping_add(v),
+                None => self.bad = true,
+            },
+            // perms, then offset: skipped.
+            (2, b' ') => self.field = 3,
+            (3, b' ') => self.field = 4,
+            (2 | 3, _) => {}
+            (4, b':') => self.field = 5,
+            (4, _) => match hexval(b) {
+                Some(v) => self.major = self.major.wrapping_mul(16).wrapping_add(v),
+                None => self.bad = true,
+            },
+            (5, b' ') => self.field = 6,
+            (5, _) => match hexval(b) {
+                Some(v) => self.minor = self.minor.wrapping_mul(16).wrapping_add(v),
+                None => self.bad = true,
+            },
+            (6, b' ') => {
+                self.field = 7;
+                self.skipping = true;
+            }
+            (6, b'0'..=b'9') => {
+                self.ino = self.ino.wrapping_mul(10).wrapping_add(u64::from(b - b'0'))
+            }
+            (6, _) => self.bad = true,
+            _ => self.skipping = true,
+        }
+        None
     }
 }
 
@@ -401,6 +707,15 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 let start = slot.start.load(Ordering::Relaxed);
                 let len = slot.len.load(Ordering::Relaxed);
                 let spare = slot.spare.load(Ordering::Relaxed);
+                let dev = slot.dev.load(Ordering::Relaxed);
+                let ino = slot.ino.load(Ordering::Relaxed);
+                if ino != 0 && !still_mapped(addr, dev, ino) {
+                    // The program unmapped or replaced the range: the fault
+                    // is not ours, and the spare must never land there.
+                    slot.word.store(with_state(w, STALE), Ordering::Release);
+                    chain(sig, info, ctx, true);
+                    return;
+                }
                 let ok = sys::mremap_fixed(spare, len, start);
                 let st = if ok { FALLEN } else { BROKEN };
                 if ok {
@@ -621,6 +936,43 @@ mod sys {
         );
     }
 
+    /// `open("/proc/self/maps", O_RDONLY | O_CLOEXEC)`: an fd or < 0.
+    pub(super) fn open_maps() -> isize {
+        const PATH: &[u8] = b"/proc/self/maps\0";
+        syscall6(
+            libc::SYS_openat,
+            libc::AT_FDCWD as isize as usize,
+            PATH.as_ptr() as usize,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as usize,
+            0,
+            0,
+            0,
+        )
+    }
+
+    /// `read(fd, buf)`, retried on EINTR: bytes read, 0 at the end, < 0 on
+    /// error.
+    pub(super) fn read(fd: isize, buf: &mut [u8]) -> isize {
+        loop {
+            let n = syscall6(
+                libc::SYS_read,
+                fd as usize,
+                buf.as_mut_ptr() as usize,
+                buf.len(),
+                0,
+                0,
+                0,
+            );
+            if n != -(libc::EINTR as isize) {
+                return n;
+            }
+        }
+    }
+
+    pub(super) fn close(fd: isize) {
+        syscall6(libc::SYS_close, fd as usize, 0, 0, 0, 0, 0);
+    }
+
     /// Send `sig` to this thread.
     pub(super) fn raise(sig: libc::c_int) {
         let pid = syscall6(libc::SYS_getpid, 0, 0, 0, 0, 0, 0) as usize;
@@ -632,6 +984,31 @@ mod sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_scan_finds_the_line_holding_an_address() {
+        let text = "1000-2000 r-xp 00000000 08:01 12 /lib/a.so\n\
+                    2000-3000 r--p 00001000 fd:1a 99 /tmp/x y (deleted)\n\
+                    7ffd0000-7ffd1000 rw-p 00000000 00:00 0 [stack]\n";
+        let find = |addr: u64| {
+            let mut s = MapsScan::new(addr);
+            text.bytes().find_map(|b| s.feed(b))
+        };
+        assert_eq!(find(0x1000), Some(((8 << 32) | 1, 12)));
+        assert_eq!(find(0x2fff), Some(((0xfd << 32) | 0x1a, 99)));
+        assert_eq!(find(0x7ffd0010), Some((0, 0)));
+        assert_eq!(find(0x3000), None);
+        // Garbage lines never match and never panic.
+        let mut s = MapsScan::new(0x1000);
+        for b in b"zz-\xff 1 2 3:4:5 6\n\n\n1000-ffffffffffffffffffffffff r 0 1:1 1 x\n" {
+            let _ = s.feed(*b);
+        }
+        // Our own maps, through the raw syscalls: the address of a local
+        // is on the stack (inode 0); a function is in our test binary.
+        let local = 0u8;
+        assert!(still_mapped(&local as *const u8 as usize, 0, 0));
+        assert!(!still_mapped(&local as *const u8 as usize, 0, 1));
+    }
 
     #[test]
     fn seq_and_state_pack() {

@@ -32,6 +32,11 @@ use std::time::Duration;
 
 pub use mapping::{map, map_with, Backing, MapOptions, Mapping};
 
+/// The SIGBUS fallback table as the preload shim (`replicad-preload`) uses
+/// it. Not an API for programs.
+#[doc(hidden)]
+pub use fallback::shim;
+
 /// Everything the client API can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -24,6 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use replicad_client::published::{self, nodes_mask, PublishedEntry};
 use replicad_client::proto::{
     LeftAlone, NodeSelection, ReplicaState, ReplicaStatus, SourceStatus, StatusReport,
 };
@@ -38,7 +39,11 @@ use crate::{sys, Error, Metrics, Result, Topology};
 mod pid;
 mod process;
 
-pub use process::{Hello, ProcessAttach};
+/// Sources the published replica set holds (128 KiB); more are flagged
+/// and the shim asks the daemon.
+const PUBLISHED_CAPACITY: usize = 4096;
+
+pub use process::{Hello, HomeNode, ProcessAttach};
 
 /// How the engine behaves.
 #[derive(Debug, Clone)]
@@ -51,6 +56,8 @@ pub struct EngineConfig {
     pub retry_max: Duration,
     /// How often dead attachments and unlinked sources are pruned.
     pub prune_every: Duration,
+    /// Home nodes by cgroup, for processes whose CPUs span several nodes.
+    pub home_nodes: Vec<HomeNode>,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +67,7 @@ impl Default for EngineConfig {
             settle: Duration::from_millis(200),
             retry_max: Duration::from_secs(2),
             prune_every: Duration::from_secs(2),
+            home_nodes: Vec::new(),
         }
     }
 }
@@ -98,6 +106,10 @@ struct Inner {
     /// Processes that said hello and were left on their own mappings
     /// (newest last, bounded), pruned when they exit.
     left_alone: Mutex<Vec<(Attachment, LeftAlone)>>,
+    /// The published replica set (`<run_dir>/replicas.set`).
+    published: Mutex<Option<published::Writer>>,
+    /// `cfg.home_nodes`, replaced on reload.
+    home_nodes: std::sync::RwLock<Vec<HomeNode>>,
 }
 
 #[derive(Default)]
@@ -153,6 +165,7 @@ impl Replicator {
     /// the fence thread and the generation worker. [`fence::prepare`] must
     /// have run in this thread before any thread was started.
     pub fn start(cfg: EngineConfig, topology: Topology, metrics: Metrics) -> Result<Replicator> {
+        let home_nodes = cfg.home_nodes.clone();
         let nodes: Vec<u32> = topology.nodes.iter().map(|n| n.id).collect();
         if !fence::prepared() {
             return Err(Error::Io {
@@ -164,6 +177,18 @@ impl Replicator {
             });
         }
         let store = Store::open(&cfg.store, &nodes)?;
+        let set = cfg.store.run_dir.join(published::FILE_NAME);
+        let publisher = match published::Writer::create(&set, PUBLISHED_CAPACITY) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot publish the replica set at {}: {e}; programs under the preload \
+                     shim attach at start and after dlopen, not on mmap",
+                    set.display()
+                );
+                None
+            }
+        };
         if store.leftovers_removed() > 0 {
             tracing::info!(
                 "removed {} leftover replicas of an earlier run (their fence was not held)",
@@ -193,6 +218,8 @@ impl Replicator {
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(Threads::default()),
             left_alone: Mutex::new(Vec::new()),
+            home_nodes: std::sync::RwLock::new(home_nodes),
+            published: Mutex::new(publisher),
         });
         let weak = Arc::downgrade(&inner);
         let fence = FenceThread::spawn(move |ev| {
@@ -222,6 +249,15 @@ impl Replicator {
         &self.inner.metrics
     }
 
+    /// Replace the home-node policy (a reloaded configuration).
+    pub fn set_home_nodes(&self, home_nodes: Vec<HomeNode>) {
+        *self
+            .inner
+            .home_nodes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = home_nodes;
+    }
+
     /// Resolve a node selection against the machine.
     pub fn targets(&self, nodes: &NodeSelection) -> Result<BTreeSet<Target>> {
         match nodes {
@@ -243,12 +279,43 @@ impl Replicator {
     /// Returns when every copy is valid, or with the first error (then no
     /// replica of the failed copy is left anywhere).
     pub fn replicate(&self, path: &Path, nodes: &NodeSelection) -> Result<SourceStatus> {
-        let inner = &self.inner;
-        if inner.shutting_down.load(Ordering::SeqCst) {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         let targets = self.targets(nodes)?;
         let (file, key) = open_source(path)?;
+        self.replicate_source(file, key, path, targets)
+    }
+
+    /// Replicate the file behind `file`, which the caller already opened
+    /// (through `/proc/<pid>/map_files`, say), onto `nodes`, as
+    /// [`Replicator::replicate`] does a path. `path` names the file in
+    /// messages and in the status. An fd not open read-only is reopened
+    /// read-only through `/proc/self/fd`, since a lease needs one.
+    pub fn replicate_file(
+        &self,
+        file: File,
+        path: &Path,
+        nodes: &NodeSelection,
+    ) -> Result<SourceStatus> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let targets = self.targets(nodes)?;
+        let (file, key) = Self::readonly_source(file, path)?;
+        self.replicate_source(file, key, path, targets)
+    }
+
+    /// Fence the opened source `file` (identity `key`) and copy it onto
+    /// `targets`.
+    fn replicate_source(
+        &self,
+        file: File,
+        key: SourceKey,
+        path: &Path,
+        targets: BTreeSet<Target>,
+    ) -> Result<SourceStatus> {
+        let inner = &self.inner;
         let fence_kind = fence::fence_kind(file.as_fd(), path).inspect_err(|e| {
             inner.note_fence_failure(e);
         })?;
@@ -292,6 +359,57 @@ impl Replicator {
             path: path.to_path_buf(),
             what: "was dropped",
         })
+    }
+
+    /// An opened file as a source: it must be a regular file; one not open
+    /// read-only (`O_WRONLY`, `O_RDWR`, `O_PATH`) is reopened read-only
+    /// through `/proc/self/fd`, and the original closed, so that our own fd
+    /// does not refuse the lease.
+    fn readonly_source(file: File, path: &Path) -> Result<(File, SourceKey)> {
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let kind = if ft.is_dir() {
+                "directory"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else if ft.is_char_device() {
+                "character device"
+            } else {
+                "special file"
+            };
+            return Err(Error::NotRegularFile {
+                path: path.to_path_buf(),
+                kind,
+            });
+        }
+        let key = SourceKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::io(path, e.into()))?;
+        if flags & libc::O_PATH == 0 && flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Ok((file, key));
+        }
+        let reopened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| Error::io(path, e))?;
+        drop(file);
+        let meta = reopened.metadata().map_err(|e| Error::io(path, e))?;
+        if (meta.dev(), meta.ino()) != (key.dev, key.ino) || !meta.file_type().is_file() {
+            return Err(Error::SourceChanged {
+                path: path.to_path_buf(),
+                what: "changed identity when reopened read-only",
+            });
+        }
+        Ok((reopened, key))
     }
 
     /// Drop every replica of `path` and its fence. Returns how many
@@ -367,6 +485,16 @@ impl Replicator {
         }
         if let Some(w) = threads.worker {
             let _ = w.join();
+        }
+        if let Some(w) = inner
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if let Err(e) = w.remove() {
+                tracing::warn!("removing the published replica set: {e}");
+            }
         }
         inner.store.close();
         tracing::info!("every replica invalidated, every fence released");
@@ -579,6 +707,7 @@ impl Inner {
             }
         }
         self.copies_done.notify_all();
+        self.publish(&list);
         if unlinked {
             if let Some(src) = list.get(key) {
                 if src.attached() == 0 {
@@ -710,7 +839,44 @@ impl Inner {
             }
         }
         src.fenced = src.fence != FenceKind::Lease;
+        // After the writer was let go: not on its path.
+        self.publish(&list);
         (list, n)
+    }
+
+    /// Write the published replica set: which sources have valid replicas
+    /// of their current generation on which nodes. The preload shim reads
+    /// it to skip the daemon for files without replicas. Called with the
+    /// list locked, so tables are published in list order.
+    fn publish(&self, list: &ReplicaList) {
+        let mut guard = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(writer) = guard.as_mut() else {
+            return;
+        };
+        let entries: Vec<PublishedEntry> = list
+            .iter()
+            .filter(|s| s.fenced)
+            .map(|s| PublishedEntry {
+                dev: s.key.dev,
+                ino: s.key.ino,
+                nodes: nodes_mask(s.replicas.iter().filter_map(|r| {
+                    let Target::Node(n) = r.target;
+                    (r.state == ReplicaState::Valid && r.generation.seq == s.generation.seq)
+                        .then_some(n)
+                })),
+                generation: s.generation.seq,
+            })
+            .filter(|e| e.nodes != 0)
+            .collect();
+        let out = writer.publish(&entries);
+        if out.overflow {
+            tracing::warn!(
+                "the published replica set holds {} of {} sources: programs ask the \
+                 daemon for the rest",
+                out.sources,
+                entries.len()
+            );
+        }
     }
 
     /// Revoke and forget a source.

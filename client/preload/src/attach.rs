@@ -1,0 +1,598 @@
+//! The shim's work: the hello, the checks, and the swap of each range.
+
+use std::collections::BTreeSet;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use replicad_client::maps::MapsLine;
+use replicad_client::proto::{self, AttachRange, Request, Response};
+use replicad_client::published::Reader;
+use replicad_client::{shim, sock};
+
+use crate::{debug, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, NODE, NODE_ENV};
+
+/// How long the shim waits for the daemon, at most, before the program
+/// goes on without it. An absent daemon fails at once (no socket).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Name of the published replica set beside the socket.
+const PUBLISHED: &str = "replicas.set";
+
+/// What the shim keeps between calls.
+struct State {
+    socket: PathBuf,
+    /// The node asked for (`REPLICAD_NODE`), else `None`: the daemon picks.
+    asked: Option<u32>,
+    published: Option<Reader>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The constructor: say hello, attach what the daemon offers.
+pub(crate) fn init() {
+    DEBUG.store(env_flag(DEBUG_ENV), Ordering::Relaxed);
+    if env_flag(DISABLE_ENV) {
+        debug!("{DISABLE_ENV} is set: not attaching");
+        return;
+    }
+    let asked = match std::env::var(NODE_ENV) {
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                debug!("{NODE_ENV}={v:?} is not a node number: ignored");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let socket = replicad_client::socket_path();
+    {
+        let Ok(mut st) = STATE.try_lock() else {
+            return;
+        };
+        *st = Some(State {
+            socket,
+            asked,
+            published: None,
+        });
+    }
+    hello("start");
+}
+
+/// Ask the daemon which of our mappings its replicas may back, and swap
+/// them. Any failure leaves the program as it was.
+fn hello(why: &str) {
+    let t0 = Instant::now();
+    let Ok(mut guard) = STATE.try_lock() else {
+        return;
+    };
+    let Some(st) = guard.as_mut() else {
+        return;
+    };
+    let answer = match ask(st, &Request::Hello { node: st.asked }, &[]) {
+        Ok(a) => a,
+        Err(e) => {
+            debug!("{why}: {e}; the program runs on its own mappings");
+            return;
+        }
+    };
+    match answer {
+        (
+            Response::Attached {
+                node,
+                sources,
+                ranges,
+                skipped,
+            },
+            fds,
+        ) => {
+            if fds.len() != 2 * sources as usize {
+                debug!(
+                    "{why}: the daemon sent {} fds for {sources} files: not attaching",
+                    fds.len()
+                );
+                return;
+            }
+            NODE.store(node, Ordering::Relaxed);
+            ACTIVE.store(true, Ordering::Relaxed);
+            if st.published.as_ref().is_none_or(Reader::is_retired) {
+                st.published = open_published(st);
+            }
+            for s in &skipped {
+                debug!("{why}: left on the file: {s}");
+            }
+            let offered = ranges.len();
+            let done = remap(&ranges, &fds);
+            debug!(
+                "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
+                sources,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        (Response::Original { reason }, _) => {
+            debug!("{why}: left alone by replicad: {reason}");
+        }
+        (other, _) => debug!("{why}: unexpected answer from replicad: {other:?}"),
+    }
+}
+
+fn open_published(st: &State) -> Option<Reader> {
+    let path = st.socket.parent()?.join(PUBLISHED);
+    match Reader::open(&path) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            debug!("no published replica set ({e}): files mapped later are not attached");
+            None
+        }
+    }
+}
+
+/// One request, one answer, with up to 252 fds riding back.
+fn ask(
+    st: &State,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(Response, Vec<OwnedFd>), String> {
+    let socket = st.socket.display();
+    let conn = sock::connect(&st.socket, CONNECT_TIMEOUT)
+        .map_err(|e| format!("no replicad at {socket} ({e})"))?;
+    set_recv_timeout(conn.as_fd(), ANSWER_TIMEOUT);
+    sock::send(conn.as_fd(), &req.encode(), fds)
+        .map_err(|e| format!("sending to {socket}: {e}"))?;
+    let packet = sock::recv_fds(conn.as_fd(), proto::MAX_RESPONSE + 1, sock::MAX_MESSAGE_FDS)
+        .map_err(|e| format!("waiting for {socket}: {e}"))?
+        .ok_or_else(|| format!("{socket} closed the connection without an answer"))?;
+    if packet.truncated {
+        return Err(format!("{socket} sent an answer too large to read"));
+    }
+    match Response::decode(&packet.data) {
+        Ok(Response::Error { kind, message }) => {
+            Err(format!("replicad refused ({kind:?}): {message}"))
+        }
+        Ok(r) => Ok((r, packet.fds)),
+        Err(e) => Err(format!("unreadable answer from {socket}: {e}")),
+    }
+}
+
+fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: tv is a valid timeval for the size given.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
+/// The files never moved: the dynamic loader (its text runs while the
+/// shim maps) and the shim itself (it holds the SIGBUS handler).
+fn never_moved(lines: &[MapsLine<'_>]) -> BTreeSet<(u64, u64)> {
+    // SAFETY: getauxval has no preconditions.
+    let loader = unsafe { libc::getauxval(libc::AT_BASE) } as u64;
+    let ours = never_moved as *const () as usize as u64;
+    lines
+        .iter()
+        .filter(|l| (l.start <= loader && loader < l.end) || (l.start <= ours && ours < l.end))
+        .map(|l| (l.dev, l.ino))
+        .collect()
+}
+
+/// Swap every range that still is what the daemon saw. Returns how many.
+fn remap(ranges: &[AttachRange], fds: &[OwnedFd]) -> usize {
+    let maps = match std::fs::read_to_string("/proc/self/maps") {
+        Ok(m) => m,
+        Err(e) => {
+            debug!("cannot read /proc/self/maps ({e}): not attaching");
+            return 0;
+        }
+    };
+    let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
+    let skip = never_moved(&lines);
+    let mut done = 0;
+    for r in ranges {
+        let Some(l) = lines.iter().find(|l| l.start == r.start) else {
+            debug!("{:x}-{:x}: no longer mapped: left alone", r.start, r.end);
+            continue;
+        };
+        if l.end != r.end
+            || l.offset != r.offset
+            || l.dev != r.dev
+            || l.ino != r.ino
+            || l.perms_str() != r.perms
+            || !l.private_readonly_file()
+        {
+            debug!(
+                "{:x}-{:x} {}: changed since the daemon looked: left alone",
+                r.start, r.end, l.path
+            );
+            continue;
+        }
+        if skip.contains(&(l.dev, l.ino)) {
+            continue;
+        }
+        if shim::is_spare(r.start as usize) || shim::live_at(r.start as usize) {
+            continue;
+        }
+        let (Some(rfd), Some(sfd)) = (
+            fds.get(2 * r.source as usize),
+            fds.get(2 * r.source as usize + 1),
+        ) else {
+            debug!(
+                "{:x}-{:x}: the daemon named a file it did not send",
+                r.start, r.end
+            );
+            continue;
+        };
+        let prot = libc::PROT_READ
+            | if l.perms[2] == b'x' {
+                libc::PROT_EXEC
+            } else {
+                0
+            };
+        match swap(
+            r.start as usize,
+            r.len(),
+            prot,
+            libc::MAP_PRIVATE,
+            r.offset as libc::off_t,
+            rfd.as_fd(),
+            sfd.as_fd(),
+        ) {
+            Ok(()) => done += 1,
+            Err(e) => debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path),
+        }
+    }
+    done
+}
+
+trait RangeLen {
+    fn len(&self) -> usize;
+}
+
+impl RangeLen for AttachRange {
+    fn len(&self) -> usize {
+        self.end.saturating_sub(self.start) as usize
+    }
+}
+
+/// Map the original a second time (the way back) and the replica, register
+/// the range, then move the replica over it in one `mremap`.
+fn swap(
+    start: usize,
+    len: usize,
+    prot: c_int,
+    kind: c_int,
+    offset: libc::off_t,
+    replica: BorrowedFd<'_>,
+    source: BorrowedFd<'_>,
+) -> Result<(), String> {
+    // SAFETY: stat is plain old data; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live fd and a valid stat buffer.
+    if unsafe { libc::fstat(replica.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "fstat of the replica: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size <= offset {
+        return Err("the replica was revoked meanwhile".into());
+    }
+    let spare = raw_mmap(
+        std::ptr::null_mut(),
+        len,
+        prot,
+        kind,
+        source.as_raw_fd(),
+        offset,
+    );
+    if spare == libc::MAP_FAILED {
+        return Err(format!(
+            "cannot map the file a second time (the way back): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let rep = raw_mmap(
+        std::ptr::null_mut(),
+        len,
+        prot,
+        kind,
+        replica.as_raw_fd(),
+        offset,
+    );
+    if rep == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: our own spare mapping.
+        unsafe { libc::munmap(spare, len) };
+        return Err(format!("cannot map the replica: {e}"));
+    }
+    let slot = match shim::register(
+        start,
+        len,
+        spare as usize,
+        libc::major(st.st_dev),
+        libc::minor(st.st_dev),
+        st.st_ino,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            // SAFETY: our own mappings.
+            unsafe {
+                libc::munmap(rep, len);
+                libc::munmap(spare, len);
+            }
+            return Err(e);
+        }
+    };
+    // SAFETY: moves our replica mapping over the range the program mapped
+    // and the checks above found unchanged; one syscall, so other threads
+    // see either the original or the replica, never a hole.
+    let moved = unsafe {
+        libc::mremap(
+            rep,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            start as *mut c_void,
+        )
+    };
+    if moved as usize != start {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the replica mapping is still ours at `rep`.
+        unsafe { libc::munmap(rep, len) };
+        shim::unregister(slot);
+        return Err(format!("mremap over the range failed: {e}"));
+    }
+    Ok(())
+}
+
+/// The kernel's mmap, without our wrapper.
+pub(crate) fn raw_mmap(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: the mmap syscall with the caller's arguments; libc's
+    // syscall() sets errno and returns -1 on failure (== MAP_FAILED).
+    unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            addr,
+            len,
+            prot as libc::c_long,
+            flags as libc::c_long,
+            fd as libc::c_long,
+            off,
+        ) as *mut c_void
+    }
+}
+
+/// After a `dlopen`: if the published set shows a replica of any file we
+/// map and have not attached yet, say hello again.
+pub(crate) fn after_dlopen() {
+    let want = {
+        let Ok(guard) = STATE.try_lock() else {
+            return;
+        };
+        let Some(st) = guard.as_ref() else {
+            return;
+        };
+        let node = NODE.load(Ordering::Relaxed);
+        match &st.published {
+            None => true,
+            Some(reader) => {
+                let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+                    return;
+                };
+                maps.lines()
+                    .filter_map(MapsLine::parse)
+                    .filter(|l| l.private_readonly_file())
+                    .any(|l| {
+                        reader.has_replica_on(l.dev, l.ino, node) != Some(false)
+                            && !shim::is_spare(l.start as usize)
+                            && !shim::live_at(l.start as usize)
+                    })
+            }
+        }
+    };
+    if want {
+        hello("dlopen");
+    }
+}
+
+/// A mapping the program just made of `fd`: if the published set shows a
+/// replica on our node, ask for it and swap.
+pub(crate) fn on_mmap(
+    start: usize,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) {
+    let Ok(guard) = STATE.try_lock() else {
+        return;
+    };
+    let Some(st) = guard.as_ref() else {
+        return;
+    };
+    let Some(reader) = &st.published else {
+        return;
+    };
+    // SAFETY: the program passed fd to mmap, which just succeeded with it.
+    let file = unsafe { BorrowedFd::borrow_raw(fd) };
+    // SAFETY: stat is plain old data; all-zero is a valid value.
+    let mut sb: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live fd and a valid stat buffer.
+    if unsafe { libc::fstat(fd, &mut sb) } != 0 || sb.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return;
+    }
+    let node = NODE.load(Ordering::Relaxed);
+    if reader.has_replica_on(sb.st_dev, sb.st_ino, node) == Some(false) {
+        return;
+    }
+    let kind = flags & (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_SHARED_VALIDATE);
+    if kind != libc::MAP_PRIVATE {
+        // A shared mapping of a writable fd may be mprotect'ed writable
+        // later; the read-only replica could not follow.
+        // SAFETY: fcntl F_GETFL on a live fd.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 || fl & libc::O_ACCMODE != libc::O_RDONLY || kind != libc::MAP_SHARED {
+            return;
+        }
+    }
+    let (resp, mut fds) = match ask(st, &Request::Map { node: Some(node) }, &[file]) {
+        Ok(a) => a,
+        Err(e) => {
+            debug!("mmap of fd {fd}: {e}");
+            return;
+        }
+    };
+    let Response::Mapped { .. } = resp else {
+        if let Response::Original { reason } = resp {
+            debug!("mmap of fd {fd}: left on the file: {reason}");
+        }
+        return;
+    };
+    if fds.len() != 1 {
+        return;
+    }
+    let replica = fds.remove(0);
+    let page = page_size();
+    let len = len.div_ceil(page) * page;
+    match swap(start, len, prot, kind, off, replica.as_fd(), file) {
+        Ok(()) => debug!("mmap of fd {fd}: {len} bytes at {start:x} now on node {node}'s replica"),
+        Err(e) => debug!("mmap of fd {fd}: {e}: left on the file"),
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+/// `link_map` of `<link.h>` (the fields we read).
+#[repr(C)]
+struct LinkMap {
+    l_addr: usize,
+    l_name: *const c_char,
+    l_ld: *const Dyn,
+    l_next: *const LinkMap,
+    l_prev: *const LinkMap,
+}
+
+#[repr(C)]
+struct Dyn {
+    d_tag: i64,
+    d_val: u64,
+}
+
+const DT_NULL: i64 = 0;
+const DT_RPATH: i64 = 15;
+const DT_RUNPATH: i64 = 29;
+const RTLD_DL_LINKMAP: c_int = 2;
+const RTLD_DI_LMID: c_int = 1;
+
+extern "C" {
+    fn dladdr1(
+        addr: *const c_void,
+        info: *mut libc::Dl_info,
+        extra: *mut *mut c_void,
+        flags: c_int,
+    ) -> c_int;
+    fn dlinfo(handle: *mut c_void, request: c_int, arg: *mut c_void) -> c_int;
+}
+
+/// Whether `dlopen(file)` finds the same object whoever calls it: a path
+/// with a `/` and no `$`, or a bare name when the caller (or, for an
+/// unknown caller, the program) has no RPATH/RUNPATH, in the base
+/// namespace.
+pub(crate) fn caller_independent(file: *const c_char, caller: usize) -> bool {
+    if file.is_null() {
+        return true;
+    }
+    // SAFETY: dlopen's argument is a NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(file) }.to_bytes();
+    if name.contains(&b'$') {
+        return false;
+    }
+    if name.contains(&b'/') {
+        return true;
+    }
+    // SAFETY: Dl_info is plain old data.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut map: *mut c_void = std::ptr::null_mut();
+    // SAFETY: dladdr1 only reads the address; info and map are valid.
+    let found = unsafe {
+        dladdr1(
+            caller as *const c_void,
+            &mut info,
+            &mut map,
+            RTLD_DL_LINKMAP,
+        )
+    } != 0;
+    let map = if found && !map.is_null() {
+        map as *const LinkMap
+    } else {
+        // Unknown caller (JIT code): glibc uses the program's map.
+        // SAFETY: dlopen(NULL) returns the main program's handle, which is
+        // its link_map in glibc.
+        let main = unsafe { libc::dlopen(std::ptr::null(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        main as *const LinkMap
+    };
+    if map.is_null() {
+        return false;
+    }
+    let mut lmid: libc::c_long = -1;
+    // SAFETY: a link_map is a valid handle; lmid is a Lmid_t (long).
+    let ok = unsafe {
+        dlinfo(
+            map as *mut c_void,
+            RTLD_DI_LMID,
+            (&mut lmid as *mut libc::c_long).cast(),
+        )
+    };
+    if ok != 0 || lmid != 0 {
+        return false;
+    }
+    // SAFETY: a live link_map's l_ld points at its dynamic section, an
+    // array ended by DT_NULL.
+    unsafe {
+        let mut d = (*map).l_ld;
+        if d.is_null() {
+            return false;
+        }
+        for _ in 0..4096 {
+            match (*d).d_tag {
+                DT_NULL => return true,
+                DT_RPATH | DT_RUNPATH => return false,
+                _ => d = d.add(1),
+            }
+        }
+    }
+    false
+}

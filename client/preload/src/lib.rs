@@ -1,0 +1,304 @@
+//! `libreplicad_preload.so`: an `LD_PRELOAD` shim that moves a running
+//! program's file mappings (its program and library text, the data files it
+//! maps read-only) onto its NUMA node's replicas, without changing the
+//! program.
+//!
+//! ```text
+//!  constructor ── Hello{node?} ──> replicad ── reads /proc/<pid>/smaps
+//!       │   <── Attached{ranges} + [replica fd, source fd] per file
+//!       ▼
+//!  for each range: same start, end, offset, dev, ino, perms in /proc/self/maps?
+//!       spare = mmap(source)   rep = mmap(replica)   register(range, spare)
+//!       mremap(rep -> range, MREMAP_FIXED)        (one atomic swap)
+//!
+//!  dlopen()  ─ the real one, then attach what it mapped (if the published
+//!              replica set names any of it)
+//!  mmap()    ─ the real one, then, for a read-only mapping of a file the
+//!              published set shows a replica of on our node: Map{node} + fd
+//!  sigaction(SIGBUS) / signal(SIGBUS) ─ once our handler is installed, the
+//!              program's action becomes the one we chain to
+//!  SIGBUS in a range after a revoke ─ mremap(spare -> range): the file again
+//! ```
+//!
+//! Nothing here may break a program: no daemon, a refusal, a range that
+//! changed, any error leaves the program on its own mappings, and with
+//! `REPLICAD_DEBUG=1` the shim says why on stderr. The wrappers never block
+//! on the shim's own locks (they skip instead), and never attach while the
+//! shim itself is mapping (a thread-local guard).
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+mod attach;
+
+/// Environment: print why the shim did or did not attach.
+pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";
+/// Environment: ask for this node's replicas instead of the CPUs' node.
+pub const NODE_ENV: &str = "REPLICAD_NODE";
+/// Environment: `1` turns the shim off (the program runs untouched).
+pub const DISABLE_ENV: &str = "REPLICAD_DISABLE";
+
+/// The daemon answered our hello: `NODE` is ours, the wrappers attach.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static NODE: AtomicU32 = AtomicU32::new(0);
+static DEBUG: AtomicBool = AtomicBool::new(false);
+/// A `dlopen` went straight to the real one (its caller's search path
+/// mattered): attach what it loaded at the next chance.
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+static REAL_DLOPEN: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread is inside the shim: its own mmap calls must not attach.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` marked busy, unless this thread already is (then `None`).
+/// Panics never cross into the program.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let entered = BUSY.try_with(|b| !b.replace(true)).unwrap_or(false);
+    if !entered {
+        return None;
+    }
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    let _ = BUSY.try_with(|b| b.set(false));
+    out
+}
+
+/// Print a line on stderr when `REPLICAD_DEBUG` is set.
+fn debug_line(msg: std::fmt::Arguments<'_>) {
+    if !DEBUG.load(Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let line = format!("replicad-preload[{pid}]: {msg}\n");
+    // SAFETY: writing our own buffer to fd 2; a short write only loses text.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+macro_rules! debug {
+    ($($t:tt)*) => { $crate::debug_line(format_args!($($t)*)) };
+}
+pub(crate) use debug;
+
+/// The next definition of `name` after this object (libc's).
+fn next_symbol(cache: &AtomicUsize, name: &CStr) -> usize {
+    let f = cache.load(Ordering::Relaxed);
+    if f != 0 {
+        return f;
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+    cache.store(f, Ordering::Relaxed);
+    f
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+extern "C" fn init() {
+    guarded(attach::init);
+}
+
+// ---- mmap -------------------------------------------------------------
+
+/// `mmap(2)` for the program: the kernel's, then, for a read-only mapping of
+/// a file with a replica on our node, the swap onto the replica.
+///
+/// # Safety
+/// As `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    let p = attach::raw_mmap(addr, len, prot, flags, fd, off);
+    if p != libc::MAP_FAILED
+        && fd >= 0
+        && flags & libc::MAP_ANONYMOUS == 0
+        && prot & libc::PROT_READ != 0
+        && prot & libc::PROT_WRITE == 0
+        && ACTIVE.load(Ordering::Relaxed)
+    {
+        // SAFETY: errno is thread-local; the attempt must not change what
+        // the program sees of it.
+        let errno = unsafe { *libc::__errno_location() };
+        guarded(|| {
+            if PENDING.swap(false, Ordering::Relaxed) {
+                attach::after_dlopen();
+            }
+            attach::on_mmap(p as usize, len, prot, flags, fd, off);
+        });
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
+    }
+    p
+}
+
+/// `mmap64` is `mmap` on 64-bit Linux.
+///
+/// # Safety
+/// As `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: same contract.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+// ---- sigaction / signal ----------------------------------------------
+
+/// `sigaction(2)`: SIGBUS, once our handler is installed, sets and reports
+/// the program's action (the one faults that are not ours go to).
+///
+/// # Safety
+/// As `sigaction(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    // SAFETY: the caller passes null or valid pointers.
+    if sig == libc::SIGBUS && unsafe { replicad_client::shim::program_sigaction(act, old) } {
+        return 0;
+    }
+    let real = next_symbol(&REAL_SIGACTION, c"sigaction");
+    if real == 0 {
+        // SAFETY: errno is thread-local.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return -1;
+    }
+    type Sigaction =
+        unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+    // SAFETY: RTLD_NEXT's sigaction has this signature.
+    let f = unsafe { std::mem::transmute::<usize, Sigaction>(real) };
+    // SAFETY: the caller's arguments, unchanged.
+    unsafe { f(sig, act, old) }
+}
+
+/// `signal(2)` (BSD semantics, as glibc's): SIGBUS as in [`sigaction`].
+///
+/// # Safety
+/// As `signal(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if sig == libc::SIGBUS && replicad_client::shim::handler_installed() {
+        // SAFETY: all-zero is a valid sigaction.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: act.sa_mask is a valid sigset to fill.
+        unsafe { libc::sigemptyset(&mut act.sa_mask) };
+        // SAFETY: both point at live values.
+        if unsafe { replicad_client::shim::program_sigaction(&act, &mut old) } {
+            return old.sa_sigaction;
+        }
+    }
+    let real = next_symbol(&REAL_SIGNAL, c"signal");
+    if real == 0 {
+        return libc::SIG_ERR;
+    }
+    type Signal = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
+    // SAFETY: RTLD_NEXT's signal has this signature.
+    let f = unsafe { std::mem::transmute::<usize, Signal>(real) };
+    // SAFETY: the caller's arguments, unchanged.
+    unsafe { f(sig, handler) }
+}
+
+// ---- dlopen -----------------------------------------------------------
+//
+// glibc's dlopen resolves names relative to its caller (the caller's
+// RPATH/RUNPATH, $ORIGIN, namespace), found from its return address. A
+// wrapper that calls the real dlopen would make the shim the caller. So
+// `dlopen` is a trampoline: it asks `dlopen_route` whether the caller can
+// matter; if not, it jumps to `dlopen_wrapped` (which calls the real one
+// and attaches what was loaded); if so, it jumps straight to the real
+// dlopen with the caller's return address untouched, and the attach
+// happens at the next wrapped call.
+
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".globl dlopen",
+    ".type dlopen,@function",
+    "dlopen:",
+    "push rdi",
+    "push rsi",
+    "sub rsp, 8",
+    // The caller's return address, for dlopen_route.
+    "mov rdx, [rsp + 24]",
+    "call {route}",
+    "add rsp, 8",
+    "pop rsi",
+    "pop rdi",
+    "test rax, rax",
+    "jz 2f",
+    "jmp {wrapped}",
+    "2:",
+    "jmp qword ptr [rip + {real}]",
+    ".size dlopen, .-dlopen",
+    route = sym dlopen_route,
+    wrapped = sym dlopen_wrapped,
+    real = sym REAL_DLOPEN,
+);
+
+/// 1: call through [`dlopen_wrapped`]; 0: jump to the real dlopen (which
+/// is resolved here first).
+#[cfg(target_arch = "x86_64")]
+extern "C" fn dlopen_route(file: *const c_char, _flags: c_int, caller: usize) -> usize {
+    let real = next_symbol(&REAL_DLOPEN, c"dlopen");
+    if real == 0 {
+        // Let the wrapper fail the call cleanly.
+        return 1;
+    }
+    let busy = BUSY.try_with(|b| b.get()).unwrap_or(true);
+    if busy || !ACTIVE.load(Ordering::Relaxed) {
+        return 0;
+    }
+    let wrap = guarded(|| attach::caller_independent(file, caller)).unwrap_or(false);
+    if !wrap {
+        PENDING.store(true, Ordering::Relaxed);
+    }
+    usize::from(wrap)
+}
+
+#[cfg(target_arch = "x86_64")]
+extern "C" fn dlopen_wrapped(file: *const c_char, flags: c_int) -> *mut c_void {
+    let real = REAL_DLOPEN.load(Ordering::Relaxed);
+    if real == 0 {
+        return std::ptr::null_mut();
+    }
+    type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
+    // SAFETY: RTLD_NEXT's dlopen has this signature.
+    let f = unsafe { std::mem::transmute::<usize, Dlopen>(real) };
+    // SAFETY: the caller's arguments, unchanged.
+    let handle = unsafe { f(file, flags) };
+    if !handle.is_null() && ACTIVE.load(Ordering::Relaxed) {
+        // SAFETY: errno is thread-local.
+        let errno = unsafe { *libc::__errno_location() };
+        guarded(|| {
+            PENDING.store(false, Ordering::Relaxed);
+            attach::after_dlopen();
+        });
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
+    }
+    handle
+}
