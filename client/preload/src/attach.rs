@@ -29,6 +29,10 @@ struct State {
     /// The node asked for (`REPLICAD_NODE`), else `None`: the daemon picks.
     asked: Option<u32>,
     published: Option<Reader>,
+    /// Mappings (start, inode) the daemon looked at and did not offer
+    /// (written private pages, no replica on our node ...): a later dlopen
+    /// does not ask about them again.
+    declined: BTreeSet<(u64, u64)>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -63,6 +67,7 @@ pub(crate) fn init() {
             socket,
             asked,
             published: None,
+            declined: BTreeSet::new(),
         });
     }
     hello("start");
@@ -112,6 +117,7 @@ fn hello(why: &str) {
             }
             let offered = ranges.len();
             let done = remap(&ranges, &fds);
+            note_declined(st);
             debug!(
                 "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
                 sources,
@@ -191,6 +197,27 @@ fn never_moved(lines: &[MapsLine<'_>]) -> BTreeSet<(u64, u64)> {
         .filter(|l| (l.start <= loader && loader < l.end) || (l.start <= ours && ours < l.end))
         .map(|l| (l.dev, l.ino))
         .collect()
+}
+
+/// Remember the mappings of replicated files that are not on replicas now:
+/// the daemon just declined them.
+fn note_declined(st: &mut State) {
+    let Some(reader) = &st.published else {
+        return;
+    };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let node = NODE.load(Ordering::Relaxed);
+    for l in maps.lines().filter_map(MapsLine::parse) {
+        if l.private_readonly_file()
+            && reader.has_replica_on(l.dev, l.ino, node) != Some(false)
+            && !shim::is_spare(l.start as usize)
+            && !shim::live_at(l.start as usize)
+        {
+            st.declined.insert((l.start, l.ino));
+        }
+    }
 }
 
 /// Swap every range that still is what the daemon saw. Returns how many.
@@ -407,7 +434,8 @@ pub(crate) fn after_dlopen() {
                     .filter_map(MapsLine::parse)
                     .filter(|l| l.private_readonly_file())
                     .any(|l| {
-                        reader.has_replica_on(l.dev, l.ino, node) != Some(false)
+                        !st.declined.contains(&(l.start, l.ino))
+                            && reader.has_replica_on(l.dev, l.ino, node) != Some(false)
                             && !shim::is_spare(l.start as usize)
                             && !shim::live_at(l.start as usize)
                     })

@@ -234,30 +234,34 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
 // dlopen with the caller's return address untouched, and the attach
 // happens at the next wrapped call.
 
+/// `dlopen(3)`: the trampoline described above.
+///
+/// # Safety
+/// As `dlopen(3)`.
 #[cfg(target_arch = "x86_64")]
-core::arch::global_asm!(
-    ".globl dlopen",
-    ".type dlopen,@function",
-    "dlopen:",
-    "push rdi",
-    "push rsi",
-    "sub rsp, 8",
-    // The caller's return address, for dlopen_route.
-    "mov rdx, [rsp + 24]",
-    "call {route}",
-    "add rsp, 8",
-    "pop rsi",
-    "pop rdi",
-    "test rax, rax",
-    "jz 2f",
-    "jmp {wrapped}",
-    "2:",
-    "jmp qword ptr [rip + {real}]",
-    ".size dlopen, .-dlopen",
-    route = sym dlopen_route,
-    wrapped = sym dlopen_wrapped,
-    real = sym REAL_DLOPEN,
-);
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(_file: *const c_char, _flags: c_int) -> *mut c_void {
+    core::arch::naked_asm!(
+        "push rdi",
+        "push rsi",
+        "sub rsp, 8",
+        // The caller's return address, for dlopen_route.
+        "mov rdx, [rsp + 24]",
+        "call {route}",
+        "add rsp, 8",
+        "pop rsi",
+        "pop rdi",
+        "test rax, rax",
+        "jz 2f",
+        "jmp {wrapped}",
+        "2:",
+        "jmp qword ptr [rip + {real}]",
+        route = sym dlopen_route,
+        wrapped = sym dlopen_wrapped,
+        real = sym REAL_DLOPEN,
+    )
+}
 
 /// 1: call through [`dlopen_wrapped`]; 0: jump to the real dlopen (which
 /// is resolved here first).

@@ -26,7 +26,7 @@ use replicad_client::proto::{AttachRange, LeftAlone};
 
 use super::{allowed_cpus, lock, start_time, Inner};
 use crate::list::{Attachment, SourceKey, Target};
-use crate::{Error, Replicator, Result};
+use crate::{Error, Replicator, Result, Topology};
 
 /// Most sources one answer carries: two fds each, and one message carries
 /// at most 252 fds.
@@ -89,6 +89,31 @@ fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The node for a process allowed on `cpus`, in `groups`: the one node
+/// holding all its CPUs, else the first home-node policy covering one of
+/// its cgroups, else why it is left alone.
+fn choose_node(
+    topology: &Topology,
+    cpus: &[u32],
+    groups: &[String],
+    home_nodes: &[HomeNode],
+) -> Result<u32, String> {
+    if let Some(n) = topology.home_node(cpus) {
+        return Ok(n);
+    }
+    for h in home_nodes {
+        if groups.iter().any(|g| cgroup_under(g, &h.cgroup)) && topology.node(h.node).is_ok() {
+            return Ok(h.node);
+        }
+    }
+    Err(format!(
+        "its CPUs ({}) span several nodes and no home_node policy covers its cgroup ({}): \
+         bind it to one node (replicactl run --node N) or add a [[home_node]] for the cgroup",
+        crate::topology::sysfs::format_cpulist(cpus),
+        groups.first().map(String::as_str).unwrap_or("?")
+    ))
+}
+
 impl Replicator {
     /// Attach `pid`'s eligible mappings. `alive` says whether the peer that
     /// asked still runs (then `pid` is still that process).
@@ -118,24 +143,13 @@ impl Inner {
         let Some(cpus) = allowed_cpus(pid) else {
             return Err(Error::NoSuchProcess { pid });
         };
-        if let Some(n) = self.topology.home_node(&cpus) {
-            return Ok(Ok(n));
-        }
-        let groups = cgroups(pid);
         let home_nodes = self.home_nodes.read().unwrap_or_else(|p| p.into_inner());
-        for h in home_nodes.iter() {
-            if groups.iter().any(|g| cgroup_under(g, &h.cgroup))
-                && self.topology.node(h.node).is_ok()
-            {
-                return Ok(Ok(h.node));
-            }
-        }
-        Ok(Err(format!(
-            "its CPUs ({}) span several nodes and no home_node policy covers its cgroup ({}): \
-             bind it to one node (replicactl run --node N) or add a [[home_node]] for the cgroup",
-            crate::topology::sysfs::format_cpulist(&cpus),
-            groups.first().map(String::as_str).unwrap_or("?")
-        )))
+        Ok(choose_node(
+            &self.topology,
+            &cpus,
+            &cgroups(pid),
+            &home_nodes,
+        ))
     }
 
     fn note_left_alone(&self, pid: u32, reason: &str) {
@@ -298,6 +312,39 @@ fn reopen(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_nodes() -> Topology {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sysfs/2node");
+        Topology::from_sysfs(&root).unwrap()
+    }
+
+    #[test]
+    fn a_process_on_one_node_uses_it_and_a_spanning_one_needs_a_policy() {
+        let t = two_nodes();
+        let groups = vec!["/system.slice/m.service".to_string()];
+        assert_eq!(choose_node(&t, &[20, 21], &groups, &[]), Ok(1));
+        let why = choose_node(&t, &[0, 20], &groups, &[]).unwrap_err();
+        assert!(why.contains("span several nodes"), "{why}");
+        assert!(why.contains("/system.slice/m.service"), "{why}");
+        assert!(why.contains("0,20"), "{why}");
+        let policy = [
+            HomeNode {
+                cgroup: "/other.slice".into(),
+                node: 0,
+            },
+            HomeNode {
+                cgroup: "/system.slice".into(),
+                node: 1,
+            },
+        ];
+        assert_eq!(choose_node(&t, &[0, 20], &groups, &policy), Ok(1));
+        // A policy naming a node the machine lacks is passed over.
+        let bad = [HomeNode {
+            cgroup: "/system.slice".into(),
+            node: 7,
+        }];
+        assert!(choose_node(&t, &[0, 20], &groups, &bad).is_err());
+    }
 
     #[test]
     fn cgroup_prefixes_match_by_component() {
