@@ -1,6 +1,7 @@
-//! NUMA memory-policy syscalls: `mbind`, `move_pages` (query only) and
-//! `get_mempolicy`. libc has the syscall numbers but no wrappers, so each is
-//! one raw `syscall()`; the constants come from `linux_raw_sys::mempolicy`.
+//! NUMA memory-policy syscalls: `mbind`, `set_mempolicy`, `move_pages`
+//! (query only) and `get_mempolicy`. libc has the syscall numbers but no
+//! wrappers, so each is one raw `syscall()`; the constants come from
+//! `linux_raw_sys::mempolicy`.
 //! Every function returns `io::Result`.
 //!
 //! None of these calls reads or writes memory through the addresses they are
@@ -63,6 +64,25 @@ pub fn mbind(addr: *mut libc::c_void, len: usize, node: u32, flags: u32) -> io::
             mask.as_ptr(),
             maxnode,
             flags as libc::c_ulong,
+        )
+    })
+    .map(drop)
+}
+
+/// Prefer `node` for the calling thread's future allocations
+/// (`set_mempolicy(MPOL_PREFERRED)`): pages come from `node` while it has
+/// free memory and from other nodes after, so the policy never makes the
+/// thread run out of memory. Children and `exec` inherit it.
+pub fn set_preferred(node: u32) -> io::Result<()> {
+    let (mask, maxnode) = single_node_mask(node);
+    // SAFETY: set_mempolicy only changes the calling thread's policy; `mask`
+    // is a valid buffer of `maxnode - 1` bits that outlives the call.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_set_mempolicy,
+            mp::MPOL_PREFERRED as libc::c_int,
+            mask.as_ptr(),
+            maxnode,
         )
     })
     .map(drop)
@@ -194,6 +214,38 @@ mod tests {
         assert_eq!(after[3], -libc::ENOENT, "untouched page");
         assert_eq!(node_of(addrs[0]).unwrap(), 0);
         assert!(page_nodes(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn prefer_a_node() {
+        // The policy is per thread: set it in a thread of our own.
+        std::thread::spawn(|| {
+            match set_preferred(0) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    eprintln!("SKIP prefer_a_node: kernel without NUMA: {e}");
+                    return;
+                }
+                Err(e) => panic!("set_mempolicy: {e}"),
+            }
+            let mut mode: libc::c_int = -1;
+            // SAFETY: `mode` is valid for one int; no mask, no address.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_get_mempolicy,
+                    &mut mode as *mut libc::c_int,
+                    std::ptr::null_mut::<libc::c_ulong>(),
+                    0 as libc::c_ulong,
+                    std::ptr::null::<libc::c_void>(),
+                    0 as libc::c_ulong,
+                )
+            };
+            assert_eq!(rc, 0);
+            assert_eq!(mode, mp::MPOL_PREFERRED as libc::c_int);
+            assert!(set_preferred(1000).is_err());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

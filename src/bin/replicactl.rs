@@ -12,11 +12,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("replicactl: {e:#}");
-            if ctl::is_unreachable(&e) {
-                ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
-            } else {
-                ExitCode::from(1)
-            }
+            ExitCode::from(ctl::exit_code(&e))
         }
     }
 }
