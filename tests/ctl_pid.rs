@@ -134,6 +134,12 @@ fn replicate_pid_replicates_libc() {
         .find(|l| l.contains("libc.so.6"))
         .unwrap_or_else(|| panic!("libc.so.6 not listed:\n{out}\ndaemon log:\n{}", d.log()));
     assert!(libc_row.contains("node0"), "{out}");
+    // The dynamic loader is skipped: the shim never moves it.
+    let loader_row = out
+        .lines()
+        .find(|l| l.contains("ld-linux"))
+        .unwrap_or_else(|| panic!("the loader is not listed:\n{out}"));
+    assert!(loader_row.contains("dynamic loader"), "{out}");
 
     let status = d.status();
     let libc = status

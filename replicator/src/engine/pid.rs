@@ -74,6 +74,24 @@ impl ProcMaps {
         ProcMaps { root: root.into() }
     }
 
+    /// The (dev, ino) of the dynamic loader `pid` runs with: the mapping
+    /// holding `AT_BASE` from `<root>/<pid>/auxv`. `None` for a static
+    /// program, or if auxv cannot be read.
+    fn loader(&self, pid: u32, maps: &str) -> Option<(u64, u64)> {
+        const AT_BASE: u64 = 7;
+        let auxv = std::fs::read(self.root.join(pid.to_string()).join("auxv")).ok()?;
+        let base = auxv.chunks_exact(16).find_map(|pair| {
+            let (k, v) = pair.split_at(8);
+            let k = u64::from_ne_bytes(k.try_into().ok()?);
+            let v = u64::from_ne_bytes(v.try_into().ok()?);
+            (k == AT_BASE && v != 0).then_some(v)
+        })?;
+        maps.lines()
+            .filter_map(replicad_client::maps::MapsLine::parse)
+            .find(|l| l.start <= base && base < l.end && l.ino != 0)
+            .map(|l| (l.dev, l.ino))
+    }
+
     /// The text of `<root>/<pid>/maps`.
     fn read(&self, pid: u32) -> Result<String> {
         let path = self.root.join(pid.to_string()).join("maps");
@@ -240,11 +258,22 @@ impl Replicator {
         }
         // A node the machine lacks fails the request, not every file.
         self.targets(nodes)?;
-        let files = text_files(pid, &proc.read(pid)?)?;
+        let maps = proc.read(pid)?;
+        let loader = proc.loader(pid, &maps);
+        let files = text_files(pid, &maps)?;
         let run_dir = &self.inner.cfg.store.run_dir;
         let mut sources = Vec::new();
         let mut skipped = Vec::new();
         for f in files {
+            if loader == Some((f.dev, f.ino)) {
+                skipped.push(Skipped {
+                    path: f.path,
+                    reason: "the dynamic loader: the shim never moves it (its code runs while \
+                             the shim remaps), so a replica would go unused"
+                        .into(),
+                });
+                continue;
+            }
             if let Some(reason) = never_replicated(&f, run_dir) {
                 skipped.push(Skipped {
                     path: f.path,
