@@ -231,8 +231,22 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd]) -> usize {
     };
     let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
     let skip = never_moved(&lines);
+    // With other threads running (a dlopen in a threaded program), one of
+    // them may remap a range meanwhile: read maps again before each swap.
+    let threaded = threads() != Some(1);
     let mut done = 0;
-    for r in ranges {
+    for (i, r) in ranges.iter().enumerate() {
+        let fresh;
+        let lines: &[MapsLine<'_>] = if threaded && i > 0 {
+            fresh = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+            &fresh
+                .lines()
+                .filter_map(MapsLine::parse)
+                .filter(|l| l.start == r.start)
+                .collect::<Vec<_>>()
+        } else {
+            &lines
+        };
         let Some(l) = lines.iter().find(|l| l.start == r.start) else {
             debug!("{:x}-{:x}: no longer mapped: left alone", r.start, r.end);
             continue;
@@ -286,6 +300,17 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd]) -> usize {
         }
     }
     done
+}
+
+/// This process's thread count (`Threads:` of /proc/self/status).
+fn threads() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 trait RangeLen {
