@@ -3,7 +3,12 @@
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
-packages=(pkg-config libhwloc-dev libudev-dev gcc util-linux attr)
+# Build: pkg-config libhwloc-dev libudev-dev gcc. Tests: util-linux
+# (setpriv), attr, python3 and coreutils (real programs under the shim),
+# qemu-system-x86 + busybox-static + binutils (the multi-NUMA test guest;
+# its kernel is fetched with apt-get download on first use).
+packages=(pkg-config libhwloc-dev libudev-dev gcc util-linux attr python3 coreutils
+          qemu-system-x86 busybox-static binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -779,6 +779,8 @@ mod tests {
                     state: ReplicaState::Valid,
                     attachments: vec![42, 43],
                     file: "/run/replicad/node0/1-2-g3".into(),
+                    pages: 512,
+                    pages_on_node: 512,
                 }],
             }],
             left_alone: vec![],
@@ -864,6 +866,8 @@ mod tests {
                     state: ReplicaState::Valid,
                     attachments: vec![],
                     file: String::new(),
+                    pages: 768,
+                    pages_on_node: 768,
                 })
                 .collect(),
         };

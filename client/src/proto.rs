@@ -182,6 +182,12 @@ pub struct ReplicaStatus {
     pub attachments: Vec<u32>,
     /// Path of the replica file in the store (or `memfd:...`).
     pub file: String,
+    /// Pages of the replica, and how many of them `move_pages` found on
+    /// the target node after the copy (replicad's placement check).
+    #[serde(default)]
+    pub pages: u64,
+    #[serde(default)]
+    pub pages_on_node: u64,
 }
 
 /// One source file in the status table.

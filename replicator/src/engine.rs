@@ -24,16 +24,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use replicad_client::published::{self, nodes_mask, PublishedEntry};
 use replicad_client::proto::{
     LeftAlone, NodeSelection, ReplicaState, ReplicaStatus, SourceStatus, StatusReport,
 };
+use replicad_client::published::{self, nodes_mask, PublishedEntry};
 
 use crate::fence::{self, FenceEvent, FenceThread};
 use crate::list::{
     Attachment, FenceKind, Generation, Replica, ReplicaList, Source, SourceKey, Target,
 };
-use crate::store::{ReplicaFile, ReplicaIdent, Store, StoreConfig};
+use crate::store::{Placement, ReplicaFile, ReplicaIdent, Store, StoreConfig};
 use crate::{sys, Error, Metrics, Result, Topology};
 
 mod pid;
@@ -622,6 +622,7 @@ impl Inner {
                     state: ReplicaState::Populating,
                     file: None,
                     attachments: BTreeSet::new(),
+                    placement: None,
                 });
             }
             src.copies += 1;
@@ -637,7 +638,7 @@ impl Inner {
             (src.fd.clone(), src.abort.clone(), ident, work)
         };
 
-        let results: Vec<(Target, Result<ReplicaFile>)> = work
+        let results: Vec<(Target, Result<(ReplicaFile, Placement)>)> = work
             .iter()
             .map(|t| (*t, self.copy_one(*t, fd.as_fd(), &abort, &ident)))
             .collect();
@@ -660,9 +661,10 @@ impl Inner {
                         && r.state == ReplicaState::Populating
                 });
                 match (result, pos) {
-                    (Ok(file), Some(i)) if !aborted && !unlinked => {
+                    (Ok((file, placement)), Some(i)) if !aborted && !unlinked => {
                         let bytes = src.replicas[i].generation.size as i64;
                         src.replicas[i].file = Some(file);
+                        src.replicas[i].placement = Some(placement);
                         src.replicas[i].state = ReplicaState::Valid;
                         let t = target.to_string();
                         self.metrics.replicas.with_label_values(&[t.as_str()]).inc();
@@ -675,7 +677,7 @@ impl Inner {
                             src.path.display()
                         );
                     }
-                    (Ok(file), pos) => {
+                    (Ok((file, _)), pos) => {
                         file.remove();
                         if let Some(i) = pos {
                             src.replicas.remove(i);
@@ -701,7 +703,7 @@ impl Inner {
         } else {
             // Evicted meanwhile: the evictor waited for us; drop our copies.
             for (_, result) in results {
-                if let Ok(file) = result {
+                if let Ok((file, _)) = result {
                     file.remove();
                 }
             }
@@ -740,7 +742,7 @@ impl Inner {
         src: BorrowedFd<'_>,
         abort: &AtomicBool,
         ident: &ReplicaIdent,
-    ) -> Result<ReplicaFile> {
+    ) -> Result<(ReplicaFile, Placement)> {
         let Target::Node(node) = target;
         let file = self.store.create(node, ident)?;
         let done = (|| {
@@ -764,10 +766,11 @@ impl Inner {
                     misplaced: placement.misplaced,
                 });
             }
-            file.seal()
+            file.seal()?;
+            Ok(placement)
         })();
         match done {
-            Ok(()) => Ok(file),
+            Ok(placement) => Ok((file, placement)),
             Err(e) => {
                 file.remove();
                 Err(e)
@@ -1154,6 +1157,8 @@ impl Inner {
                     state: r.state,
                     attachments: r.attachments.iter().map(|a| a.pid).collect(),
                     file: r.file.as_ref().map(|f| f.label()).unwrap_or_default(),
+                    pages: r.placement.map_or(0, |p| p.pages),
+                    pages_on_node: r.placement.map_or(0, |p| p.pages - p.misplaced),
                 })
                 .collect(),
         }

@@ -98,6 +98,8 @@ pub struct Replica {
     /// The file; `None` while populating (the copier holds it).
     pub file: Option<ReplicaFile>,
     pub attachments: BTreeSet<Attachment>,
+    /// Where its pages were after the copy (`move_pages`), once valid.
+    pub placement: Option<crate::store::Placement>,
 }
 
 /// One source file and its replicas.
