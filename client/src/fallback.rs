@@ -75,7 +75,15 @@ struct Slot {
     /// file. 0: not checked (a [`Replica`] owns its range).
     dev: AtomicU64,
     ino: AtomicU64,
+    /// For shim ranges: the file offset the range maps, checked with the
+    /// rest (a range the program mapped again at the same address may map
+    /// the same replica at another offset); [`OFFSET_UNCHECKED`]: not
+    /// checked.
+    offset: AtomicU64,
 }
+
+/// A shim slot's offset when its registrar did not give one.
+const OFFSET_UNCHECKED: u64 = u64::MAX;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY_SLOT: Slot = Slot {
@@ -85,6 +93,7 @@ const EMPTY_SLOT: Slot = Slot {
     spare: AtomicUsize::new(0),
     dev: AtomicU64::new(0),
     ino: AtomicU64::new(0),
+    offset: AtomicU64::new(0),
 };
 
 static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
@@ -177,13 +186,14 @@ pub(crate) struct Replica {
 /// replica) with the original file mapped at `spare`. On success the
 /// returned value owns both mappings; on error the caller still owns them.
 pub(crate) fn attach(start: usize, len: usize, spare: usize) -> Result<Replica, AttachError> {
-    claim(start, len, spare, 0, 0)
+    claim(start, len, spare, 0, 0, 0)
 }
 
 fn claim(
     start: usize,
     len: usize,
     spare: usize,
+    offset: u64,
     dev: u64,
     ino: u64,
 ) -> Result<Replica, AttachError> {
@@ -206,6 +216,7 @@ fn claim(
         slot.spare.store(spare, Ordering::Relaxed);
         slot.dev.store(dev, Ordering::Relaxed);
         slot.ino.store(ino, Ordering::Relaxed);
+        slot.offset.store(offset, Ordering::Relaxed);
         HIGH_WATER.fetch_max(i + 1, Ordering::AcqRel);
         slot.word
             .store(with_state(claimed, ACTIVE), Ordering::Release);
@@ -290,7 +301,8 @@ pub mod shim {
 
     /// Register the replica now mapped at `start` (or about to be), with
     /// the original mapped at `spare`, and the replica file's device
-    /// (`major`, `minor`) and inode. Returns the slot.
+    /// (`major`, `minor`) and inode. Returns the slot. The range's file
+    /// offset is not checked on a fault; [`register_mapping`] checks it.
     pub fn register(
         start: usize,
         len: usize,
@@ -299,8 +311,23 @@ pub mod shim {
         minor: u32,
         ino: u64,
     ) -> Result<usize, String> {
+        register_mapping(start, len, spare, OFFSET_UNCHECKED, major, minor, ino)
+    }
+
+    /// [`register`], with the file `offset` the range maps: on a fault,
+    /// the range is taken for this entry's only if it still maps exactly
+    /// `start..start+len` of the replica file at `offset`.
+    pub fn register_mapping(
+        start: usize,
+        len: usize,
+        spare: usize,
+        offset: u64,
+        major: u32,
+        minor: u32,
+        ino: u64,
+    ) -> Result<usize, String> {
         let dev = (u64::from(major) << 32) | u64::from(minor);
-        let r = claim(start, len, spare, dev, ino.max(1)).map_err(|e| e.to_string())?;
+        let r = claim(start, len, spare, offset, dev, ino.max(1)).map_err(|e| e.to_string())?;
         let slot = r.slot;
         // Nobody owns the range: never unmap it on drop.
         std::mem::forget(r);
@@ -311,6 +338,36 @@ pub mod shim {
     /// program's original; the spare is unmapped.
     pub fn unregister(slot: usize) {
         release(slot, true);
+    }
+
+    /// The program unmapped `addr..addr+len`, or the kernel just mapped
+    /// something new there: every shim range overlapping it is gone, so
+    /// its entry is freed and its spare unmapped (unless the spare is what
+    /// the range became after a fallback). Without this, each range a
+    /// program unmaps keeps a slot and a spare mapping for good, and an
+    /// entry left at an address the kernel hands out again would be taken
+    /// for the new mapping's. Only atomics and `munmap`: safe in a signal
+    /// handler (programs call `mmap` and `munmap` from theirs).
+    pub fn forget(addr: usize, len: usize) {
+        let end = addr.saturating_add(len);
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        let mut i = 0;
+        while i < high {
+            let Some(slot) = TABLE.get(i) else {
+                return;
+            };
+            let w = slot.word.load(Ordering::Acquire);
+            let start = slot.start.load(Ordering::Relaxed);
+            let slot_end = start.saturating_add(slot.len.load(Ordering::Relaxed));
+            if slot.ino.load(Ordering::Relaxed) != 0
+                && matches!(state(w), ACTIVE | FALLEN | BROKEN | STALE)
+                && start < end
+                && addr < slot_end
+            {
+                release(i, state(w) != FALLEN);
+            }
+            i += 1;
+        }
     }
 
     /// Whether `start` holds a range the shim moved onto a replica that is
@@ -445,51 +502,80 @@ pub mod shim {
     }
 }
 
-/// Whether the mapping holding `addr` still maps the file `dev`
-/// (`major << 32 | minor`), `ino`: read `/proc/self/maps` with raw
-/// syscalls into a small stack buffer (the handler may run on a small
+/// Whether `start..start+len` still maps the file `dev`
+/// (`major << 32 | minor`), `ino` from `offset` (any offset for
+/// [`OFFSET_UNCHECKED`]), within one maps line: read `/proc/self/maps` with
+/// raw syscalls into a small stack buffer (the handler may run on a small
 /// alternate stack), a byte at a time through [`MapsScan`]. If the file
 /// cannot be read, say yes: the check guards against a program's own
 /// unmapping, and failing to read maps must not turn every revoke into a
 /// crash.
-fn still_mapped(addr: usize, dev: u64, ino: u64) -> bool {
+fn still_mapped(start: usize, len: usize, offset: u64, dev: u64, ino: u64) -> bool {
     let fd = sys::open_maps();
     if fd < 0 {
         return true;
     }
-    let mut scan = MapsScan::new(addr as u64);
-    let mut buf = [0u8; 512];
+    let mut scan = MapsScan::new(start as u64);
+    // Left uninitialised: zeroing it is a call to libc's memset, whose
+    // text may be the very range being revoked (a fault in here would find
+    // the slot REMAPPING and wait for itself forever). Only the bytes
+    // read() filled are looked at.
+    let mut buf = std::mem::MaybeUninit::<[u8; 512]>::uninit();
+    let base = buf.as_mut_ptr().cast::<u8>();
     let found = 'read: loop {
-        let n = sys::read(fd, &mut buf);
+        let n = sys::read_raw(fd, base, 512);
         if n <= 0 {
-            break 'read None;
+            break 'read false;
         }
-        for &b in buf.iter().take(n as usize) {
-            if let Some(hit) = scan.feed(b) {
-                break 'read Some(hit);
+        let mut i = 0;
+        while i < n as usize && i < 512 {
+            // SAFETY: read() filled the first n (<= 512) bytes.
+            let b = unsafe { base.add(i).read() };
+            if scan.feed(b) {
+                break 'read true;
             }
+            i += 1;
         }
     };
     sys::close(fd);
-    match found {
-        Some((d, i)) => d == dev && i == ino,
-        None => false,
-    }
+    // The kernel may have merged the range with a neighbour mapping the
+    // same file at the adjacent offsets: one maps line may hold it, as
+    // long as the file offset at `start` is the range's own.
+    let (start, end) = (start as u64, (start as u64).wrapping_add(len as u64));
+    found
+        && scan.found_start <= start
+        && end <= scan.found_end
+        && (offset == OFFSET_UNCHECKED
+            || scan.found_offset.wrapping_add(start - scan.found_start) == offset)
+        && scan.found_dev == dev
+        && scan.found_ino == ino
 }
 
-/// A byte-at-a-time reader of maps lines that reports the device and inode
-/// of the line whose range holds `addr`. No allocation, no panics.
+/// A byte-at-a-time reader of maps lines that finds the line whose range
+/// holds `addr` and keeps its range, offset, device and inode. No
+/// allocation, no panics, and no call into libc: fields are set one by
+/// one (a whole-struct copy compiles to libc's memcpy in unoptimised
+/// builds, and libc's text may be the range being revoked; see
+/// `still_mapped`).
 struct MapsScan {
     addr: u64,
     field: u8,
     start: u64,
     end: u64,
+    offset: u64,
     major: u64,
     minor: u64,
     ino: u64,
     /// Inside the path field: skip to the end of the line.
     skipping: bool,
     bad: bool,
+    /// The line holding `addr`, once [`MapsScan::feed`] said so.
+    found_start: u64,
+    found_end: u64,
+    found_offset: u64,
+    /// `major << 32 | minor`.
+    found_dev: u64,
+    found_ino: u64,
 }
 
 impl MapsScan {
@@ -499,29 +585,50 @@ impl MapsScan {
             field: 0,
             start: 0,
             end: 0,
+            offset: 0,
             major: 0,
             minor: 0,
             ino: 0,
             skipping: false,
             bad: false,
+            found_start: 0,
+            found_end: 0,
+            found_offset: 0,
+            found_dev: 0,
+            found_ino: 0,
         }
     }
 
     fn reset(&mut self) {
-        *self = MapsScan::new(self.addr);
+        self.field = 0;
+        self.start = 0;
+        self.end = 0;
+        self.offset = 0;
+        self.major = 0;
+        self.minor = 0;
+        self.ino = 0;
+        self.skipping = false;
+        self.bad = false;
     }
 
-    /// Feed one byte; at the end of the line holding `addr`, the answer.
-    fn feed(&mut self, b: u8) -> Option<(u64, u64)> {
+    /// Feed one byte; true at the end of the line holding `addr` (its
+    /// fields are then in `found_*`).
+    fn feed(&mut self, b: u8) -> bool {
         if b == b'\n' {
             let hit =
                 !self.bad && self.field >= 5 && self.start <= self.addr && self.addr < self.end;
-            let out = ((self.major << 32) | self.minor, self.ino);
+            if hit {
+                self.found_start = self.start;
+                self.found_end = self.end;
+                self.found_offset = self.offset;
+                self.found_dev = (self.major << 32) | self.minor;
+                self.found_ino = self.ino;
+            }
             self.reset();
-            return hit.then_some(out);
+            return hit;
         }
         if self.skipping || self.bad {
-            return None;
+            return false;
         }
         let hexval = |b: u8| (b as char).to_digit(16).map(u64::from);
         match (self.field, b) {
@@ -535,10 +642,14 @@ impl MapsScan {
                 Some(v) => self.end = self.end.wrapping_mul(16).wrapping_add(v),
                 None => self.bad = true,
             },
-            // perms, then offset: skipped.
+            // perms: skipped.
             (2, b' ') => self.field = 3,
+            (2, _) => {}
             (3, b' ') => self.field = 4,
-            (2 | 3, _) => {}
+            (3, _) => match hexval(b) {
+                Some(v) => self.offset = self.offset.wrapping_mul(16).wrapping_add(v),
+                None => self.bad = true,
+            },
             (4, b':') => self.field = 5,
             (4, _) => match hexval(b) {
                 Some(v) => self.major = self.major.wrapping_mul(16).wrapping_add(v),
@@ -559,7 +670,7 @@ impl MapsScan {
             (6, _) => self.bad = true,
             _ => self.skipping = true,
         }
-        None
+        false
     }
 }
 
@@ -611,9 +722,19 @@ fn install() -> io::Result<()> {
 }
 
 /// Find the live range holding `addr`: `(slot index, word seen)`.
+#[cfg(test)]
 fn lookup(addr: usize) -> Option<(usize, u64)> {
+    lookup_from(addr, 0)
+}
+
+/// [`lookup`] among slots `from` and above. An index loop: iterator
+/// adaptors copy themselves with libc's memcpy in unoptimised builds (see
+/// `still_mapped`).
+fn lookup_from(addr: usize, from: usize) -> Option<(usize, u64)> {
     let high = HIGH_WATER.load(Ordering::Acquire);
-    for (i, slot) in TABLE.iter().enumerate().take(high) {
+    let mut i = from;
+    while i < high {
+        let slot = TABLE.get(i)?;
         // A few tries per slot: a slot whose seq changed under us is read
         // again; after that it is skipped (it was being reused, so the fault
         // cannot be in its old range any more).
@@ -635,6 +756,7 @@ fn lookup(addr: usize) -> Option<(usize, u64)> {
             }
             break;
         }
+        i += 1;
     }
     None
 }
@@ -684,66 +806,81 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     }
     // SAFETY: as above; si_addr is the faulting address for SIGBUS faults.
     let addr = unsafe { (*info).si_addr() } as usize;
-    let Some((i, w)) = lookup(addr) else {
-        chain(sig, info, ctx, true);
-        return;
-    };
-    let Some(slot) = TABLE.get(i) else {
-        chain(sig, info, ctx, true);
-        return;
-    };
-    match state(w) {
-        ACTIVE => {
-            let won = slot
-                .word
-                .compare_exchange(
-                    w,
-                    with_state(w, REMAPPING),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok();
-            if won {
-                let start = slot.start.load(Ordering::Relaxed);
-                let len = slot.len.load(Ordering::Relaxed);
-                let spare = slot.spare.load(Ordering::Relaxed);
-                let dev = slot.dev.load(Ordering::Relaxed);
-                let ino = slot.ino.load(Ordering::Relaxed);
-                if ino != 0 && !still_mapped(addr, dev, ino) {
-                    // The program unmapped or replaced the range: the fault
-                    // is not ours, and the spare must never land there.
-                    slot.word.store(with_state(w, STALE), Ordering::Release);
-                    chain(sig, info, ctx, true);
-                    return;
+    // Entries are tried in table order; one that turns out not to describe
+    // the mapping at `addr` any more (the program unmapped the range and
+    // the kernel put a new mapping there, perhaps one the shim attached
+    // again) passes the fault on to the next one that holds `addr`.
+    let mut from = 0;
+    loop {
+        let Some((i, w)) = lookup_from(addr, from) else {
+            chain(sig, info, ctx, true);
+            return;
+        };
+        let Some(slot) = TABLE.get(i) else {
+            chain(sig, info, ctx, true);
+            return;
+        };
+        from = i.wrapping_add(1);
+        match state(w) {
+            ACTIVE => {
+                let won = slot
+                    .word
+                    .compare_exchange(
+                        w,
+                        with_state(w, REMAPPING),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok();
+                if won {
+                    let start = slot.start.load(Ordering::Relaxed);
+                    let len = slot.len.load(Ordering::Relaxed);
+                    let spare = slot.spare.load(Ordering::Relaxed);
+                    let dev = slot.dev.load(Ordering::Relaxed);
+                    let ino = slot.ino.load(Ordering::Relaxed);
+                    let offset = slot.offset.load(Ordering::Relaxed);
+                    if ino != 0 && !still_mapped(start, len, offset, dev, ino) {
+                        // The program unmapped or replaced the range: this
+                        // entry is stale, and its spare must never land
+                        // there. Another entry may hold the new mapping.
+                        slot.word.store(with_state(w, STALE), Ordering::Release);
+                        continue;
+                    }
+                    let ok = sys::mremap_fixed(spare, len, start);
+                    let st = if ok { FALLEN } else { BROKEN };
+                    if ok {
+                        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.word.store(with_state(w, st), Ordering::Release);
+                } else {
+                    RACED.fetch_add(1, Ordering::Relaxed);
+                    wait_remap(slot, seq(w));
                 }
-                let ok = sys::mremap_fixed(spare, len, start);
-                let st = if ok { FALLEN } else { BROKEN };
-                if ok {
-                    FALLBACKS.fetch_add(1, Ordering::Relaxed);
-                }
-                slot.word.store(with_state(w, st), Ordering::Release);
-            } else {
+                // Retry the faulting instruction: it now reads the original
+                // (or, if the remap failed, faults again and is chained as
+                // BROKEN).
+                return;
+            }
+            REMAPPING => {
                 RACED.fetch_add(1, Ordering::Relaxed);
                 wait_remap(slot, seq(w));
+                return;
             }
-            // Retry the faulting instruction: it now reads the original (or,
-            // if the remap failed, faults again and is chained as BROKEN).
-        }
-        REMAPPING => {
-            RACED.fetch_add(1, Ordering::Relaxed);
-            wait_remap(slot, seq(w));
-        }
-        FALLEN => {
-            let key = (seq(w) << 16) | (i as u64 & 0xffff);
-            if repeat_fault(addr, key) {
-                chain(sig, info, ctx, true);
-            } else {
-                RACED.fetch_add(1, Ordering::Relaxed);
+            FALLEN => {
+                let key = (seq(w) << 16) | (i as u64 & 0xffff);
+                if !repeat_fault(addr, key) {
+                    // First fault of this thread here since the fallback;
+                    // it may have hit the replica just before the remap.
+                    // Retry once.
+                    RACED.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // Faulting again: the original itself faults here, unless
+                // a later entry holds a new mapping of the range.
             }
-            // Else: first fault of this thread here since the fallback; it
-            // may have hit the replica just before the remap. Retry once.
+            // BROKEN: the remap failed; the fault is not ours to fix.
+            _ => {}
         }
-        _ => chain(sig, info, ctx, true),
     }
 }
 
@@ -950,19 +1087,12 @@ mod sys {
         )
     }
 
-    /// `read(fd, buf)`, retried on EINTR: bytes read, 0 at the end, < 0 on
-    /// error.
-    pub(super) fn read(fd: isize, buf: &mut [u8]) -> isize {
+    /// `read(fd, buf, len)`, retried on EINTR, into memory that may be
+    /// uninitialised; the caller passes `len` writable bytes at `buf`.
+    /// Bytes read, 0 at the end, < 0 on error.
+    pub(super) fn read_raw(fd: isize, buf: *mut u8, len: usize) -> isize {
         loop {
-            let n = syscall6(
-                libc::SYS_read,
-                fd as usize,
-                buf.as_mut_ptr() as usize,
-                buf.len(),
-                0,
-                0,
-                0,
-            );
+            let n = syscall6(libc::SYS_read, fd as usize, buf as usize, len, 0, 0, 0);
             if n != -(libc::EINTR as isize) {
                 return n;
             }
@@ -992,22 +1122,51 @@ mod tests {
                     7ffd0000-7ffd1000 rw-p 00000000 00:00 0 [stack]\n";
         let find = |addr: u64| {
             let mut s = MapsScan::new(addr);
-            text.bytes().find_map(|b| s.feed(b))
+            text.bytes().any(|b| s.feed(b)).then_some((
+                s.found_start,
+                s.found_end,
+                s.found_offset,
+                s.found_dev,
+                s.found_ino,
+            ))
         };
-        assert_eq!(find(0x1000), Some(((8 << 32) | 1, 12)));
-        assert_eq!(find(0x2fff), Some(((0xfd << 32) | 0x1a, 99)));
-        assert_eq!(find(0x7ffd0010), Some((0, 0)));
+        assert_eq!(find(0x1000), Some((0x1000, 0x2000, 0, (8 << 32) | 1, 12)));
+        assert_eq!(
+            find(0x2fff),
+            Some((0x2000, 0x3000, 0x1000, (0xfd << 32) | 0x1a, 99))
+        );
+        assert_eq!(find(0x7ffd0010), Some((0x7ffd0000, 0x7ffd1000, 0, 0, 0)));
         assert_eq!(find(0x3000), None);
         // Garbage lines never match and never panic.
         let mut s = MapsScan::new(0x1000);
         for b in b"zz-\xff 1 2 3:4:5 6\n\n\n1000-ffffffffffffffffffffffff r 0 1:1 1 x\n" {
             let _ = s.feed(*b);
         }
-        // Our own maps, through the raw syscalls: the address of a local
-        // is on the stack (inode 0); a function is in our test binary.
-        let local = 0u8;
-        assert!(still_mapped(&local as *const u8 as usize, 0, 0));
-        assert!(!still_mapped(&local as *const u8 as usize, 0, 1));
+        // Our own maps, through the raw syscalls: the text mapping holding
+        // this function, exactly, and nothing that differs in any field.
+        let addr = maps_scan_finds_the_line_holding_an_address as *const () as u64;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let l = maps
+            .lines()
+            .filter_map(crate::maps::MapsLine::parse)
+            .find(|l| l.start <= addr && addr < l.end)
+            .unwrap();
+        let dev = (u64::from(libc::major(l.dev)) << 32) | u64::from(libc::minor(l.dev));
+        let (start, len) = (l.start as usize, l.len() as usize);
+        assert!(still_mapped(start, len, l.offset, dev, l.ino));
+        assert!(still_mapped(start, len, OFFSET_UNCHECKED, dev, l.ino));
+        assert!(!still_mapped(start, len, l.offset, dev, l.ino + 1));
+        assert!(!still_mapped(start, len, l.offset, dev + 1, l.ino));
+        assert!(!still_mapped(start, len, l.offset + 4096, dev, l.ino));
+        // Not all of the range is that line any more.
+        assert!(!still_mapped(start, len + 4096, l.offset, dev, l.ino));
+        if len > 4096 {
+            // Part of one line (a neighbour merged in): the offset at the
+            // start must follow.
+            let (s2, n2) = (start + 4096, len - 4096);
+            assert!(still_mapped(s2, n2, l.offset + 4096, dev, l.ino));
+            assert!(!still_mapped(s2, n2, l.offset, dev, l.ino));
+        }
     }
 
     #[test]

@@ -374,10 +374,11 @@ fn swap(
         unsafe { libc::munmap(spare, len) };
         return Err(format!("cannot map the replica: {e}"));
     }
-    let slot = match shim::register(
+    let slot = match shim::register_mapping(
         start,
         len,
         spare as usize,
+        offset as u64,
         libc::major(st.st_dev),
         libc::minor(st.st_dev),
         st.st_ino,

@@ -15,6 +15,8 @@
 //!              replica set names any of it)
 //!  mmap()    ─ the real one, then, for a read-only mapping of a file the
 //!              published set shows a replica of on our node: Map{node} + fd
+//!  munmap()  ─ the real one, then forget the ranges unmapped (and those a
+//!              new mmap replaced): their fallback entries and spares
 //!  sigaction(SIGBUS) / signal(SIGBUS) ─ once our handler is installed, the
 //!              program's action becomes the one we chain to
 //!  SIGBUS in a range after a revoke ─ mremap(spare -> range): the file again
@@ -122,6 +124,10 @@ pub unsafe extern "C" fn mmap(
     off: libc::off_t,
 ) -> *mut c_void {
     let p = attach::raw_mmap(addr, len, prot, flags, fd, off);
+    if p != libc::MAP_FAILED {
+        // Whatever the shim had moved onto a replica there is gone.
+        replicad_client::shim::forget(p as usize, len);
+    }
     if p != libc::MAP_FAILED
         && fd >= 0
         && flags & libc::MAP_ANONYMOUS == 0
@@ -159,6 +165,24 @@ pub unsafe extern "C" fn mmap64(
 ) -> *mut c_void {
     // SAFETY: same contract.
     unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// `munmap(2)` for the program: the kernel's, then the shim forgets the
+/// ranges it had moved onto replicas there (their SIGBUS-table entries and
+/// spare mappings), so that nothing is left behind and a new mapping at
+/// the same address is never taken for the old one.
+///
+/// # Safety
+/// As `munmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: libc::size_t) -> c_int {
+    // SAFETY: the munmap syscall with the caller's arguments; libc's
+    // syscall() sets errno and returns -1 on failure.
+    let rc = unsafe { libc::syscall(libc::SYS_munmap, addr, len) } as c_int;
+    if rc == 0 {
+        replicad_client::shim::forget(addr as usize, len);
+    }
+    rc
 }
 
 // ---- sigaction / signal ----------------------------------------------
