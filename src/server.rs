@@ -232,6 +232,20 @@ impl PeerAlive {
     }
 }
 
+/// Whether `pid` is a process that a peer which connected as `uid` could
+/// inspect itself. The kernel has `/proc/<pid>` owned by the process's
+/// effective uid while it is dumpable, and by root once it has run a
+/// set-user-ID, file-capability or unreadable program (or turned dumping
+/// off). A hello is answered from the pid's smaps, but the answer (fds of
+/// every replicated file the process maps) goes to whoever holds the
+/// connection: without this check, a process could connect, fork, and
+/// exec a set-user-ID program under the pid the daemon knows the
+/// connection by, and its child would be handed that program's files.
+fn inspectable_by(pid: u32, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    uid == 0 || std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
+}
+
 /// Run one request on a blocking thread.
 fn handle(
     engine: &Replicator,
@@ -312,7 +326,23 @@ fn handle(
             },
             Vec::new(),
         ),
-        Request::Hello { node } => match engine.hello(peer.pid, node, &|| alive.check()) {
+        Request::Hello { .. } if !inspectable_by(peer.pid, peer.uid) => (
+            Response::error(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "pid {} is no longer uid {}'s to inspect (since it connected it ran a \
+                     set-user-ID, file-capability or unreadable program, or made itself \
+                     non-dumpable): not attached",
+                    peer.pid, peer.uid
+                ),
+            ),
+            Vec::new(),
+        ),
+        // The check again after the engine's smaps read (`alive` runs
+        // then): an exec between the first check and the read is caught.
+        Request::Hello { node } => match engine.hello(peer.pid, node, &|| {
+            alive.check() && inspectable_by(peer.pid, peer.uid)
+        }) {
             Ok(Hello::Attached(a)) => (
                 Response::Attached {
                     node: a.node,
