@@ -325,3 +325,31 @@ impl Drop for Daemon {
 pub fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
 }
+
+/// The preload shim `cargo test` built (the root package dev-depends on
+/// replicad-preload): `target/<profile>/libreplicad_preload.so` or its
+/// `deps/` copy, whichever is newer. Panics, saying how to build it, if
+/// neither exists.
+pub fn shim_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test binary>
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let candidates = [
+        dir.join("libreplicad_preload.so"),
+        dir.join("deps").join("libreplicad_preload.so"),
+    ];
+    candidates
+        .iter()
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "the preload shim libreplicad_preload.so is in neither {} nor {} \
+                 (`cargo test` builds it: the root package dev-depends on replicad-preload; \
+                 or run `cargo build -p replicad-preload`)",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+}
