@@ -116,8 +116,16 @@ fn hello(why: &str) {
                 debug!("{why}: left on the file: {s}");
             }
             let offered = ranges.len();
-            let done = remap(&ranges, &fds);
-            note_declined(st);
+            // One read of our maps serves the checks and the bookkeeping.
+            let maps = match std::fs::read_to_string("/proc/self/maps") {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!("{why}: cannot read /proc/self/maps ({e}): not attaching");
+                    return;
+                }
+            };
+            let done = remap(&ranges, &fds, &maps);
+            note_declined(st, &maps);
             debug!(
                 "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
                 sources,
@@ -201,11 +209,8 @@ fn never_moved(lines: &[MapsLine<'_>]) -> BTreeSet<(u64, u64)> {
 
 /// Remember the mappings of replicated files that are not on replicas now:
 /// the daemon just declined them.
-fn note_declined(st: &mut State) {
+fn note_declined(st: &mut State, maps: &str) {
     let Some(reader) = &st.published else {
-        return;
-    };
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return;
     };
     let node = NODE.load(Ordering::Relaxed);
@@ -221,14 +226,7 @@ fn note_declined(st: &mut State) {
 }
 
 /// Swap every range that still is what the daemon saw. Returns how many.
-fn remap(ranges: &[AttachRange], fds: &[OwnedFd]) -> usize {
-    let maps = match std::fs::read_to_string("/proc/self/maps") {
-        Ok(m) => m,
-        Err(e) => {
-            debug!("cannot read /proc/self/maps ({e}): not attaching");
-            return 0;
-        }
-    };
+fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
     let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
     let skip = never_moved(&lines);
     // With other threads running (a dlopen in a threaded program), one of
@@ -302,15 +300,13 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd]) -> usize {
     done
 }
 
-/// This process's thread count (`Threads:` of /proc/self/status).
+/// This process's thread count (field 20 of /proc/self/stat, a shorter
+/// read than status).
 fn threads() -> Option<usize> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))?
-        .trim()
-        .parse()
-        .ok()
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // comm may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(17)?.parse().ok()
 }
 
 trait RangeLen {
@@ -649,4 +645,34 @@ pub(crate) fn caller_independent(file: *const c_char, caller: usize) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_count_matches_the_task_directory() {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap().count();
+        assert_eq!(threads(), Some(tasks));
+        let t = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            threads(),
+            Some(std::fs::read_dir("/proc/self/task").unwrap().count())
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn caller_independence_follows_the_name() {
+        // Paths are found the same whoever asks; `$ORIGIN` is the caller's.
+        assert!(caller_independent(std::ptr::null(), 0));
+        assert!(caller_independent(c"/usr/lib/x.so".as_ptr(), 0));
+        assert!(!caller_independent(c"$ORIGIN/x.so".as_ptr(), 0));
+        // A bare name from this test binary (no RPATH/RUNPATH of its own,
+        // base namespace) is found the same from the shim.
+        let here = caller_independent as *const () as usize;
+        assert!(caller_independent(c"libz.so.1".as_ptr(), here));
+    }
 }
