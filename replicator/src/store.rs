@@ -360,6 +360,7 @@ impl Store {
             backing: Backing::Tmpfs(path),
             method: self.method,
             threads: self.cfg.copy_threads,
+            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -381,6 +382,7 @@ impl Store {
             backing: Backing::Memfd(name),
             method: self.method,
             threads: self.cfg.copy_threads,
+            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -559,6 +561,10 @@ pub struct ReplicaFile {
     backing: Backing,
     method: CopyMethod,
     threads: usize,
+    /// A read-only open of the sealed replica, made once and duplicated
+    /// for each client: one open per replica instead of one per attach.
+    /// Clients cannot lease or write it (root owns it; it is `O_RDONLY`).
+    readonly: std::sync::OnceLock<OwnedFd>,
 }
 
 impl ReplicaFile {
@@ -762,8 +768,19 @@ impl ReplicaFile {
         Ok(())
     }
 
-    /// A read-only fd for a client.
+    /// A read-only fd for a client (a duplicate of one read-only open).
     pub fn open_readonly(&self) -> std::io::Result<OwnedFd> {
+        if let Some(fd) = self.readonly.get() {
+            return fd.try_clone();
+        }
+        let fd = self.open_readonly_new()?;
+        let dup = fd.try_clone()?;
+        // Another thread may have set it meanwhile: then ours just closes.
+        let _ = self.readonly.set(fd);
+        Ok(dup)
+    }
+
+    fn open_readonly_new(&self) -> std::io::Result<OwnedFd> {
         let path = match &self.backing {
             Backing::Tmpfs(path) => path.clone(),
             Backing::Memfd(_) => PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())),

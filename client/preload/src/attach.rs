@@ -1,6 +1,6 @@
 //! The shim's work: the hello, the checks, and the swap of each range.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -233,6 +233,7 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
     // them may remap a range meanwhile: read maps again before each swap.
     let threaded = threads() != Some(1);
     let mut done = 0;
+    let mut stats: BTreeMap<u32, libc::stat> = BTreeMap::new();
     for (i, r) in ranges.iter().enumerate() {
         let fresh;
         let lines: &[MapsLine<'_>] = if threaded && i > 0 {
@@ -284,15 +285,29 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
             } else {
                 0
             };
-        match swap(
-            r.start as usize,
-            r.len(),
+        // One fstat per replica file, not per range: a revoke after it is
+        // caught by the fallback like any other.
+        let st = match stats.get(&r.source) {
+            Some(st) => *st,
+            None => match replica_stat(rfd.as_fd()) {
+                Ok(st) => {
+                    stats.insert(r.source, st);
+                    st
+                }
+                Err(e) => {
+                    debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path);
+                    continue;
+                }
+            },
+        };
+        let range = Range {
+            start: r.start as usize,
+            len: r.len(),
             prot,
-            libc::MAP_PRIVATE,
-            r.offset as libc::off_t,
-            rfd.as_fd(),
-            sfd.as_fd(),
-        ) {
+            kind: libc::MAP_PRIVATE,
+            offset: r.offset as libc::off_t,
+        };
+        match swap(&range, rfd.as_fd(), &st, sfd.as_fd()) {
             Ok(()) => done += 1,
             Err(e) => debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path),
         }
@@ -319,17 +334,19 @@ impl RangeLen for AttachRange {
     }
 }
 
-/// Map the original a second time (the way back) and the replica, register
-/// the range, then move the replica over it in one `mremap`.
-fn swap(
+/// A mapping of the program's, as mmap(2) describes it.
+#[derive(Debug, Clone, Copy)]
+struct Range {
     start: usize,
     len: usize,
     prot: c_int,
+    /// `MAP_PRIVATE` or `MAP_SHARED`.
     kind: c_int,
     offset: libc::off_t,
-    replica: BorrowedFd<'_>,
-    source: BorrowedFd<'_>,
-) -> Result<(), String> {
+}
+
+/// The replica fd's `fstat`.
+fn replica_stat(replica: BorrowedFd<'_>) -> Result<libc::stat, String> {
     // SAFETY: stat is plain old data; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a live fd and a valid stat buffer.
@@ -339,6 +356,24 @@ fn swap(
             std::io::Error::last_os_error()
         ));
     }
+    Ok(st)
+}
+
+/// Map the original a second time (the way back) and the replica, register
+/// the range, then move the replica over it in one `mremap`.
+fn swap(
+    range: &Range,
+    replica: BorrowedFd<'_>,
+    st: &libc::stat,
+    source: BorrowedFd<'_>,
+) -> Result<(), String> {
+    let Range {
+        start,
+        len,
+        prot,
+        kind,
+        offset,
+    } = *range;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size <= offset {
         return Err("the replica was revoked meanwhile".into());
     }
@@ -529,7 +564,21 @@ pub(crate) fn on_mmap(
     let replica = fds.remove(0);
     let page = page_size();
     let len = len.div_ceil(page) * page;
-    match swap(start, len, prot, kind, off, replica.as_fd(), file) {
+    let st = match replica_stat(replica.as_fd()) {
+        Ok(st) => st,
+        Err(e) => {
+            debug!("mmap of fd {fd}: {e}: left on the file");
+            return;
+        }
+    };
+    let range = Range {
+        start,
+        len,
+        prot,
+        kind,
+        offset: off,
+    };
+    match swap(&range, replica.as_fd(), &st, file) {
         Ok(()) => debug!("mmap of fd {fd}: {len} bytes at {start:x} now on node {node}'s replica"),
         Err(e) => debug!("mmap of fd {fd}: {e}: left on the file"),
     }
