@@ -1306,6 +1306,72 @@ fn python_with_shim(socket: &Path, script: &str) -> Output {
         .unwrap()
 }
 
+/// Every `replicad_attach_total` sample summed: hellos and Map requests.
+fn attach_requests(d: &Daemon) -> f64 {
+    d.http_get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("replicad_attach_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_program_that_maps_nothing_replicated_asks_nothing_until_it_does() {
+    let d = Daemon::start_opts("", true);
+    let dir = scratch("shim-lazy");
+    let data = dir.path().join("data.bin");
+    make_file(&data, 3 << 20, 5);
+    d.ctl_ok(&["replicate", data.to_str().unwrap()]);
+    let before = attach_requests(&d);
+
+    // /bin/true maps nothing replicated: the published set says so, and
+    // the shim never talks to the daemon.
+    let out = Command::new("/bin/true")
+        .env("LD_PRELOAD", shim_path())
+        .env("REPLICAD_SOCKET", &d.socket)
+        .env("REPLICAD_DEBUG", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("start: nothing this program maps is replicated"),
+        "{err}"
+    );
+    assert_eq!(attach_requests(&d), before, "a hello was sent: {err}");
+
+    // python maps the replicated file later: that mmap says hello and the
+    // mapping lands on the replica.
+    let script = format!(
+        "import mmap\n\
+         f = open({data:?}, 'rb')\n\
+         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n\
+         print(sum(m[0:4096:512]))\n\
+         print(''.join(l for l in open('/proc/self/maps') if {data:?} in l or 'node0/' in l))\n",
+        data = data.to_str().unwrap()
+    );
+    let out = python_with_shim(&d.socket, &script);
+    let err = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{err}");
+    assert!(
+        err.contains("start: nothing this program maps is replicated"),
+        "{err}"
+    );
+    assert!(err.contains("mmap: "), "no hello on the first mmap: {err}");
+    let run_dir = d.run_dir.path().to_str().unwrap().to_string();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains(&format!("{run_dir}/node0/")) && l.contains("r--s")),
+        "the mapping is not on the replica:\n{stdout}\n{err}"
+    );
+    let bytes = std::fs::read(&data).unwrap();
+    let want: u64 = (0..4096).step_by(512).map(|i| u64::from(bytes[i])).sum();
+    assert_eq!(stdout.lines().next().unwrap().trim(), want.to_string());
+    assert!(attach_requests(&d) > before);
+}
+
 #[test]
 fn programs_survive_absent_broken_and_lying_daemons() {
     need(PYTHON);

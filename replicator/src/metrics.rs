@@ -80,7 +80,7 @@ impl Metrics {
             &["reason"],
         )?;
         let attaches = IntCounterVec::new(
-            Opts::new("replicad_attach_total", "Map requests by result"),
+            Opts::new("replicad_attach_total", "Map and hello requests by result"),
             &["result"],
         )?;
         let misplaced_pages = IntCounter::new(

@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use replicad_client::maps::MapsLine;
 use replicad_client::proto::{self, AttachRange, Request, Response};
-use replicad_client::published::Reader;
+use replicad_client::published::{Lookup, Reader};
 use replicad_client::{shim, sock};
 
 use crate::{debug, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, NODE, NODE_ENV};
@@ -37,6 +37,19 @@ struct State {
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
+/// A hello was answered: `NODE` is ours. Until then (a lazy start, see
+/// [`init`]) the published set is asked about any node.
+static NODE_KNOWN: AtomicBool = AtomicBool::new(false);
+
+/// Whether the published set may show a replica of `(dev, ino)` for us.
+fn may_have_replica(reader: &Reader, dev: u64, ino: u64) -> bool {
+    if NODE_KNOWN.load(Ordering::Relaxed) {
+        reader.has_replica_on(dev, ino, NODE.load(Ordering::Relaxed)) != Some(false)
+    } else {
+        reader.lookup(dev, ino) != Lookup::Absent
+    }
+}
+
 fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
@@ -59,23 +72,59 @@ pub(crate) fn init() {
         Err(_) => None,
     };
     let socket = replicad_client::socket_path();
-    {
-        let Ok(mut st) = STATE.try_lock() else {
+    let lazy = {
+        let Ok(mut guard) = STATE.try_lock() else {
             return;
         };
-        *st = Some(State {
+        let st = guard.insert(State {
             socket,
             asked,
             published: None,
             declined: BTreeSet::new(),
         });
+        st.published = open_published(st);
+        // Read once: decides the lazy start, then serves the hello's checks
+        // (nothing changes our mappings in between: the constructor runs
+        // alone, and the daemon only reads them).
+        let maps = std::fs::read_to_string("/proc/self/maps").ok();
+        match maps {
+            Some(m) if nothing_replicated(st, &m) => None,
+            other => Some(other),
+        }
+    };
+    let Some(maps) = lazy else {
+        // Nothing we map has a replica: no round trip now. The first mmap
+        // or dlopen of a file the published set lists says hello then.
+        ACTIVE.store(true, Ordering::Relaxed);
+        debug!("start: nothing this program maps is replicated: no hello until it maps something that is");
+        return;
+    };
+    hello_with("start", maps);
+}
+
+/// Whether the published set shows that no file we map has a replica.
+fn nothing_replicated(st: &State, maps: &str) -> bool {
+    let Some(reader) = &st.published else {
+        return false;
+    };
+    if reader.is_retired() {
+        return false;
     }
-    hello("start");
+    !maps
+        .lines()
+        .filter_map(MapsLine::parse)
+        .any(|l| l.private_readonly_file() && may_have_replica(reader, l.dev, l.ino))
+}
+
+/// [`hello_with`], reading our maps after the answer.
+fn hello(why: &str) {
+    hello_with(why, None);
 }
 
 /// Ask the daemon which of our mappings its replicas may back, and swap
-/// them. Any failure leaves the program as it was.
-fn hello(why: &str) {
+/// them, checking them against `maps` (our maps read before asking) or a
+/// fresh read. Any failure leaves the program as it was.
+fn hello_with(why: &str, maps: Option<String>) {
     let t0 = Instant::now();
     let Ok(mut guard) = STATE.try_lock() else {
         return;
@@ -87,6 +136,7 @@ fn hello(why: &str) {
         Ok(a) => a,
         Err(e) => {
             debug!("{why}: {e}; the program runs on its own mappings");
+            ACTIVE.store(false, Ordering::Relaxed);
             return;
         }
     };
@@ -108,6 +158,7 @@ fn hello(why: &str) {
                 return;
             }
             NODE.store(node, Ordering::Relaxed);
+            NODE_KNOWN.store(true, Ordering::Relaxed);
             ACTIVE.store(true, Ordering::Relaxed);
             if st.published.as_ref().is_none_or(Reader::is_retired) {
                 st.published = open_published(st);
@@ -117,7 +168,7 @@ fn hello(why: &str) {
             }
             let offered = ranges.len();
             // One read of our maps serves the checks and the bookkeeping.
-            let maps = match std::fs::read_to_string("/proc/self/maps") {
+            let maps = match maps.map_or_else(|| std::fs::read_to_string("/proc/self/maps"), Ok) {
                 Ok(m) => m,
                 Err(e) => {
                     debug!("{why}: cannot read /proc/self/maps ({e}): not attaching");
@@ -134,8 +185,12 @@ fn hello(why: &str) {
         }
         (Response::Original { reason }, _) => {
             debug!("{why}: left alone by replicad: {reason}");
+            ACTIVE.store(false, Ordering::Relaxed);
         }
-        (other, _) => debug!("{why}: unexpected answer from replicad: {other:?}"),
+        (other, _) => {
+            debug!("{why}: unexpected answer from replicad: {other:?}");
+            ACTIVE.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -480,7 +535,6 @@ pub(crate) fn after_dlopen() {
         let Some(st) = guard.as_ref() else {
             return;
         };
-        let node = NODE.load(Ordering::Relaxed);
         match &st.published {
             None => true,
             Some(reader) => {
@@ -492,7 +546,7 @@ pub(crate) fn after_dlopen() {
                     .filter(|l| l.private_readonly_file())
                     .any(|l| {
                         !st.declined.contains(&(l.start, l.ino))
-                            && reader.has_replica_on(l.dev, l.ino, node) != Some(false)
+                            && may_have_replica(reader, l.dev, l.ino)
                             && !shim::is_spare(l.start as usize)
                             && !shim::live_at(l.start as usize)
                     })
@@ -514,6 +568,32 @@ pub(crate) fn on_mmap(
     fd: c_int,
     off: libc::off_t,
 ) {
+    // SAFETY: stat is plain old data; all-zero is a valid value.
+    let mut sb: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live fd and a valid stat buffer.
+    if unsafe { libc::fstat(fd, &mut sb) } != 0 || sb.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return;
+    }
+    if !NODE_KNOWN.load(Ordering::Relaxed) {
+        // A lazy start: the first replicated file this program maps.
+        let listed = {
+            let Ok(guard) = STATE.try_lock() else {
+                return;
+            };
+            let Some(reader) = guard.as_ref().and_then(|st| st.published.as_ref()) else {
+                return;
+            };
+            may_have_replica(reader, sb.st_dev, sb.st_ino)
+        };
+        if !listed {
+            return;
+        }
+        // The hello attaches this mapping too, when it is private.
+        hello("mmap");
+        if !NODE_KNOWN.load(Ordering::Relaxed) || shim::live_at(start) {
+            return;
+        }
+    }
     let Ok(guard) = STATE.try_lock() else {
         return;
     };
@@ -525,12 +605,6 @@ pub(crate) fn on_mmap(
     };
     // SAFETY: the program passed fd to mmap, which just succeeded with it.
     let file = unsafe { BorrowedFd::borrow_raw(fd) };
-    // SAFETY: stat is plain old data; all-zero is a valid value.
-    let mut sb: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a live fd and a valid stat buffer.
-    if unsafe { libc::fstat(fd, &mut sb) } != 0 || sb.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return;
-    }
     let node = NODE.load(Ordering::Relaxed);
     if reader.has_replica_on(sb.st_dev, sb.st_ino, node) == Some(false) {
         return;
