@@ -4,7 +4,9 @@
 //! program.
 //!
 //! ```text
-//!  constructor ── Hello{node?} ──> replicad ── reads /proc/<pid>/smaps
+//!  constructor ── nothing we map in <run_dir>/replicas.set? no hello (yet)
+//!       │
+//!       ├── Hello{node?} ──> replicad ── reads /proc/<pid>/maps + pagemap
 //!       │   <── Attached{ranges} + [replica fd, source fd] per file
 //!       ▼
 //!  for each range: same start, end, offset, dev, ino, perms in /proc/self/maps?
