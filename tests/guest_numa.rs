@@ -14,7 +14,10 @@
 //! - `coherence`: a verifying reader on every node, a writer on node 0
 //!   rewriting through every writer path: 0 bad words;
 //! - `text`: coreutils `sleep` bound to the last node under the shim runs
-//!   libc text whose pages are on the last node.
+//!   libc text whose pages are on the last node;
+//! - `spanning`: a process whose CPUs span two nodes is left alone (and
+//!   `status` says why) until a `[[home_node]]` for its cgroup is loaded,
+//!   then it runs on that node's replicas.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod guest;
@@ -93,6 +96,16 @@ fn four_nodes_coherence_across_nodes() {
 #[test]
 fn four_nodes_libc_text_on_the_last_node() {
     check(4, "text");
+}
+
+#[test]
+fn two_nodes_spanning_process_left_alone_unless_policy_names_a_home() {
+    check(2, "spanning");
+}
+
+#[test]
+fn four_nodes_spanning_process_left_alone_unless_policy_names_a_home() {
+    check(4, "spanning");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! `replicad-guest [SCENARIO...]` runs the named scenarios (all by
-//! default: baseline replicated coherence text), in that order.
+//! default: baseline replicated coherence text spanning), in that order.
 //! `replicad-guest probe FILE` (run under the shim by the scenarios) maps
 //! FILE with plain `mmap`, touches every page and prints its numa_maps and
 //! maps lines as JSON.
@@ -48,7 +48,7 @@ fn main() {
     let wanted: Vec<&str> = if args.len() > 1 {
         args[1..].iter().map(String::as_str).collect()
     } else {
-        vec!["baseline", "replicated", "coherence", "text"]
+        vec!["baseline", "replicated", "coherence", "text", "spanning"]
     };
     if let Err(e) = setup() {
         for s in &wanted {
@@ -66,6 +66,7 @@ fn main() {
             "replicated" => replicated(&ids),
             "coherence" => coherence(&ids),
             "text" => text(&ids),
+            "spanning" => spanning(&nodes, &mut daemon),
             other => Err(format!("no scenario {other}")),
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -125,14 +126,17 @@ fn setup() -> Result<(), String> {
     sh(&format!("losetup {dev} /var/tmp/data.img"))?;
     sh(&format!("mke2fs -q {dev}"))?;
     sh(&format!("mount -t ext2 {dev} {DATA}"))?;
+    write_config("")
+}
+
+fn write_config(extra: &str) -> Result<(), String> {
     std::fs::write(
         "/etc/replicad.toml",
         format!(
-            "[daemon]\nrun_dir = \"{RUN_DIR}\"\nmetrics_listen = \"\"\n[fence]\nsettle_ms = 20\n"
+            "[daemon]\nrun_dir = \"{RUN_DIR}\"\nmetrics_listen = \"\"\n[fence]\nsettle_ms = 20\n{extra}"
         ),
     )
-    .map_err(|e| e.to_string())?;
-    Ok(())
+    .map_err(|e| e.to_string())
 }
 
 fn start_daemon() -> Child {
@@ -463,6 +467,93 @@ fn text(ids: &[u32]) -> Result<String, String> {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     result
+}
+
+/// A process whose CPUs span two nodes is left alone (the status says
+/// why); once the policy names a home node for its cgroup (a reload), the
+/// same kind of process attaches to that node's replicas.
+fn spanning(nodes: &BTreeMap<u32, String>, daemon: &mut Child) -> Result<String, String> {
+    let last = *nodes.keys().last().unwrap();
+    let first_cpu = |n: u32| -> String {
+        nodes[&n]
+            .split([',', '-'])
+            .next()
+            .unwrap_or("0")
+            .to_string()
+    };
+    let cpus = format!("{},{}", first_cpu(0), first_cpu(last));
+    ctl(&["replicate", LIBC])?;
+    // `run` without --node keeps the CPUs it was given: both nodes.
+    let spawn = || -> Result<Child, String> {
+        Command::new("/bin/taskset")
+            .args([
+                "-c",
+                &cpus,
+                "/bin/replicactl",
+                "--socket",
+                SOCKET,
+                "run",
+                "--",
+                "/usr/bin/sleep",
+                "30",
+            ])
+            .env("REPLICAD_SOCKET", SOCKET)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())
+    };
+    let mut first = spawn()?;
+    let pid = first.id();
+    let t0 = Instant::now();
+    let mut why = None;
+    while t0.elapsed() < Duration::from_secs(20) && why.is_none() {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = json(&ctl(&["status", "--json"])?)?;
+        why = st["left_alone"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["pid"] == pid))
+            .map(|e| e["reason"].as_str().unwrap_or("").to_string());
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let why =
+        why.ok_or_else(|| format!("sleep (pid {pid}) on cpus {cpus} is not listed as left alone"))?;
+    if !why.contains("span several nodes") {
+        return Err(format!("left alone for another reason: {why}"));
+    }
+    // Name a home node for every cgroup, reload, and start another one.
+    write_config(&format!("[[home_node]]\ncgroup = \"/\"\nnode = {last}\n"))?;
+    // SAFETY: kill with SIGHUP on our own child.
+    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut second = spawn()?;
+    let pid2 = second.id();
+    let replica_dir = format!("{RUN_DIR}/node{last}/");
+    let t0 = Instant::now();
+    let mut on_replica = false;
+    while t0.elapsed() < Duration::from_secs(20) && !on_replica {
+        std::thread::sleep(Duration::from_millis(200));
+        on_replica = std::fs::read_to_string(format!("/proc/{pid2}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&replica_dir) && l.split_whitespace().nth(1) == Some("r-xp"));
+    }
+    let left = json(&ctl(&["status", "--json"])?)?["left_alone"].clone();
+    let _ = second.kill();
+    let _ = second.wait();
+    write_config("")?;
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
+    if !on_replica {
+        return Err(format!(
+            "with home_node = {last}, sleep (pid {pid2}) on cpus {cpus} did not map libc text \
+             from {replica_dir}; left alone: {left}; cgroup: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid2}/cgroup")).unwrap_or_default()
+        ));
+    }
+    Ok(format!(
+        "cpus {cpus}: left alone ({why}); with [[home_node]] node {last}: libc text from node {last}'s replica"
+    ))
 }
 
 /// Map `file` with plain mmap (the shim, if preloaded, swaps it onto the

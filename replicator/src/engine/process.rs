@@ -75,13 +75,19 @@ fn cgroup_under(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// The cgroup paths of `pid` (v2 `0::/x`, v1 `N:ctrl:/x`).
+/// The cgroup paths of `pid` (v2 `0::/x`, v1 `N:ctrl:/x`). A kernel with
+/// no hierarchy mounted lists none: the process is in the root, `/`.
 fn cgroups(pid: u32) -> Vec<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+    let groups: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_string))
-        .collect()
+        .collect();
+    if groups.is_empty() {
+        vec!["/".to_string()]
+    } else {
+        groups
+    }
 }
 
 fn comm(pid: u32) -> String {
