@@ -129,7 +129,22 @@ pub fn kernel() -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     let work = tempfile::tempdir_in(&dir).unwrap();
     let apt = tool("apt-get", "apt");
-    // The meta package names the real one in its Depends.
+    // The meta package names the real one in its Depends. A machine whose
+    // package lists are empty (fresh containers) gets them first.
+    let fetch = |pkg: &str| {
+        Command::new(&apt)
+            .args(["download", "-q", pkg])
+            .current_dir(work.path())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !fetch("linux-image-cloud-amd64") {
+        run(
+            Command::new(&apt).args(["update", "-qq"]),
+            "updating the package lists to fetch the guest kernel",
+        );
+    }
     run(
         Command::new(&apt)
             .args(["download", "-q", "linux-image-cloud-amd64"])
