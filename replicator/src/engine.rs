@@ -369,23 +369,7 @@ impl Replicator {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let ft = meta.file_type();
         if !ft.is_file() {
-            let kind = if ft.is_dir() {
-                "directory"
-            } else if ft.is_fifo() {
-                "FIFO"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_block_device() {
-                "block device"
-            } else if ft.is_char_device() {
-                "character device"
-            } else {
-                "special file"
-            };
-            return Err(Error::NotRegularFile {
-                path: path.to_path_buf(),
-                kind,
-            });
+            return Err(not_regular(ft, path));
         }
         let key = SourceKey {
             dev: meta.dev(),
@@ -501,28 +485,33 @@ impl Replicator {
     }
 }
 
+/// The error for a source that is not a regular file, naming what it is.
+fn not_regular(ft: std::fs::FileType, path: &Path) -> Error {
+    let kind = if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    };
+    Error::NotRegularFile {
+        path: path.to_path_buf(),
+        kind,
+    }
+}
+
 /// Open a source for replication: it must exist and be a regular file.
 fn open_source(path: &Path) -> Result<(File, SourceKey)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let ft = meta.file_type();
     if !ft.is_file() {
-        let kind = if ft.is_dir() {
-            "directory"
-        } else if ft.is_fifo() {
-            "FIFO"
-        } else if ft.is_socket() {
-            "socket"
-        } else if ft.is_block_device() {
-            "block device"
-        } else if ft.is_char_device() {
-            "character device"
-        } else {
-            "special file"
-        };
-        return Err(Error::NotRegularFile {
-            path: path.to_path_buf(),
-            kind,
-        });
+        return Err(not_regular(ft, path));
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
