@@ -328,6 +328,20 @@ fn stripped(src: &Path) -> PathBuf {
     dst
 }
 
+/// The preload shim of this build: `cargo test` builds it as a dependency
+/// of the tests, into `deps/` (and beside the binaries after a `cargo
+/// build`); the newer one counts.
+fn shim(bins: &Path) -> PathBuf {
+    [
+        bins.join("libreplicad_preload.so"),
+        bins.join("deps/libreplicad_preload.so"),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+    .unwrap_or_else(|| bins.join("deps/libreplicad_preload.so"))
+}
+
 /// Build the initramfs: busybox, our binaries and their libraries, the
 /// guest's /init running `replicad-guest ARGS`.
 fn initramfs(loop_ko: &Path, args: &str) -> Vec<u8> {
@@ -342,10 +356,7 @@ fn initramfs(loop_ko: &Path, args: &str) -> Vec<u8> {
     let ours: Vec<(PathBuf, &str)> = vec![
         (bins.join("replicad"), "/bin/replicad"),
         (bins.join("replicactl"), "/bin/replicactl"),
-        (
-            bins.join("libreplicad_preload.so"),
-            "/bin/libreplicad_preload.so",
-        ),
+        (shim(&bins), "/bin/libreplicad_preload.so"),
         (bins.join("examples/replicad-guest"), "/bin/replicad-guest"),
         (
             bins.join("examples/replicad-reader"),
