@@ -55,7 +55,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HomeNodeConfig {
-    /// Cgroup path as /proc/<pid>/cgroup shows it; covers the cgroups below.
+    /// Cgroup path as `/proc/<pid>/cgroup` shows it; covers the cgroups below.
     pub cgroup: String,
     pub node: u32,
 }

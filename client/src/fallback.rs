@@ -294,8 +294,8 @@ impl Drop for Replica {
 
 /// The preload shim's side of the table: ranges the program mapped (its
 /// libraries, its files) that the shim moved onto replicas. Unlike a
-/// [`Replica`], nobody owns them: they live until the program unmaps them,
-/// which the handler notices (see [`Slot::dev`]).
+/// `Replica`, nobody owns them: they live until the program unmaps them,
+/// which the handler notices (see `Slot::dev`).
 pub mod shim {
     use super::*;
 

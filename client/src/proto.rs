@@ -13,8 +13,10 @@
 //! response. File descriptors travel beside the message by `SCM_RIGHTS`: a
 //! [`Request::Map`] carries the caller's own read-only fd of the file (proof
 //! that it may read it), and a [`Response::Mapped`] carries a read-only fd of
-//! the replica. Nothing else carries fds; fds that arrive with any other
-//! message are closed unread.
+//! the replica; a [`Response::Attached`] (the answer to the preload shim's
+//! [`Request::Hello`]) carries two per source: the replica's and a fresh
+//! read-only one of the source. Nothing else carries fds; fds that arrive
+//! with any other message are closed unread.
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! Threads and locks:
 //! - callers (the daemon's control socket) run `replicate`, `evict`,
 //!   `attach`, `status` on their own threads;
-//! - the fence thread runs [`Inner::on_fence_event`]: mark `Revoking`, wait
+//! - the fence thread runs `Inner::on_fence_event`: mark `Revoking`, wait
 //!   for in-flight copies of that source to stop (they check an abort flag
 //!   every chunk), truncate every replica, release the lease;
 //! - the generation worker takes fences back after writers leave, copies
