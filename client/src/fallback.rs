@@ -97,6 +97,8 @@ const EMPTY_SLOT: Slot = Slot {
 };
 
 static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
+/// The page size, read once when the handler is installed.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// One past the highest slot ever claimed: the handler scans only this far.
 static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
 
@@ -198,7 +200,30 @@ fn claim(
     ino: u64,
 ) -> Result<Replica, AttachError> {
     install().map_err(AttachError::Install)?;
-    for (i, slot) in TABLE.iter().enumerate() {
+    let (slot, seq) = claim_slot(start, len, spare, offset, dev, ino).ok_or(AttachError::Full)?;
+    Ok(Replica {
+        slot,
+        seq,
+        start,
+        len,
+    })
+}
+
+/// Take a free slot for a range, ACTIVE at once: `(index, seq)`. Atomics
+/// only (no lock, no allocation): the shim's `munmap` wrapper splits
+/// ranges with it, and programs call `munmap` from signal handlers.
+fn claim_slot(
+    start: usize,
+    len: usize,
+    spare: usize,
+    offset: u64,
+    dev: u64,
+    ino: u64,
+) -> Option<(usize, u64)> {
+    let mut i = 0;
+    while i < SLOTS {
+        let slot = TABLE.get(i)?;
+        i += 1;
         let w = slot.word.load(Ordering::Relaxed);
         if state(w) != FREE {
             continue;
@@ -217,17 +242,12 @@ fn claim(
         slot.dev.store(dev, Ordering::Relaxed);
         slot.ino.store(ino, Ordering::Relaxed);
         slot.offset.store(offset, Ordering::Relaxed);
-        HIGH_WATER.fetch_max(i + 1, Ordering::AcqRel);
+        HIGH_WATER.fetch_max(i, Ordering::AcqRel);
         slot.word
             .store(with_state(claimed, ACTIVE), Ordering::Release);
-        return Ok(Replica {
-            slot: i,
-            seq: seq(claimed),
-            start,
-            len,
-        });
+        return Some((i - 1, seq(claimed)));
     }
-    Err(AttachError::Full)
+    None
 }
 
 impl Replica {
@@ -348,26 +368,89 @@ pub mod shim {
     /// entry left at an address the kernel hands out again would be taken
     /// for the new mapping's. Only atomics and `munmap`: safe in a signal
     /// handler (programs call `mmap` and `munmap` from theirs).
+    ///
+    /// A range the program unmaps only part of keeps its fallback for the
+    /// rest: the parts before and after the hole get entries of their own
+    /// (with the matching parts of the spare), and only the spare's part
+    /// under the hole is unmapped.
     pub fn forget(addr: usize, len: usize) {
-        let end = addr.saturating_add(len);
+        let page = PAGE.load(Ordering::Relaxed).max(1);
+        // The kernel unmaps whole pages.
+        let end = addr.saturating_add(len).saturating_add(page - 1) & !(page - 1);
         let high = HIGH_WATER.load(Ordering::Acquire);
         let mut i = 0;
         while i < high {
             let Some(slot) = TABLE.get(i) else {
                 return;
             };
+            i += 1;
             let w = slot.word.load(Ordering::Acquire);
             let start = slot.start.load(Ordering::Relaxed);
             let slot_end = start.saturating_add(slot.len.load(Ordering::Relaxed));
-            if slot.ino.load(Ordering::Relaxed) != 0
-                && matches!(state(w), ACTIVE | FALLEN | BROKEN | STALE)
-                && start < end
-                && addr < slot_end
+            if slot.ino.load(Ordering::Relaxed) == 0
+                || !matches!(state(w), ACTIVE | FALLEN | BROKEN | STALE)
+                || start >= end
+                || addr >= slot_end
             {
-                release(i, state(w) != FALLEN);
+                continue;
             }
-            i += 1;
+            if state(w) != ACTIVE || (addr <= start && slot_end <= end) {
+                release(i - 1, state(w) != FALLEN);
+                continue;
+            }
+            split(i - 1, w, addr.max(start), end.min(slot_end));
         }
+    }
+
+    /// Keep the parts of slot `i` (word `w`, ACTIVE) outside `hole`..`hole_end`
+    /// (which the program unmapped) as entries of their own, then free `i`
+    /// and unmap the spare's part under the hole.
+    fn split(i: usize, w: u64, hole: usize, hole_end: usize) {
+        let Some(slot) = TABLE.get(i) else {
+            return;
+        };
+        let start = slot.start.load(Ordering::Relaxed);
+        let slot_end = start.saturating_add(slot.len.load(Ordering::Relaxed));
+        let spare = slot.spare.load(Ordering::Relaxed);
+        let offset = slot.offset.load(Ordering::Relaxed);
+        let dev = slot.dev.load(Ordering::Relaxed);
+        let ino = slot.ino.load(Ordering::Relaxed);
+        let part = |from: usize, to: usize| {
+            if to > from {
+                let skip = from - start;
+                let off = if offset == OFFSET_UNCHECKED {
+                    OFFSET_UNCHECKED
+                } else {
+                    offset.wrapping_add(skip as u64)
+                };
+                // Full table: that part loses its way back, as before.
+                let _ = claim_slot(from, to - from, spare + skip, off, dev, ino);
+            }
+        };
+        part(start, hole);
+        part(hole_end, slot_end);
+        // Take the old entry away (the new ones already cover the rest).
+        if slot
+            .word
+            .compare_exchange(
+                w,
+                with_state(w, RELEASING),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return;
+        }
+        // SAFETY: the spare is the shim's own mapping and was never moved
+        // (the slot was ACTIVE); only its part under the hole goes.
+        unsafe {
+            libc::munmap(
+                (spare + (hole - start)) as *mut libc::c_void,
+                hole_end - hole,
+            )
+        };
+        slot.word.store(with_state(w, FREE), Ordering::Release);
     }
 
     /// Whether `start` holds a range the shim moved onto a replica that is
@@ -689,6 +772,11 @@ fn install() -> io::Result<()> {
     let mut done = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = *done {
         return r.map_err(io::Error::from_raw_os_error);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        PAGE.store(page as usize, Ordering::Relaxed);
     }
     // SAFETY: sigaction is plain old data; all-zero is a valid value.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };

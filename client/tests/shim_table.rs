@@ -209,3 +209,66 @@ fn write_fd(fd: &OwnedFd, bytes: &[u8]) {
     let f = std::fs::File::from(fd.try_clone().unwrap());
     f.write_all_at(bytes, 0).unwrap();
 }
+
+#[test]
+fn a_partly_unmapped_range_keeps_its_way_back_for_the_rest() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let out = run_child("a_partly_unmapped_range_keeps_its_way_back_for_the_rest");
+        assert!(out.contains("CHILD DONE"), "{out}");
+        return;
+    }
+    let page = page();
+    let len = 4 * page;
+    let old = pattern(len, 3);
+    let source = memfd("source");
+    write_fd(&source, &old);
+    let (replica, _) = replica_copy(&source);
+    let start = map(&source, len, 0);
+    let spare = swap_in(&source, &replica, start, len);
+    assert_eq!(shim::counts(), (1, 0));
+
+    // The program unmaps the second page; the munmap wrapper tells the
+    // table. The first page and the last two stay on the replica, each
+    // part with its own way back.
+    // SAFETY: unmaps one page of our own mapping.
+    let rc = unsafe { libc::munmap((start + page) as *mut libc::c_void, page) };
+    assert_eq!(rc, 0);
+    shim::forget(start + page, page);
+    assert_eq!(shim::counts().0, 2, "head and tail entries");
+    assert!(shim::live_at(start));
+    assert!(shim::live_at(start + 2 * page));
+    assert!(shim::is_spare(spare));
+    assert!(shim::is_spare(spare + 2 * page));
+    // The spare's page under the hole is gone; the rest is still there.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let holds = |addr: usize| {
+        maps.lines().any(|l| {
+            let (a, b) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            a <= addr && addr < b
+        })
+    };
+    assert!(
+        !holds(spare + page),
+        "the spare under the hole is still mapped"
+    );
+    assert!(holds(spare) && holds(spare + 2 * page));
+
+    // Revoke: both parts fall back to the file's bytes.
+    std::fs::File::from(replica.try_clone().unwrap())
+        .set_len(0)
+        .unwrap();
+    assert_eq!(read_all(start, page), old[..page]);
+    assert_eq!(read_all(start + 2 * page, 2 * page), old[2 * page..]);
+    assert_eq!(shim::counts(), (0, 2));
+    eprintln!("CHILD DONE");
+    std::process::exit(0);
+}
