@@ -1988,3 +1988,98 @@ fn mapping_and_unmapping_many_times_leaks_nothing() {
         "expected all {ROUNDS} mappings on the replica and none left over:\n{stdout}"
     );
 }
+
+// ---- programs that change a replica-backed range themselves ------------------
+
+const MPROTECT_PY: &str = r#"
+import ctypes, os, sys
+path = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+def line(addr):
+    for l in open("/proc/self/maps"):
+        a, b = (int(x, 16) for x in l.split()[0].split("-"))
+        if a <= addr < b:
+            return l.strip()
+fd = os.open(path, os.O_RDONLY)
+size = os.fstat(fd).st_size
+p = libc.mmap(None, size, 1, 2, fd, 0)   # PROT_READ, MAP_PRIVATE: the shim swaps it
+print("BEFORE", line(p), flush=True)
+assert libc.mprotect(p, 4096, 3) == 0     # PROT_READ|PROT_WRITE: the file comes back first
+ctypes.memmove(p, b"Z", 1)
+print("AFTER", line(p), flush=True)
+print("READY", flush=True)
+sys.stdin.readline()                       # the test rewrites the file meanwhile
+print("BYTE0", ctypes.string_at(p, 1).decode(), flush=True)
+print("PAGE2", ctypes.string_at(p + 8192, 8).hex(), flush=True)
+"#;
+
+#[test]
+fn a_range_the_program_makes_writable_keeps_what_it_wrote_across_a_revoke() {
+    let d = Daemon::start("");
+    let dir = scratch("shim-mprotect");
+    let data = dir.path().join("data.bin");
+    make_file(&data, 4 * 4096, 9);
+    d.ctl_ok(&["replicate", data.to_str().unwrap()]);
+    let run_dir = d.run_dir.path().to_str().unwrap().to_string();
+    let mut child = Command::new(PYTHON)
+        .args(["-c", MPROTECT_PY, data.to_str().unwrap()])
+        .env("LD_PRELOAD", shim_path())
+        .env("REPLICAD_SOCKET", &d.socket)
+        .env("REPLICAD_DEBUG", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            out.read_line(&mut l).unwrap() > 0,
+            "python ended early: {lines:?}"
+        );
+        let done = l.starts_with("READY");
+        lines.push(l.trim().to_string());
+        if done {
+            break;
+        }
+    }
+    assert!(
+        lines[0].starts_with("BEFORE") && lines[0].contains(&format!("{run_dir}/node0/")),
+        "not on the replica before mprotect: {lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("AFTER") && lines[1].ends_with(data.to_str().unwrap()),
+        "mprotect(PROT_WRITE) did not put the file back: {lines:?}"
+    );
+    // A writer rewrites page 2; the daemon revokes the (unused) replica.
+    let new = vec![0xabu8; 4096];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        f.write_all_at(&new, 8192).unwrap();
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{rest}\n{err}");
+    // What the program wrote is still there, and the file's new bytes
+    // show through the pages it did not write.
+    assert!(
+        rest.contains("BYTE0 Z"),
+        "the program's write was lost: {rest}\n{err}"
+    );
+    assert!(rest.contains("PAGE2 abababababababab"), "{rest}\n{err}");
+}

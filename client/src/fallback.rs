@@ -402,6 +402,62 @@ pub mod shim {
         }
     }
 
+    /// Put the original file back over every shim range overlapping
+    /// `addr..addr+len` now, as a revoke would (one `mremap` of the spare
+    /// each): for a program about to change such a range itself (make it
+    /// writable, move or resize it), whose result must then live on the
+    /// file, never on a replica a revoke could take away. Atomics and raw
+    /// syscalls only.
+    pub fn fall_back(addr: usize, len: usize) {
+        let end = addr.saturating_add(len);
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        let mut i = 0;
+        while i < high {
+            let Some(slot) = TABLE.get(i) else {
+                return;
+            };
+            i += 1;
+            let w = slot.word.load(Ordering::Acquire);
+            let start = slot.start.load(Ordering::Relaxed);
+            let slot_len = slot.len.load(Ordering::Relaxed);
+            if slot.ino.load(Ordering::Relaxed) == 0
+                || start >= end
+                || addr >= start.saturating_add(slot_len)
+            {
+                continue;
+            }
+            match state(w) {
+                ACTIVE => {
+                    if slot
+                        .word
+                        .compare_exchange(
+                            w,
+                            with_state(w, REMAPPING),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_err()
+                    {
+                        // A fault's remap got there first: wait for it.
+                        wait_remap(slot, seq(w));
+                        continue;
+                    }
+                    let spare = slot.spare.load(Ordering::Relaxed);
+                    let ok = sys::mremap_fixed(spare, slot_len, start);
+                    if ok {
+                        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.word.store(
+                        with_state(w, if ok { FALLEN } else { BROKEN }),
+                        Ordering::Release,
+                    );
+                }
+                REMAPPING => wait_remap(slot, seq(w)),
+                _ => {}
+            }
+        }
+    }
+
     /// Keep the parts of slot `i` (word `w`, ACTIVE) outside `hole`..`hole_end`
     /// (which the program unmapped) as entries of their own, then free `i`
     /// and unmap the spare's part under the hole.

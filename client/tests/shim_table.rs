@@ -272,3 +272,36 @@ fn a_partly_unmapped_range_keeps_its_way_back_for_the_rest() {
     eprintln!("CHILD DONE");
     std::process::exit(0);
 }
+
+#[test]
+fn falling_back_on_purpose_puts_the_file_back_at_once() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let out = run_child("falling_back_on_purpose_puts_the_file_back_at_once");
+        assert!(out.contains("CHILD DONE"), "{out}");
+        return;
+    }
+    let len = 2 * page();
+    let old = pattern(len, 4);
+    let source = memfd("source");
+    write_fd(&source, &old);
+    let (replica, _) = replica_copy(&source);
+    let start = map(&source, len, 0);
+    swap_in(&source, &replica, start, len);
+    assert!(
+        maps_line(start).contains(REPLICA_NAME),
+        "{}",
+        maps_line(start)
+    );
+    // What the mprotect(PROT_WRITE) and mremap wrappers do first.
+    shim::fall_back(start + page(), 1);
+    assert!(maps_line(start).contains("source"), "{}", maps_line(start));
+    assert_eq!(shim::counts(), (0, 1));
+    // A revoke now changes nothing for this range.
+    std::fs::File::from(replica.try_clone().unwrap())
+        .set_len(0)
+        .unwrap();
+    assert_eq!(read_all(start, len), old);
+    assert_eq!(shim::counts(), (0, 1));
+    eprintln!("CHILD DONE");
+    std::process::exit(0);
+}

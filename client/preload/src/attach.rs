@@ -482,14 +482,17 @@ fn swap(
     // SAFETY: moves our replica mapping over the range the program mapped
     // and the checks above found unchanged; one syscall, so other threads
     // see either the original or the replica, never a hole.
+    // The raw syscall: libc's mremap is our own wrapper, which would take
+    // this range for one the program moves.
     let moved = unsafe {
-        libc::mremap(
+        libc::syscall(
+            libc::SYS_mremap,
             rep,
             len,
             len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as libc::c_long,
             start as *mut c_void,
-        )
+        ) as *mut c_void
     };
     if moved as usize != start {
         let e = std::io::Error::last_os_error();

@@ -19,6 +19,9 @@
 //!              published set shows a replica of on our node: Map{node} + fd
 //!  munmap()  ─ the real one, then forget the ranges unmapped (and those a
 //!              new mmap replaced): their fallback entries and spares
+//!  mprotect(PROT_WRITE), mremap() ─ the file back first (as a revoke
+//!              would), then the real one: what the program changes lives
+//!              on the file's mapping
 //!  sigaction(SIGBUS) / signal(SIGBUS) ─ once our handler is installed, the
 //!              program's action becomes the one we chain to
 //!  SIGBUS in a range after a revoke ─ mremap(spare -> range): the file again
@@ -185,6 +188,68 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: libc::size_t) -> c_int {
         replicad_client::shim::forget(addr as usize, len);
     }
     rc
+}
+
+/// `mprotect(2)` for the program: making a range the shim moved onto a
+/// replica writable puts the file back first, so that what the program
+/// writes there (a private copy) lives on the file's mapping, which no
+/// revoke takes away.
+///
+/// # Safety
+/// As `mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_int) -> c_int {
+    if prot & libc::PROT_WRITE != 0 {
+        replicad_client::shim::fall_back(addr as usize, len);
+    }
+    // SAFETY: the mprotect syscall with the caller's arguments; libc's
+    // syscall() sets errno and returns -1 on failure.
+    unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot as libc::c_long) as c_int }
+}
+
+/// `mremap(2)` for the program: a range the shim moved onto a replica goes
+/// back to the file before the program moves or resizes it (the replica's
+/// way back covers the range as it was).
+///
+/// `mremap` is variadic in C (the new address comes only with
+/// `MREMAP_FIXED`); on x86_64 and aarch64 a variadic argument travels in the
+/// same register as a fixed one, and `new_addr` is only read with that
+/// flag, as the kernel does.
+///
+/// # Safety
+/// As `mremap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: libc::size_t,
+    new_len: libc::size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    replicad_client::shim::fall_back(old as usize, old_len);
+    let target = if flags & libc::MREMAP_FIXED != 0 {
+        new_addr
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: the mremap syscall with the caller's arguments; libc's
+    // syscall() sets errno and returns -1 (MAP_FAILED) on failure.
+    let p = unsafe {
+        libc::syscall(
+            libc::SYS_mremap,
+            old,
+            old_len,
+            new_len,
+            flags as libc::c_long,
+            target,
+        ) as *mut c_void
+    };
+    if p != libc::MAP_FAILED {
+        // The old range is gone (moved), or now the file's again: forget it.
+        replicad_client::shim::forget(old as usize, old_len);
+        replicad_client::shim::forget(p as usize, new_len);
+    }
+    p
 }
 
 // ---- sigaction / signal ----------------------------------------------
