@@ -89,6 +89,8 @@ fn text(b: &[u8]) -> String {
 struct Lines {
     rx: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// Lines read while waiting for another: kept for a later `until`.
+    unclaimed: Vec<String>,
 }
 
 impl Lines {
@@ -105,11 +107,17 @@ impl Lines {
         Lines {
             rx,
             seen: Vec::new(),
+            unclaimed: Vec::new(),
         }
     }
 
-    /// The next line that satisfies `pred` (lines before it are kept).
+    /// The next line that satisfies `pred` (lines before it are kept). Two
+    /// processes may share the pipe, so a line that came before one asked
+    /// for earlier still counts, once.
     fn until(&mut self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(i) = self.unclaimed.iter().position(|l| pred(l)) {
+            return self.unclaimed.remove(i);
+        }
         let t0 = Instant::now();
         loop {
             let left = limit.saturating_sub(t0.elapsed());
@@ -119,6 +127,7 @@ impl Lines {
                     if pred(&l) {
                         return l;
                     }
+                    self.unclaimed.push(l);
                 }
                 Err(e) => panic!(
                     "no {what} within {limit:?} ({e}); lines so far:\n{}",
