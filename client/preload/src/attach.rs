@@ -85,8 +85,12 @@ pub(crate) fn init() {
         st.published = open_published(st);
         // Read once: decides the lazy start, then serves the hello's checks
         // (nothing changes our mappings in between: the constructor runs
-        // alone, and the daemon only reads them).
-        let maps = std::fs::read_to_string("/proc/self/maps").ok();
+        // alone, and the daemon only reads them). Without a published set
+        // (no daemon, most likely) there is nothing to decide: no read.
+        let usable = st.published.as_ref().is_some_and(|r| !r.is_retired());
+        let maps = usable
+            .then(|| std::fs::read_to_string("/proc/self/maps").ok())
+            .flatten();
         match maps {
             Some(m) if nothing_replicated(st, &m) => None,
             other => Some(other),
