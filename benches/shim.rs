@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use replicad_client::proto::{ErrorKind, NodeSelection, Request, Response};
+use replicad_wire::proto::{ErrorKind, NodeSelection, Request, Response};
 
 const PYTHON: &str = "/usr/bin/python3";
 const TRUE: &str = "/bin/true";

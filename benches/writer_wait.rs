@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use replicad_client::proto::{ReplicaState, Request, Response};
+use replicad_wire::proto::{ReplicaState, Request, Response};
 
 const ATTACHED: usize = 8;
 
@@ -137,7 +137,7 @@ fn main() {
         &socket,
         &Request::Replicate {
             path: file.clone(),
-            nodes: replicad_client::proto::NodeSelection::All,
+            nodes: replicad_wire::proto::NodeSelection::All,
         },
         &[],
         Duration::from_secs(30),

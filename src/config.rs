@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use replicad_client::proto::NodeSelection;
 use replicad_replicator::engine::HomeNode;
+use replicad_replicator::model::NodeSelection;
 use replicad_replicator::store::StoreConfig;
 use replicad_replicator::EngineConfig;
 

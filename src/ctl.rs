@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use replicad_client::proto::{
+use replicad_replicator::Topology;
+use replicad_wire::proto::{
     LeftAlone, NodeSelection, Request, Response, Skipped, SourceStatus, StatusReport,
 };
-use replicad_replicator::Topology;
 
 /// Exit code when the daemon cannot be reached.
 pub const EXIT_UNREACHABLE: i32 = 3;
@@ -57,7 +57,7 @@ const SHIM_BUILD: &str = "cargo build --release -p replicad-preload";
 )]
 pub struct Cli {
     /// The daemon's control socket.
-    #[arg(long, global = true, env = "REPLICAD_SOCKET", default_value = replicad_client::proto::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "REPLICAD_SOCKET", default_value = replicad_wire::proto::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Seconds to wait for the daemon (copying a large file takes a while).
     #[arg(long, global = true, default_value_t = 600)]
@@ -413,8 +413,8 @@ fn run_command(
     }
     let mut cmd = std::process::Command::new(program);
     cmd.args(args).env("LD_PRELOAD", &preload);
-    if cli.socket != Path::new(replicad_client::proto::DEFAULT_SOCKET) {
-        cmd.env(replicad_client::proto::SOCKET_ENV, absolute(&cli.socket)?);
+    if cli.socket != Path::new(replicad_wire::proto::DEFAULT_SOCKET) {
+        cmd.env(replicad_wire::proto::SOCKET_ENV, absolute(&cli.socket)?);
     }
     let e = cmd.exec();
     let name = program.to_string_lossy().into_owned();
@@ -746,7 +746,7 @@ fn source_rows(s: &SourceStatus) -> Vec<[String; 7]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use replicad_client::proto::{ReplicaState, ReplicaStatus};
+    use replicad_wire::proto::{ReplicaState, ReplicaStatus};
 
     #[test]
     fn nodes_parse() {

@@ -56,7 +56,8 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("creating metrics")?;
     std::fs::create_dir_all(&cfg.daemon.run_dir)
         .with_context(|| format!("creating run directory {}", cfg.daemon.run_dir.display()))?;
-    let engine = Replicator::start(cfg.engine(), topology, metrics)
+    let publisher = crate::wire::publisher(&cfg.daemon.run_dir);
+    let engine = Replicator::start(cfg.engine(), topology, metrics, publisher)
         .context("starting the replica engine")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -27,7 +27,7 @@ async fn metrics(State(engine): State<Replicator>) -> impl IntoResponse {
 }
 
 async fn status(State(engine): State<Replicator>) -> impl IntoResponse {
-    let report = tokio::task::spawn_blocking(move || engine.status())
+    let report = tokio::task::spawn_blocking(move || crate::wire::status(&engine.status()))
         .await
         .unwrap_or_default();
     Json(report)

@@ -1,9 +1,11 @@
 //! The wiring of the `replicad` daemon and the `replicactl` CLI: config,
 //! control socket, HTTP, signals. The engine lives in `replicad-replicator`,
-//! the client API and protocol in `replicad-client`.
+//! the wire format in `replicad-wire`, the client API in `replicad-client`;
+//! [`wire`] is the one place where engine types become wire types.
 
 pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod http;
 pub mod server;
+pub mod wire;

@@ -16,10 +16,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Semaphore;
 
-use replicad_client::proto::{ErrorKind, Request, Response, MAX_REQUEST};
-use replicad_client::sock::{self, PeerCred};
-use replicad_replicator::engine::{Attach, Hello};
+use replicad_procfs::ProcReader;
+use replicad_replicator::engine::Attach;
 use replicad_replicator::Replicator;
+use replicad_wire::proto::{ErrorKind, Request, Response, MAX_REQUEST};
+use replicad_wire::sock::{self, PeerCred};
+
+use crate::wire;
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
@@ -172,7 +175,7 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
             match Request::decode(&packet.data) {
                 Err(e) => {
                     let kind = match e {
-                        replicad_client::proto::ProtoError::UnsupportedVersion(_) => {
+                        replicad_wire::proto::ProtoError::UnsupportedVersion(_) => {
                             ErrorKind::UnsupportedVersion
                         }
                         _ => ErrorKind::BadRequest,
@@ -242,8 +245,7 @@ impl PeerAlive {
 /// exec a set-user-ID program under the pid the daemon knows the
 /// connection by, and its child would be handed that program's files.
 fn inspectable_by(pid: u32, uid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    uid == 0 || std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
+    uid == 0 || ProcReader::default().proc_owner_uid(pid).ok().flatten() == Some(uid)
 }
 
 /// Run one request on a blocking thread.
@@ -276,7 +278,7 @@ fn handle(
             Vec::new(),
         );
     }
-    let from_engine = |e: replicad_replicator::Error| Response::error(e.kind(), e.to_string());
+    let from_engine = |e: replicad_replicator::Error| wire::error(&e);
     match req {
         Request::Map { node } => {
             if fds.len() != 1 {
@@ -309,10 +311,15 @@ fn handle(
                 Err(e) => (from_engine(e), Vec::new()),
             }
         }
-        Request::Replicate { path, nodes } => match engine.replicate(&path, &nodes) {
-            Ok(source) => (Response::Replicated { source }, Vec::new()),
+        Request::Replicate { path, nodes } => match engine.replicate(&path, &wire::nodes(&nodes)) {
+            Ok(source) => (
+                Response::Replicated {
+                    source: wire::source(&source),
+                },
+                Vec::new(),
+            ),
             Err(e) => {
-                tracing::warn!("replicate requested by pid {}: {e}", peer.pid);
+                replicad_replicator::warn_limited!("replicate requested by pid {}: {e}", peer.pid);
                 (from_engine(e), Vec::new())
             }
         },
@@ -322,7 +329,7 @@ fn handle(
         },
         Request::Status => (
             Response::Status {
-                report: engine.status(),
+                report: wire::status(&engine.status()),
             },
             Vec::new(),
         ),
@@ -343,24 +350,26 @@ fn handle(
         Request::Hello { node } => match engine.hello(peer.pid, node, &|| {
             alive.check() && inspectable_by(peer.pid, peer.uid)
         }) {
-            Ok(Hello::Attached(a)) => (
-                Response::Attached {
-                    node: a.node,
-                    sources: (a.fds.len() / 2) as u32,
-                    ranges: a.ranges,
-                    skipped: a.skipped,
-                },
-                a.fds,
-            ),
-            Ok(Hello::LeftAlone { reason }) => (Response::Original { reason }, Vec::new()),
+            Ok(h) => wire::hello(peer.pid, h),
             Err(e) => (from_engine(e), Vec::new()),
         },
-        Request::ReplicatePid { pid, nodes } => match engine.replicate_pid(pid, &nodes) {
-            Ok((sources, skipped)) => (Response::ReplicatedPid { sources, skipped }, Vec::new()),
-            Err(e) => {
-                tracing::warn!("replicate --pid {pid} requested by pid {}: {e}", peer.pid);
-                (from_engine(e), Vec::new())
+        Request::ReplicatePid { pid, nodes } => {
+            match engine.replicate_pid(pid, &wire::nodes(&nodes)) {
+                Ok((sources, skipped)) => (
+                    Response::ReplicatedPid {
+                        sources: sources.iter().map(wire::source).collect(),
+                        skipped: wire::skipped(&skipped),
+                    },
+                    Vec::new(),
+                ),
+                Err(e) => {
+                    replicad_replicator::warn_limited!(
+                        "replicate --pid {pid} requested by pid {}: {e}",
+                        peer.pid
+                    );
+                    (from_engine(e), Vec::new())
+                }
             }
-        },
+        }
     }
 }

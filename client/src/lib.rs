@@ -22,15 +22,15 @@ pub mod capi;
 mod fallback;
 mod mapping;
 pub mod maps;
-pub mod proto;
-pub mod published;
-pub mod sock;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use mapping::{map, map_with, Backing, MapOptions, Mapping};
+/// The wire types this API speaks (control messages and fd passing), from
+/// `replicad-wire`.
+pub use replicad_wire::{proto, sock};
 
 /// The SIGBUS fallback table as the preload shim (`replicad-preload`) uses
 /// it. Not an API for programs.
@@ -86,6 +86,28 @@ pub fn socket_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET))
 }
 
+/// How long a [`request`] may take, and how many fds its answer may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// For connecting and for sending.
+    pub connect: Duration,
+    /// For the answer, once the request is sent.
+    pub answer: Duration,
+    /// Most fds the answer may carry; more are closed unread.
+    pub max_fds: usize,
+}
+
+impl RequestLimits {
+    /// One time-out for everything, and the few fds a `Map` answer carries.
+    pub fn new(timeout: Duration) -> Self {
+        RequestLimits {
+            connect: timeout,
+            answer: timeout,
+            max_fds: sock::MAX_FDS,
+        }
+    }
+}
+
 /// Send one request (with fds) and wait for its answer and the fds that
 /// ride along. An `Error` response is returned as [`Error::Refused`].
 pub fn request(
@@ -94,7 +116,19 @@ pub fn request(
     fds: &[BorrowedFd<'_>],
     timeout: Duration,
 ) -> Result<(proto::Response, Vec<OwnedFd>), Error> {
-    let conn = sock::connect(socket, timeout).map_err(|source| Error::Connect {
+    request_with(socket, req, fds, RequestLimits::new(timeout))
+}
+
+/// [`request`] with separate connect and answer time-outs and a limit on
+/// the fds that come back (the preload shim's hello takes up to
+/// [`sock::MAX_MESSAGE_FDS`]).
+pub fn request_with(
+    socket: &Path,
+    req: &proto::Request,
+    fds: &[BorrowedFd<'_>],
+    limits: RequestLimits,
+) -> Result<(proto::Response, Vec<OwnedFd>), Error> {
+    let conn = sock::connect(socket, limits.connect).map_err(|source| Error::Connect {
         socket: socket.to_path_buf(),
         source,
     })?;
@@ -102,8 +136,9 @@ pub fn request(
         socket: socket.to_path_buf(),
         source,
     };
+    sock::set_recv_timeout(conn.as_fd(), limits.answer).map_err(io_err)?;
     sock::send(conn.as_fd(), &req.encode(), fds).map_err(io_err)?;
-    let packet = sock::recv(conn.as_fd(), proto::MAX_RESPONSE + 1)
+    let packet = sock::recv_fds(conn.as_fd(), proto::MAX_RESPONSE + 1, limits.max_fds)
         .map_err(io_err)?
         .ok_or_else(|| Error::NoAnswer {
             socket: socket.to_path_buf(),

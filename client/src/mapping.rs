@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fallback;
-use crate::proto::{Request, Response};
 use crate::Error;
+use replicad_wire::proto::{Request, Response};
 
 /// Environment variable that makes [`map`] print why it used the file itself.
 pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";

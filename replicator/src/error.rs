@@ -1,10 +1,12 @@
-//! The engine's one error type. Every variant names the file, node or
-//! directory it concerns, and where there is one, the fix.
+//! The engine's one error type. Every variant names the file, node, pid or
+//! thread it concerns, and where there is one, the fix. How an error
+//! travels to a client (its wire kind) is the daemon's business.
 
 use std::io;
 use std::path::PathBuf;
 
-use replicad_client::proto::ErrorKind;
+use crate::fence::FenceFailure;
+use crate::model::Target;
 
 /// Everything the engine can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +20,8 @@ pub enum Error {
     #[error("{path} is a {kind}, not a regular file: only regular files are replicated")]
     NotRegularFile { path: PathBuf, kind: &'static str },
 
-    #[error("{path} cannot be write-fenced: {reason}")]
-    Unfenceable { path: PathBuf, reason: String },
+    #[error("{path} cannot be write-fenced: {why}")]
+    Unfenceable { path: PathBuf, why: FenceFailure },
 
     #[error("node {node} does not exist: this machine has nodes {have}")]
     NoSuchNode { node: u32, have: String },
@@ -66,11 +68,38 @@ pub enum Error {
     #[error("pid {pid}: no such process (it may have exited)")]
     NoSuchProcess { pid: u32 },
 
-    #[error("/proc/{pid}/{file}: {reason}")]
+    #[error("{}: {reason}", replicad_procfs::display_path(*pid, file))]
     Proc {
         pid: u32,
         file: &'static str,
         reason: String,
+    },
+
+    #[error("the fd pid {pid} passed: {reason}")]
+    ClientFd { pid: u32, reason: String },
+
+    #[error(
+        "the fd pid {pid} passed is not open for reading (O_PATH or O_WRONLY): open the file \
+         O_RDONLY and pass that fd"
+    )]
+    ClientFdNotReadable { pid: u32 },
+
+    #[error("the fd pid {pid} passed is a {kind}, not a regular file: only regular files are replicated")]
+    ClientFdNotRegular { pid: u32, kind: &'static str },
+
+    #[error("no device backend can hold a replica on {target}")]
+    NoDeviceBackend { target: Target },
+
+    #[error(
+        "the fence signals are not blocked: call replicad_replicator::fence::prepare() at the \
+         start of main, before any thread starts"
+    )]
+    FenceNotPrepared,
+
+    #[error("cannot start the {what}: {source}")]
+    Thread {
+        what: &'static str,
+        source: io::Error,
     },
 
     #[error("{0}")]
@@ -88,26 +117,22 @@ impl Error {
         }
     }
 
-    /// The protocol's kind for this error, for clients.
-    pub fn kind(&self) -> ErrorKind {
+    /// A `/proc/<pid>/<file>` that could not be read or parsed.
+    pub fn proc(pid: u32, file: &'static str, e: replicad_procfs::Error) -> Self {
+        let reason = match e {
+            replicad_procfs::Error::Io { source, .. } => format!("cannot read it: {source}"),
+            replicad_procfs::Error::Parse { line, reason, .. } => format!("line {line}: {reason}"),
+        };
+        Error::Proc { pid, file, reason }
+    }
+
+    /// The `reason` label of `replicad_replication_failures_total`.
+    pub fn replication_failure_label(&self) -> &'static str {
         match self {
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                ErrorKind::PermissionDenied
-            }
-            Error::Io { .. } | Error::Mount { .. } | Error::Topology(_) | Error::Metrics(_) => {
-                ErrorKind::Internal
-            }
-            Error::NotFound { .. } | Error::NotReplicated { .. } | Error::NoSuchProcess { .. } => {
-                ErrorKind::NotFound
-            }
-            Error::Proc { .. } => ErrorKind::Internal,
-            Error::NotRegularFile { .. } => ErrorKind::NotRegularFile,
-            Error::Unfenceable { .. } => ErrorKind::Unfenceable,
-            Error::NoSuchNode { .. } => ErrorKind::NoSuchNode,
-            Error::NoSpace { .. } => ErrorKind::NoSpace,
-            Error::SourceChanged { .. } => ErrorKind::SourceChanged,
-            Error::Misplaced { .. } => ErrorKind::Misplaced,
-            Error::ShuttingDown => ErrorKind::ShuttingDown,
+            Error::NoSpace { .. } => "no_space",
+            Error::SourceChanged { .. } => "source_changed",
+            Error::Misplaced { .. } => "misplaced",
+            _ => "io",
         }
     }
 }

@@ -19,75 +19,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use replicad_client::proto::ReplicaState;
-
-use crate::store::ReplicaFile;
-
-/// A source file's identity: `(st_dev, st_ino)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceKey {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-/// Where a replica lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    /// Node-local memory of a NUMA node.
-    Node(u32),
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Node(n) => write!(f, "node{n}"),
-        }
-    }
-}
-
-/// One state of a source's bytes, read while its fence is held. `seq`
-/// counts generations of this source in this daemon; the rest is what
-/// `fstat` said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Generation {
-    pub seq: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-}
-
-/// How writes to a source are kept out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FenceKind {
-    /// A read lease on the source fd; writers wait for its release.
-    Lease,
-    /// The mount is read-only: nobody can write.
-    ReadOnlyMount,
-    /// `chattr +i`.
-    Immutable,
-    /// fs-verity: contents are fixed.
-    Verity,
-}
-
-impl FenceKind {
-    /// Name for the status table.
-    pub fn name(self) -> &'static str {
-        match self {
-            FenceKind::Lease => "lease",
-            FenceKind::ReadOnlyMount => "read-only mount",
-            FenceKind::Immutable => "immutable",
-            FenceKind::Verity => "verity",
-        }
-    }
-}
-
-/// A process that was handed a replica: pid and its start time (so a
-/// recycled pid is not mistaken for it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Attachment {
-    pub pid: u32,
-    pub start_time: u64,
-}
+use crate::fence::Lease;
+use crate::model::{Attachment, FenceKind, Generation, ReplicaState, SourceKey, Target};
+use crate::store::{Placement, ReplicaFile};
 
 /// One copy of one generation of a source on one target.
 #[derive(Debug)]
@@ -99,7 +33,7 @@ pub struct Replica {
     pub file: Option<ReplicaFile>,
     pub attachments: BTreeSet<Attachment>,
     /// Where its pages were after the copy (`move_pages`), once valid.
-    pub placement: Option<crate::store::Placement>,
+    pub placement: Option<Placement>,
 }
 
 /// One source file and its replicas.
@@ -112,8 +46,8 @@ pub struct Source {
     /// copiers, which only run while `copies > 0` keeps the source listed.
     pub fd: Arc<OwnedFd>,
     pub fence: FenceKind,
-    /// The fence is held now: always true for fences that need no lease.
-    pub fenced: bool,
+    /// The read lease, while held (`FenceKind::Lease` only).
+    pub lease: Option<Lease>,
     /// The generation read under the current fence.
     pub generation: Generation,
     /// Targets wanted by policy or request.
@@ -130,6 +64,12 @@ pub struct Source {
 }
 
 impl Source {
+    /// Whether the fence is held now: always, for fences that need no
+    /// lease; while the lease is held, for the rest.
+    pub fn fenced(&self) -> bool {
+        self.fence != FenceKind::Lease || self.lease.is_some()
+    }
+
     /// The replica on `target` at the current generation, in any state.
     pub fn current(&self, target: Target) -> Option<&Replica> {
         self.replicas

@@ -125,6 +125,28 @@ impl Metrics {
         })
     }
 
+    /// Make the labelled series exist at zero before the first event, so
+    /// alerts can be written against them: one per target, per
+    /// invalidation reason and per fence-failure reason.
+    pub fn start_at_zero<'a>(
+        &self,
+        targets: impl Iterator<Item = String>,
+        invalidation_reasons: impl Iterator<Item = &'a str>,
+        fence_failure_reasons: impl Iterator<Item = &'a str>,
+    ) {
+        for t in targets {
+            self.replicas.with_label_values(&[t.as_str()]).set(0);
+            self.replica_bytes.with_label_values(&[t.as_str()]).set(0);
+            self.copied_bytes.with_label_values(&[t.as_str()]);
+        }
+        for r in invalidation_reasons {
+            self.invalidations.with_label_values(&[r]);
+        }
+        for r in fence_failure_reasons {
+            self.fence_failures.with_label_values(&[r]);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -1,10 +1,12 @@
 //! Thin syscall wrappers the libc and nix crates lack or wrap awkwardly:
-//! leases, statx attributes, filesystem magic, xattrs. One function per
-//! syscall, each returning `io::Result`. NUMA calls live in [`crate::numa`].
+//! leases, statx attributes, filesystem magic, xattrs, signalfd, poll,
+//! file status flags, CPU affinity. One function per syscall, each
+//! returning `io::Result`, each `unsafe` block with the reason it holds.
+//! NUMA calls live in [`crate::numa`].
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `F_SETSIG` (libc lacks it).
 const F_SETSIG: libc::c_int = linux_raw_sys::general::F_SETSIG as libc::c_int;
@@ -170,15 +172,7 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &str) -> io::Result<Option<Vec<u8>>> 
 
 /// Block `signals` in the calling thread (and threads it starts later).
 pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
-    // SAFETY: sigset_t is plain old data; sigemptyset initializes it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t for these calls.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-    }
+    let set = sigset(signals);
     // SAFETY: set is initialized; the old set is not wanted.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
@@ -195,6 +189,112 @@ pub fn signal_blocked(signal: libc::c_int) -> bool {
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set) };
     // SAFETY: set was filled by pthread_sigmask.
     rc == 0 && unsafe { libc::sigismember(&set, signal) } == 1
+}
+
+/// A signal set holding `signals`.
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain old data; sigemptyset initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t for these calls.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// A non-blocking, close-on-exec `signalfd` for `signals` (which must be
+/// blocked in every thread for it to see them).
+pub fn signalfd(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    let set = sigset(signals);
+    // SAFETY: set is initialized; -1 asks for a new signalfd.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What one signal read from a signalfd says: its number and, for a lease
+/// break, the fd the lease sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalInfo {
+    pub signo: libc::c_int,
+    pub fd: libc::c_int,
+}
+
+/// Read one pending signal from a signalfd; `None` when none is pending.
+pub fn read_signal(sfd: BorrowedFd<'_>) -> io::Result<Option<SignalInfo>> {
+    // SAFETY: signalfd_siginfo is plain old data; all-zero is a valid value.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: info is valid for writes of `size` bytes.
+    let n = unsafe {
+        libc::read(
+            sfd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(err),
+        };
+    }
+    if n as usize != size {
+        return Ok(None);
+    }
+    Ok(Some(SignalInfo {
+        signo: info.ssi_signo as libc::c_int,
+        fd: info.ssi_fd,
+    }))
+}
+
+/// poll(2) one fd for readability, `timeout_ms` at most.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: pfd is one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    rc > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+/// The file status flags of `fd` (`F_GETFL`: access mode, `O_PATH`, ...).
+pub fn status_flags(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl F_GETFL on a valid fd.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })
+}
+
+/// The CPUs `pid` may run on, by `sched_getaffinity` (a syscall, where
+/// the status file is a page of text to format and parse). `None` if the
+/// call fails (no such pid, or more CPUs than a `cpu_set_t` holds).
+pub fn affinity(pid: u32) -> Option<Vec<u32>> {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is valid for writes of the size given.
+    let rc = unsafe {
+        libc::sched_getaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads the set for cpu < its size.
+    Some(
+        (0..max)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .map(|c| c as u32)
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use replicad_client::maps::MapsLine;
-use replicad_client::proto::{self, AttachRange, Request, Response};
-use replicad_client::published::{Lookup, Reader};
-use replicad_client::{shim, sock};
+use replicad_client::shim;
+use replicad_wire::proto::{AttachRange, Request, Response};
+use replicad_wire::published::{Lookup, Reader};
+use replicad_wire::sock;
 
 use crate::{debug, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, NODE, NODE_ENV};
 
@@ -215,42 +216,17 @@ fn ask(
     req: &Request,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(Response, Vec<OwnedFd>), String> {
-    let socket = st.socket.display();
-    let conn = sock::connect(&st.socket, CONNECT_TIMEOUT)
-        .map_err(|e| format!("no replicad at {socket} ({e})"))?;
-    set_recv_timeout(conn.as_fd(), ANSWER_TIMEOUT);
-    sock::send(conn.as_fd(), &req.encode(), fds)
-        .map_err(|e| format!("sending to {socket}: {e}"))?;
-    let packet = sock::recv_fds(conn.as_fd(), proto::MAX_RESPONSE + 1, sock::MAX_MESSAGE_FDS)
-        .map_err(|e| format!("waiting for {socket}: {e}"))?
-        .ok_or_else(|| format!("{socket} closed the connection without an answer"))?;
-    if packet.truncated {
-        return Err(format!("{socket} sent an answer too large to read"));
-    }
-    match Response::decode(&packet.data) {
-        Ok(Response::Error { kind, message }) => {
-            Err(format!("replicad refused ({kind:?}): {message}"))
+    let limits = replicad_client::RequestLimits {
+        connect: CONNECT_TIMEOUT,
+        answer: ANSWER_TIMEOUT,
+        max_fds: sock::MAX_MESSAGE_FDS,
+    };
+    replicad_client::request_with(&st.socket, req, fds, limits).map_err(|e| match e {
+        replicad_client::Error::Connect { socket, source } => {
+            format!("no replicad at {} ({source})", socket.display())
         }
-        Ok(r) => Ok((r, packet.fds)),
-        Err(e) => Err(format!("unreadable answer from {socket}: {e}")),
-    }
-}
-
-fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) {
-    let tv = libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: tv is a valid timeval for the size given.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+        e => e.to_string(),
+    })
 }
 
 /// The files never moved: the dynamic loader (its text runs while the

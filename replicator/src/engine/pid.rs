@@ -17,15 +17,11 @@
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
-use replicad_client::maps::MapsLine;
-use replicad_client::proto::{NodeSelection, Skipped, SourceStatus};
+use replicad_procfs::{MapsLine, ProcReader};
 
+use crate::model::{NodeSelection, Skipped, SourceView};
 use crate::{Error, Replicator, Result};
-
-/// Where procfs is mounted.
-const PROC_ROOT: &str = "/proc";
 
 /// File name prefix of the preload shim, which is never replicated (its
 /// text runs the SIGBUS fallback).
@@ -57,58 +53,37 @@ impl TextFile {
     }
 }
 
-/// A process's maps, read under a procfs root.
-#[derive(Debug, Clone)]
+/// A process's maps and mapped files, read through a procfs reader.
+#[derive(Debug, Clone, Default)]
 struct ProcMaps {
-    root: PathBuf,
-}
-
-impl Default for ProcMaps {
-    fn default() -> Self {
-        ProcMaps::new(PROC_ROOT)
-    }
+    proc: ProcReader,
 }
 
 impl ProcMaps {
+    #[cfg(test)]
     fn new(root: impl Into<PathBuf>) -> Self {
-        ProcMaps { root: root.into() }
+        ProcMaps {
+            proc: ProcReader::new(root),
+        }
     }
 
     /// The (dev, ino) of the dynamic loader `pid` runs with: the mapping
-    /// holding `AT_BASE` from `<root>/<pid>/auxv`. `None` for a static
-    /// program, or if auxv cannot be read.
+    /// holding `AT_BASE` from its auxv. `None` for a static program, or if
+    /// auxv cannot be read.
     fn loader(&self, pid: u32, maps: &str) -> Option<(u64, u64)> {
-        const AT_BASE: u64 = 7;
-        let auxv = std::fs::read(self.root.join(pid.to_string()).join("auxv")).ok()?;
-        let base = auxv.chunks_exact(16).find_map(|pair| {
-            let (k, v) = pair.split_at(8);
-            let k = u64::from_ne_bytes(k.try_into().ok()?);
-            let v = u64::from_ne_bytes(v.try_into().ok()?);
-            (k == AT_BASE && v != 0).then_some(v)
-        })?;
+        let base = self.proc.at_base(pid).ok().flatten()?;
         maps.lines()
-            .filter_map(replicad_client::maps::MapsLine::parse)
+            .filter_map(MapsLine::parse)
             .find(|l| l.start <= base && base < l.end && l.ino != 0)
             .map(|l| (l.dev, l.ino))
     }
 
-    /// The text of `<root>/<pid>/maps`.
+    /// The text of the process's maps.
     fn read(&self, pid: u32) -> Result<String> {
-        let path = self.root.join(pid.to_string()).join("maps");
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-            // ENOENT: no such pid; ESRCH: it exited while we read.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ESRCH) =>
-            {
-                Err(Error::NoSuchProcess { pid })
-            }
-            Err(e) => Err(Error::Proc {
-                pid,
-                file: "maps",
-                reason: format!("cannot read it: {e}"),
-            }),
+        match self.proc.maps_text(pid) {
+            Ok(Some(text)) => Ok(text),
+            Ok(None) => Err(Error::NoSuchProcess { pid }),
+            Err(e) => Err(Error::proc(pid, "maps", e)),
         }
     }
 
@@ -116,8 +91,8 @@ impl ProcMaps {
     /// names. `Err` holds the reason to skip it.
     fn open(&self, pid: u32, f: &TextFile) -> std::result::Result<File, String> {
         let link = self
-            .root
-            .join(pid.to_string())
+            .proc
+            .pid_dir(pid)
             .join("map_files")
             .join(f.map_files_name());
         let file = std::fs::OpenOptions::new()
@@ -243,8 +218,11 @@ impl Replicator {
         &self,
         pid: u32,
         nodes: &NodeSelection,
-    ) -> Result<(Vec<SourceStatus>, Vec<Skipped>)> {
-        self.replicate_pid_in(&ProcMaps::default(), pid, nodes)
+    ) -> Result<(Vec<SourceView>, Vec<Skipped>)> {
+        let proc = ProcMaps {
+            proc: self.inner.proc.clone(),
+        };
+        self.replicate_pid_in(&proc, pid, nodes)
     }
 
     fn replicate_pid_in(
@@ -252,10 +230,8 @@ impl Replicator {
         proc: &ProcMaps,
         pid: u32,
         nodes: &NodeSelection,
-    ) -> Result<(Vec<SourceStatus>, Vec<Skipped>)> {
-        if self.inner.shutting_down.load(Ordering::SeqCst) {
-            return Err(Error::ShuttingDown);
-        }
+    ) -> Result<(Vec<SourceView>, Vec<Skipped>)> {
+        self.check_running()?;
         // A node the machine lacks fails the request, not every file.
         self.targets(nodes)?;
         let maps = proc.read(pid)?;

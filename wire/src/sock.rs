@@ -76,6 +76,11 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Bound how long a read from `sock` blocks (`SO_RCVTIMEO`).
+pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    set_timeout(sock.as_raw_fd(), libc::SO_RCVTIMEO, timeout)
+}
+
 fn set_timeout(fd: RawFd, opt: libc::c_int, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,

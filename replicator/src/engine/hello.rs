@@ -19,30 +19,51 @@
 //! process is only told about files it maps already.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, OwnedFd};
 
-use replicad_client::maps::MapsLine;
-use replicad_client::proto::{AttachRange, LeftAlone};
+use replicad_procfs::{CgroupEntry, OwnedMapsLine};
 
-use super::{allowed_cpus, lock, start_time, Inner};
-use crate::list::{Attachment, SourceKey, Target};
-use crate::{Error, Replicator, Result, Topology};
+use super::populate::reopen_readonly;
+use super::{lock, Inner, Replicator};
+use crate::model::{LeftAlone, ReplicaState, SourceKey, Target};
+use crate::{Error, Result, Topology};
 
 /// Most sources one answer carries: two fds each, and one message carries
-/// at most 252 fds.
-pub const MAX_SOURCES: usize = replicad_client::sock::MAX_MESSAGE_FDS / 2;
+/// at most 252 fds (`SCM_RIGHTS` limit, less margin).
+pub const MAX_SOURCES: usize = 126;
 /// Left-alone processes remembered for `status`.
 const LEFT_ALONE_MAX: usize = 256;
+
+/// The two fds a hello hands the shim for one source.
+#[derive(Debug)]
+pub struct SourceFds {
+    /// The replica's read-only fd.
+    pub replica: OwnedFd,
+    /// A fresh read-only open of the source: the shim's way back.
+    pub source: OwnedFd,
+}
+
+/// One mapping of the process that a replica may back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRange {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub key: SourceKey,
+    /// `r-xp` or `r--p`, as maps shows it.
+    pub perms: String,
+    /// Index into [`ProcessAttach::sources`].
+    pub source: u32,
+    pub generation: u64,
+}
 
 /// What a hello hands the shim.
 #[derive(Debug)]
 pub struct ProcessAttach {
     pub node: u32,
-    pub ranges: Vec<AttachRange>,
-    /// Two per source: the replica's read-only fd, then a fresh read-only
-    /// fd of the source (the shim's way back).
-    pub fds: Vec<OwnedFd>,
+    pub ranges: Vec<HelloRange>,
+    pub sources: Vec<SourceFds>,
     pub skipped: Vec<String>,
 }
 
@@ -50,7 +71,12 @@ pub struct ProcessAttach {
 #[derive(Debug)]
 pub enum Hello {
     Attached(ProcessAttach),
-    LeftAlone { reason: String },
+    LeftAlone {
+        reason: String,
+    },
+    /// The process exited (or its pid changed hands) during the hello:
+    /// nobody is there to answer, and nothing went wrong.
+    Vanished,
 }
 
 /// A policy entry: processes of this cgroup (or below it) whose CPUs span
@@ -75,25 +101,14 @@ fn cgroup_under(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// The cgroup paths of `pid` (v2 `0::/x`, v1 `N:ctrl:/x`). A kernel with
-/// no hierarchy mounted lists none: the process is in the root, `/`.
-fn cgroups(pid: u32) -> Vec<String> {
-    let groups: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_string))
-        .collect();
+/// The cgroup paths of a process, from its cgroup entries.
+fn cgroup_paths(entries: &[CgroupEntry]) -> Vec<String> {
+    let groups: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
     if groups.is_empty() {
         vec!["/".to_string()]
     } else {
         groups
     }
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_default()
 }
 
 /// The node for a process allowed on `cpus`, in `groups`: the one node
@@ -116,7 +131,7 @@ fn choose_node(
     Err(format!(
         "its CPUs ({}) span several nodes and no home_node policy covers its cgroup ({}): \
          bind it to one node (replicactl run --node N) or add a [[home_node]] for the cgroup",
-        crate::topology::sysfs::format_cpulist(cpus),
+        replicad_procfs::format_cpulist(cpus),
         groups.first().map(String::as_str).unwrap_or("?")
     ))
 }
@@ -141,30 +156,39 @@ impl Replicator {
 }
 
 impl Inner {
-    /// The node whose replicas `pid` should use, or why it has none.
-    pub(super) fn node_for(&self, pid: u32, asked: Option<u32>) -> Result<Result<u32, String>> {
+    /// The node whose replicas `pid` should use, or why it has none;
+    /// `None` if the process is gone.
+    fn node_for(&self, pid: u32, asked: Option<u32>) -> Result<Option<Result<u32, String>>> {
         if let Some(n) = asked {
             self.topology.node(n)?;
-            return Ok(Ok(n));
+            return Ok(Some(Ok(n)));
         }
-        let Some(cpus) = affinity(pid).or_else(|| allowed_cpus(pid)) else {
-            return Err(Error::NoSuchProcess { pid });
+        let cpus = match crate::sys::affinity(pid) {
+            Some(cpus) => cpus,
+            None => match self.proc.cpus_allowed(pid) {
+                Ok(Some(cpus)) => cpus,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Error::proc(pid, "status", e)),
+            },
+        };
+        let groups = match self.proc.cgroups(pid) {
+            Ok(Some(entries)) => cgroup_paths(&entries),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Error::proc(pid, "cgroup", e)),
         };
         let home_nodes = self.home_nodes.read().unwrap_or_else(|p| p.into_inner());
-        Ok(choose_node(
+        Ok(Some(choose_node(
             &self.topology,
             &cpus,
-            &cgroups(pid),
+            &groups,
             &home_nodes,
-        ))
+        )))
     }
 
     fn note_left_alone(&self, pid: u32, reason: &str) {
-        let a = Attachment {
-            pid,
-            start_time: start_time(pid).unwrap_or(0),
-        };
-        let mut left = self.left_alone.lock().unwrap_or_else(|p| p.into_inner());
+        let a = self.attachment(pid);
+        let comm = self.proc.comm(pid).ok().flatten().unwrap_or_default();
+        let mut left = super::relock(&self.left_alone);
         left.retain(|(old, _)| old.pid != pid);
         if left.len() >= LEFT_ALONE_MAX {
             left.remove(0);
@@ -173,41 +197,25 @@ impl Inner {
             a,
             LeftAlone {
                 pid,
-                comm: comm(pid),
+                comm,
                 reason: reason.to_string(),
             },
         ));
     }
 
-    fn hello(&self, pid: u32, asked: Option<u32>, alive: &dyn Fn() -> bool) -> Result<Hello> {
-        let node = match self.node_for(pid, asked)? {
-            Ok(n) => n,
-            Err(reason) => return Ok(Hello::LeftAlone { reason }),
-        };
-        let proc_err = |file: &'static str, e: std::io::Error| {
-            if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
-                Error::NoSuchProcess { pid }
-            } else {
-                Error::Proc {
-                    pid,
-                    file,
-                    reason: e.to_string(),
-                }
-            }
-        };
+    /// The ranges of `pid`'s maps that replicas may back, read without the
+    /// list lock: private, read-only file mappings of replicated sources,
+    /// each with its count of privately written pages. `None`: the process
+    /// is gone.
+    fn hello_candidates(&self, pid: u32) -> Result<Option<Vec<(OwnedMapsLine, u64)>>> {
         // maps, not smaps: smaps walks every page table of the process
         // (0.3-0.4 ms for a python); the written-pages check below reads
         // pagemap for the few ranges that matter.
-        let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-            .map_err(|e| proc_err("maps", e))?;
-        let mut lines = Vec::new();
-        for (i, l) in text.lines().enumerate() {
-            lines.push(MapsLine::parse(l).ok_or_else(|| Error::Proc {
-                pid,
-                file: "maps",
-                reason: format!("line {} does not parse: {:?}", i + 1, l),
-            })?);
-        }
+        let lines = match self.proc.maps(pid) {
+            Ok(Some(lines)) => lines,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Error::proc(pid, "maps", e)),
+        };
         let replicated: BTreeSet<SourceKey> = lock(&self.list).keys().into_iter().collect();
         let mut pagemap = None;
         let mut entries = Vec::new();
@@ -220,29 +228,44 @@ impl Inner {
                 continue;
             }
             if pagemap.is_none() {
-                pagemap = Some(
-                    std::fs::File::open(format!("/proc/{pid}/pagemap"))
-                        .map_err(|e| proc_err("pagemap", e))?,
-                );
+                pagemap = match self.proc.pagemap(pid) {
+                    Ok(Some(f)) => Some(f),
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(Error::proc(pid, "pagemap", e)),
+                };
             }
-            let written = pagemap
-                .as_ref()
-                .map(|f| written_pages(f, l.start, l.end))
-                .unwrap_or(Ok(0))
-                .map_err(|e| proc_err("pagemap", e))?;
+            let written = match pagemap.as_ref() {
+                Some(f) => {
+                    replicad_procfs::written_pages(f, l.start, l.end).map_err(|e| Error::Proc {
+                        pid,
+                        file: "pagemap",
+                        reason: e.to_string(),
+                    })?
+                }
+                None => 0,
+            };
             entries.push((l, written));
         }
+        Ok(Some(entries))
+    }
+
+    fn hello(&self, pid: u32, asked: Option<u32>, alive: &dyn Fn() -> bool) -> Result<Hello> {
+        let node = match self.node_for(pid, asked)? {
+            Some(Ok(n)) => n,
+            Some(Err(reason)) => return Ok(Hello::LeftAlone { reason }),
+            None => return Ok(Hello::Vanished),
+        };
+        let Some(entries) = self.hello_candidates(pid)? else {
+            return Ok(Hello::Vanished);
+        };
         // The reads are done: if the peer still runs, the pid still names it.
         if !alive() {
-            return Err(Error::NoSuchProcess { pid });
+            return Ok(Hello::Vanished);
         }
         let target = Target::Node(node);
-        let attachment = Attachment {
-            pid,
-            start_time: start_time(pid).unwrap_or(0),
-        };
+        let attachment = self.attachment(pid);
         let mut ranges = Vec::new();
-        let mut fds = Vec::new();
+        let mut sources: Vec<SourceFds> = Vec::new();
         let mut skipped = Vec::new();
         // Source key -> index in the answer (None: known not to attach).
         let mut index: BTreeMap<SourceKey, Option<u32>> = BTreeMap::new();
@@ -265,13 +288,13 @@ impl Inner {
             let slot = match index.get(&key) {
                 Some(slot) => *slot,
                 None => {
-                    let slot = if index.values().flatten().count() >= super::process::MAX_SOURCES {
+                    let slot = if sources.len() >= MAX_SOURCES {
                         skipped.push(format!(
                             "{}: more than {MAX_SOURCES} replicated files in one answer",
                             e.path
                         ));
                         None
-                    } else if !src.fenced {
+                    } else if !src.fenced() {
                         skipped.push(format!("{}: a writer holds it", e.path));
                         None
                     } else {
@@ -279,7 +302,7 @@ impl Inner {
                         let valid = src.replicas.iter_mut().find(|r| {
                             r.target == target
                                 && r.generation.seq == seq
-                                && r.state == replicad_client::proto::ReplicaState::Valid
+                                && r.state == ReplicaState::Valid
                         });
                         match valid.and_then(|r| r.file.as_ref().map(|f| (f, &mut r.attachments))) {
                             None => {
@@ -287,13 +310,15 @@ impl Inner {
                                 None
                             }
                             Some((file, attachments)) => {
-                                let source = reopen(&src.fd);
+                                let source = reopen_readonly(&self.proc, src.fd.as_fd());
                                 match (file.open_readonly(), source) {
-                                    (Ok(r), Ok(s)) => {
+                                    (Ok(replica), Ok(source)) => {
                                         attachments.insert(attachment);
-                                        fds.push(r);
-                                        fds.push(s);
-                                        Some((fds.len() / 2 - 1) as u32)
+                                        sources.push(SourceFds {
+                                            replica,
+                                            source: OwnedFd::from(source),
+                                        });
+                                        Some((sources.len() - 1) as u32)
                                     }
                                     (Err(err), _) | (_, Err(err)) => {
                                         skipped.push(format!("{}: {err}", e.path));
@@ -310,12 +335,11 @@ impl Inner {
             let Some(source) = slot else {
                 continue;
             };
-            ranges.push(AttachRange {
+            ranges.push(HelloRange {
                 start: e.start,
                 end: e.end,
                 offset: e.offset,
-                dev: e.dev,
-                ino: e.ino,
+                key,
                 perms: e.perms_str().to_string(),
                 source,
                 generation: list.get(key).map_or(0, |s| s.generation.seq),
@@ -325,77 +349,10 @@ impl Inner {
         Ok(Hello::Attached(ProcessAttach {
             node,
             ranges,
-            fds,
+            sources,
             skipped,
         }))
     }
-}
-
-/// The CPUs `pid` may run on, by `sched_getaffinity` (a syscall, where
-/// `/proc/<pid>/status` is a page of text to format and parse). `None` if
-/// the call fails (no such pid, or more CPUs than a `cpu_set_t` holds).
-fn affinity(pid: u32) -> Option<Vec<u32>> {
-    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is valid for writes of the size given.
-    let rc = unsafe {
-        libc::sched_getaffinity(
-            pid as libc::pid_t,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &mut set,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: CPU_ISSET reads the set for cpu < its size.
-    Some(
-        (0..max)
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .map(|c| c as u32)
-            .collect(),
-    )
-}
-
-/// Pages of `start..end` that hold private (anonymous) copies: present
-/// and not file-backed, or swapped out, in `/proc/<pid>/pagemap` (bit 63
-/// present, 62 swapped, 61 file page or shared).
-fn written_pages(pagemap: &std::fs::File, start: u64, end: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    const PAGE: u64 = 4096;
-    let mut written = 0;
-    let mut buf = vec![0u8; 8 * 512];
-    let mut page = start / PAGE;
-    let last = end.div_ceil(PAGE);
-    while page < last {
-        let n = ((last - page) as usize).min(512);
-        let got = pagemap.read_at(&mut buf[..8 * n], page * 8)?;
-        if got < 8 {
-            break;
-        }
-        for e in buf[..got - got % 8].chunks_exact(8) {
-            let v = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            let present = v & (1 << 63) != 0;
-            let swapped = v & (1 << 62) != 0;
-            let file = v & (1 << 61) != 0;
-            if swapped || (present && !file) {
-                written += 1;
-            }
-        }
-        page += (got / 8) as u64;
-    }
-    Ok(written)
-}
-
-/// A new open file description of the source (never the lease's own: a
-/// client could `F_SETLEASE F_UNLCK` a shared one and drop the fence).
-fn reopen(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    Ok(OwnedFd::from(file))
 }
 
 #[cfg(test)]
@@ -464,13 +421,15 @@ mod tests {
             libc::mprotect(p, 4 * 4096, libc::PROT_READ);
         }
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
-        assert_eq!(written_pages(&pagemap, start, end).unwrap(), 1);
-        assert_eq!(written_pages(&pagemap, start + 8192, end).unwrap(), 0);
+        let written = replicad_procfs::written_pages;
+        assert_eq!(written(&pagemap, start, end).unwrap(), 1);
+        assert_eq!(written(&pagemap, start + 8192, end).unwrap(), 0);
         // SAFETY: our own mapping.
         unsafe { libc::munmap(p, 4 * 4096) };
-        let me = affinity(std::process::id()).unwrap();
+        let me = crate::sys::affinity(std::process::id()).unwrap();
         assert!(!me.is_empty());
-        assert_eq!(Some(me), allowed_cpus(std::process::id()));
+        let proc = replicad_procfs::ProcReader::default();
+        assert_eq!(Some(me), proc.cpus_allowed(std::process::id()).unwrap());
     }
 
     #[test]

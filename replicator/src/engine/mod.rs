@@ -1,0 +1,393 @@
+//! The engine: replicate, evict, attach, revoke, regenerate.
+//!
+//! ```text
+//!  mod.rs       Replicator, its config, start and shutdown (the lifecycle)
+//!  populate.rs  replicate a path or an fd: fence it, copy it, check placement
+//!  revoke.rs    a writer (or evict, unlink, shutdown) arrives: revoke every
+//!               replica, then release; refence: a new generation after it
+//!  attach.rs    a client's Map: one replica fd for a file it opened
+//!  hello.rs     the preload shim's Hello: the mappings replicas may back
+//!  pid.rs       replicate --pid: the text a running process maps
+//!  prune.rs     dead attachments, unlinked sources; the generation worker
+//!  status.rs    the replica list as views
+//!  publish.rs   the published replica set, after every change of validity
+//! ```
+//!
+//! Threads and locks:
+//! - callers (the daemon's control socket) run `replicate`, `evict`,
+//!   `attach`, `hello`, `status` on their own threads;
+//! - the fence thread runs `on_fence_event`: mark `Revoking`, wait for
+//!   in-flight copies of that source to stop (they check an abort flag
+//!   every chunk), truncate every replica, release the lease;
+//! - the generation worker takes fences back after writers leave, copies
+//!   new generations, and prunes dead attachments and unlinked sources.
+//!
+//! One mutex guards the [`ReplicaList`]; nobody copies, reads `/proc` or
+//! waits on I/O while holding it (truncating and unlinking a tmpfs file is
+//! the longest step). Every kernel call of the fence state machine goes
+//! through [`FenceOps`], so unit tests (`tests.rs`) drive it without root.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use replicad_procfs::ProcReader;
+
+use crate::fence::{self, FenceOps, FenceThread, KernelOps};
+use crate::list::ReplicaList;
+use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, Target};
+use crate::store::{Store, StoreConfig};
+use crate::{Error, Metrics, Result, Topology};
+
+mod attach;
+mod hello;
+mod pid;
+mod populate;
+mod prune;
+mod publish;
+mod revoke;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use attach::Attach;
+pub use hello::{Hello, HelloRange, HomeNode, ProcessAttach, SourceFds, MAX_SOURCES};
+
+/// How the engine behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub store: StoreConfig,
+    /// How long a source must stay quiet after a writer before a new
+    /// generation is copied.
+    pub settle: Duration,
+    /// Longest wait between attempts to take a fence back.
+    pub retry_max: Duration,
+    /// How often dead attachments and unlinked sources are pruned.
+    pub prune_every: Duration,
+    /// Home nodes by cgroup, for processes whose CPUs span several nodes.
+    pub home_nodes: Vec<HomeNode>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            store: StoreConfig::default(),
+            settle: Duration::from_millis(200),
+            retry_max: Duration::from_secs(2),
+            prune_every: Duration::from_secs(2),
+            home_nodes: Vec::new(),
+        }
+    }
+}
+
+/// What the engine is wired to: the kernel (or a test's stand-in), where
+/// `/proc` is, where it publishes, and whether it runs a fence thread.
+pub struct Wiring {
+    pub ops: Arc<dyn FenceOps>,
+    pub proc: ProcReader,
+    pub publisher: Option<Box<dyn Publisher>>,
+    /// Hear lease breaks on a fence thread (the daemon). Unit tests with a
+    /// stand-in kernel take no real lease and deliver breaks themselves.
+    pub fence_thread: bool,
+}
+
+impl Wiring {
+    /// The real kernel and `/proc`, publishing through `publisher`.
+    pub fn kernel(publisher: Option<Box<dyn Publisher>>) -> Wiring {
+        Wiring {
+            ops: Arc::new(KernelOps),
+            proc: ProcReader::default(),
+            publisher,
+            fence_thread: true,
+        }
+    }
+}
+
+/// The engine. Cheap to clone; every clone is the same engine.
+#[derive(Clone, Debug)]
+pub struct Replicator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    topology: Topology,
+    store: Store,
+    metrics: Metrics,
+    ops: Arc<dyn FenceOps>,
+    proc: ProcReader,
+    list: Mutex<ReplicaList>,
+    /// Signalled whenever a copy finishes.
+    copies_done: Condvar,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    shutting_down: AtomicBool,
+    threads: Mutex<Threads>,
+    /// Processes that said hello and were left on their own mappings
+    /// (newest last, bounded), pruned when they exit.
+    left_alone: Mutex<Vec<(Attachment, LeftAlone)>>,
+    /// Where validity changes are published.
+    publisher: Mutex<Option<Box<dyn Publisher>>>,
+    /// `cfg.home_nodes`, replaced on reload.
+    home_nodes: RwLock<Vec<HomeNode>>,
+}
+
+#[derive(Default)]
+struct Threads {
+    fence: Option<FenceThread>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("nodes", &self.topology.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Work for the generation worker.
+#[derive(Debug)]
+enum Job {
+    /// Try to take the fence of this source back at this time.
+    Refence(Instant, SourceKey),
+    Stop,
+}
+
+/// Why replicas are invalidated (the metric's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Write,
+    Evict,
+    Shutdown,
+    Unlinked,
+    /// A copy failed and left the source without a replica: its fence goes
+    /// too (no lease without a replica).
+    CopyFailed,
+}
+
+impl Reason {
+    const ALL: [Reason; 4] = [
+        Reason::Write,
+        Reason::Evict,
+        Reason::Shutdown,
+        Reason::Unlinked,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Reason::Write => "write",
+            Reason::Evict => "evict",
+            Reason::Shutdown => "shutdown",
+            Reason::Unlinked => "unlinked",
+            Reason::CopyFailed => "copy_failed",
+        }
+    }
+}
+
+fn lock(list: &Mutex<ReplicaList>) -> MutexGuard<'_, ReplicaList> {
+    // A panic while holding the lock leaves the list consistent enough to
+    // revoke from: every mutation is a single field or vec update.
+    list.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Lock a mutex, taking over a poisoned one (its data stays usable).
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replicator {
+    /// Open the store (removing leftovers of an earlier run first), start
+    /// the fence thread and the generation worker, on the real kernel.
+    /// [`fence::prepare`] must have run in this thread before any thread
+    /// was started.
+    pub fn start(
+        cfg: EngineConfig,
+        topology: Topology,
+        metrics: Metrics,
+        publisher: Option<Box<dyn Publisher>>,
+    ) -> Result<Replicator> {
+        Self::start_with(cfg, topology, metrics, Wiring::kernel(publisher))
+    }
+
+    /// [`Replicator::start`] with the kernel, `/proc` and publisher given.
+    pub fn start_with(
+        cfg: EngineConfig,
+        topology: Topology,
+        metrics: Metrics,
+        wiring: Wiring,
+    ) -> Result<Replicator> {
+        if wiring.fence_thread && !fence::prepared() {
+            return Err(Error::FenceNotPrepared);
+        }
+        let home_nodes = cfg.home_nodes.clone();
+        let nodes: Vec<u32> = topology.nodes.iter().map(|n| n.id).collect();
+        let store = Store::open(&cfg.store, &nodes)?;
+        if store.leftovers_removed() > 0 {
+            tracing::info!(
+                "removed {} leftover replicas of an earlier run (their fence was not held)",
+                store.leftovers_removed()
+            );
+        }
+        metrics
+            .leftovers_removed
+            .inc_by(store.leftovers_removed() as u64);
+        metrics.start_at_zero(
+            nodes.iter().map(|n| Target::Node(*n).to_string()),
+            Reason::ALL.iter().map(|r| r.label()),
+            fence::FenceFailure::LABELS.iter().copied(),
+        );
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            cfg,
+            topology,
+            store,
+            metrics,
+            ops: wiring.ops,
+            proc: wiring.proc,
+            list: Mutex::new(ReplicaList::default()),
+            copies_done: Condvar::new(),
+            jobs: Mutex::new(Some(tx)),
+            shutting_down: AtomicBool::new(false),
+            threads: Mutex::new(Threads::default()),
+            left_alone: Mutex::new(Vec::new()),
+            home_nodes: RwLock::new(home_nodes),
+            publisher: Mutex::new(wiring.publisher),
+        });
+        let fence = if wiring.fence_thread {
+            let weak = Arc::downgrade(&inner);
+            Some(
+                FenceThread::spawn(move |ev| {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.on_fence_event(ev);
+                    }
+                })
+                .map_err(|source| Error::Thread {
+                    what: "fence thread",
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
+        let weak = Arc::downgrade(&inner);
+        let worker = std::thread::Builder::new()
+            .name("replicad-gen".into())
+            .spawn(move || prune::generation_worker(weak, rx))
+            .map_err(|source| Error::Thread {
+                what: "generation worker",
+                source,
+            })?;
+        {
+            let mut t = relock(&inner.threads);
+            t.fence = fence;
+            t.worker = Some(worker);
+        }
+        Ok(Replicator { inner })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The run directory the store lives in.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.inner.cfg.store.run_dir
+    }
+
+    /// Replace the home-node policy (a reloaded configuration).
+    pub fn set_home_nodes(&self, home_nodes: Vec<HomeNode>) {
+        *self
+            .inner
+            .home_nodes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = home_nodes;
+    }
+
+    /// Resolve a node selection against the machine.
+    pub fn targets(&self, nodes: &NodeSelection) -> Result<BTreeSet<Target>> {
+        match nodes {
+            NodeSelection::All => Ok(self
+                .inner
+                .topology
+                .nodes
+                .iter()
+                .map(|n| Target::Node(n.id))
+                .collect()),
+            NodeSelection::List(list) => list
+                .iter()
+                .map(|n| self.inner.topology.node(*n).map(|_| Target::Node(*n)))
+                .collect(),
+        }
+    }
+
+    /// Invalidate every replica, release every fence, stop the threads and
+    /// unmount the store. Idempotent.
+    pub fn shutdown(&self) {
+        let inner = &self.inner;
+        if inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(tx) = relock(&inner.jobs).take() {
+            let _ = tx.send(Job::Stop);
+        }
+        let mut list = lock(&inner.list);
+        for key in list.keys() {
+            list = inner.drop_source(list, key, Reason::Shutdown).0;
+        }
+        drop(list);
+        let threads = std::mem::take(&mut *relock(&inner.threads));
+        if let Some(mut f) = threads.fence {
+            f.stop();
+        }
+        if let Some(w) = threads.worker {
+            let _ = w.join();
+        }
+        if let Some(mut p) = relock(&inner.publisher).take() {
+            p.retire();
+        }
+        inner.store.close();
+        tracing::info!("every replica invalidated, every fence released");
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn jobs(&self, job: Job) {
+        if let Some(tx) = relock(&self.jobs).as_ref() {
+            let _ = tx.send(job);
+        }
+    }
+
+    /// The attachment record of `pid` now: pid and start time (0 when the
+    /// process is gone already; such a record is pruned at once).
+    fn attachment(&self, pid: u32) -> Attachment {
+        Attachment {
+            pid,
+            start_time: self.proc.start_time(pid).ok().flatten().unwrap_or(0),
+        }
+    }
+
+    /// Whether the process `a` names still runs (not exited, pid not
+    /// recycled). A process that vanished is simply gone: no error.
+    fn still_runs(&self, a: &Attachment) -> bool {
+        match self.proc.start_time(a.pid) {
+            Ok(Some(t)) => t == a.start_time || a.start_time == 0,
+            Ok(None) => false,
+            // Unreadable but present: keep it rather than guess.
+            Err(_) => true,
+        }
+    }
+}

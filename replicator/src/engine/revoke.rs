@@ -1,0 +1,227 @@
+//! Revoke and refence: the write fence's state machine.
+//!
+//! ```text
+//!  break (or evict, unlink, shutdown)
+//!    1. every replica Revoking, abort flag set: no new attach, copiers stop
+//!    2. wait for in-flight copies (one chunk each)
+//!    3. truncate every replica: the kernel unmaps it from every process
+//!    4. release the lease: only now may the writer go on
+//!    5. publish (after the writer was let go: not on its path)
+//!  refence, after `settle` quiet: take the lease again (back off while a
+//!  writer still holds the file), read the new generation, populate it
+//! ```
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{lock, Inner, Job, Reason, Replicator};
+use crate::fence::{FenceEvent, Lease};
+use crate::list::ReplicaList;
+use crate::model::{FenceKind, ReplicaState, SourceKey};
+use crate::{Error, Result};
+
+impl Replicator {
+    /// Drop every replica of `path` and its fence. Returns how many
+    /// replicas were invalidated.
+    pub fn evict(&self, path: &Path) -> Result<usize> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let key = SourceKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let list = lock(&self.inner.list);
+        if list.get(key).is_none() {
+            return Err(Error::NotReplicated {
+                path: path.to_path_buf(),
+            });
+        }
+        let (_list, n) = self.inner.drop_source(list, key, Reason::Evict);
+        Ok(n)
+    }
+}
+
+impl Inner {
+    /// Revoke every replica of `key` and release its fence, keeping the
+    /// source listed (a writer broke in; a new generation follows).
+    /// Returns the guard and how many replicas were invalidated.
+    pub(super) fn revoke<'a>(
+        &'a self,
+        mut list: MutexGuard<'a, ReplicaList>,
+        key: SourceKey,
+        reason: Reason,
+        signalled: Option<Instant>,
+    ) -> (MutexGuard<'a, ReplicaList>, usize) {
+        // 1. No new attaches, and copiers stop at their next chunk.
+        if let Some(src) = list.get_mut(key) {
+            src.abort.store(true, Ordering::SeqCst);
+            for r in &mut src.replicas {
+                if r.state != ReplicaState::Gone {
+                    r.state = ReplicaState::Revoking;
+                }
+            }
+        }
+        // 2. Wait for in-flight copies (bounded: one chunk each).
+        while list.get(key).is_some_and(|src| src.copies > 0) {
+            list = self
+                .copies_done
+                .wait(list)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let Some(src) = list.get_mut(key) else {
+            return (list, 0);
+        };
+        // 3. Truncate: the kernel unmaps the pages from every process.
+        let mut n = 0;
+        for mut r in src.replicas.drain(..) {
+            r.state = ReplicaState::Gone;
+            if let Some(file) = r.file.take() {
+                let t = r.target.to_string();
+                self.metrics.replicas.with_label_values(&[t.as_str()]).dec();
+                self.metrics
+                    .replica_bytes
+                    .with_label_values(&[t.as_str()])
+                    .sub(r.generation.size as i64);
+                self.ops.truncate(file);
+                n += 1;
+            }
+        }
+        self.metrics
+            .invalidations
+            .with_label_values(&[reason.label()])
+            .inc_by(n as u64);
+        // 4. Only now may the writer go on.
+        if let Some(at) = signalled {
+            self.metrics
+                .invalidation_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
+        if let Some(lease) = src.lease.take() {
+            if let Err(e) = lease.release() {
+                crate::warn_limited!("{}: releasing the lease: {e}", src.path.display());
+            }
+        }
+        // 5. After the writer was let go: not on its path.
+        self.publish(&list);
+        (list, n)
+    }
+
+    /// Revoke and forget a source.
+    pub(super) fn drop_source<'a>(
+        &'a self,
+        list: MutexGuard<'a, ReplicaList>,
+        key: SourceKey,
+        reason: Reason,
+    ) -> (MutexGuard<'a, ReplicaList>, usize) {
+        let (mut list, n) = self.revoke(list, key, reason, None);
+        if let Some(src) = list.remove(key) {
+            crate::info_limited!(
+                "{}: dropped ({}), {n} replicas invalidated",
+                src.path.display(),
+                reason.label()
+            );
+        }
+        (list, n)
+    }
+
+    /// A lease break (or a signal-queue overflow) from the fence thread.
+    pub(super) fn on_fence_event(&self, ev: FenceEvent) {
+        let (fds, at) = match ev {
+            FenceEvent::Break { fd, at } => (vec![fd], at),
+            FenceEvent::Overflow { at } => {
+                // Unknown fd: every held lease with a break pending.
+                let list = lock(&self.list);
+                let fds = list
+                    .iter()
+                    .filter_map(|s| s.lease.as_ref())
+                    .filter(|l| l.break_pending())
+                    .map(Lease::raw_fd)
+                    .collect();
+                (fds, at)
+            }
+        };
+        for fd in fds {
+            let list = lock(&self.list);
+            let Some(key) = list.by_fence_fd(fd) else {
+                continue;
+            };
+            if list.get(key).is_none_or(|s| s.lease.is_none()) {
+                continue;
+            }
+            let (mut list, n) = self.revoke(list, key, Reason::Write, Some(at));
+            let waited = at.elapsed();
+            if let Some(src) = list.get_mut(key) {
+                src.broken_at = Some(Instant::now());
+                src.retries = 0;
+                crate::info_limited!(
+                    "{}: writer arrived; {n} replicas revoked, lease released after {:?}",
+                    src.path.display(),
+                    waited
+                );
+            }
+            drop(list);
+            self.jobs(Job::Refence(Instant::now() + self.cfg.settle, key));
+        }
+    }
+
+    /// Try to take the fence of `key` back and copy a new generation.
+    /// Returns when to try again, if needed.
+    pub(super) fn refence(&self, key: SourceKey) -> Option<Duration> {
+        {
+            let mut list = lock(&self.list);
+            let src = list.get_mut(key)?;
+            if src.fenced() || src.fence != FenceKind::Lease {
+                return None;
+            }
+            // Quiet long enough since the last writer?
+            if let Some(at) = src.broken_at {
+                let quiet = at.elapsed();
+                if quiet < self.cfg.settle {
+                    return Some(self.cfg.settle - quiet);
+                }
+            }
+            let lease = match Lease::take(src.fd.clone(), self.ops.clone()) {
+                Ok(lease) => lease,
+                Err(e) => {
+                    src.retries += 1;
+                    let backoff = self
+                        .cfg
+                        .settle
+                        .saturating_mul(1 << src.retries.min(10))
+                        .min(self.cfg.retry_max);
+                    if e.raw_os_error() != Some(libc::EAGAIN) {
+                        crate::warn_limited!(
+                            "{}: cannot take the lease back: {e}; retrying",
+                            src.path.display()
+                        );
+                    }
+                    return Some(backoff);
+                }
+            };
+            let seq = src.generation.seq + 1;
+            match self.read_generation(src.fd.as_fd(), &src.path, seq) {
+                Ok(g) => src.generation = g,
+                Err(e) => {
+                    crate::warn_limited!("{e}");
+                    // Released on drop: no lease without a generation.
+                    drop(lease);
+                    return Some(self.cfg.retry_max);
+                }
+            }
+            src.lease = Some(lease);
+            src.retries = 0;
+            src.abort = Arc::new(AtomicBool::new(false));
+            debug_assert_eq!(
+                src.fd.as_raw_fd(),
+                src.lease.as_ref().map_or(-1, Lease::raw_fd)
+            );
+        }
+        if let Err(e) = self.populate(key) {
+            crate::warn_limited!("new generation: {e}");
+        }
+        None
+    }
+}

@@ -1,0 +1,533 @@
+//! The engine's state machine without root: a recording stand-in for the
+//! kernel's fence calls ([`FenceOps`]), a memfd store, a `/proc` fixture
+//! root, and breaks delivered by hand. What the real kernel does with the
+//! same calls is proven by the integration tests as root.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replicad_procfs::ProcReader;
+
+use super::{lock, Attach, EngineConfig, Hello, Replicator, Wiring};
+use crate::fence::{FenceEvent, FenceOps, FileStat, KernelOps};
+use crate::model::{
+    DeviceId, DeviceKind, NodeSelection, PublishedSource, Publisher, ReplicaState, SourceKey,
+    Target,
+};
+use crate::store::{ReplicaFile, ReplicaIdent, StoreConfig};
+use crate::{Error, Metrics, Topology};
+
+thread_local! {
+    static MISPLACE: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Pages the placement check should find off their node, for copies made
+/// on this thread (the machine has one node: nothing is ever misplaced).
+pub(super) fn misplace() -> Option<u64> {
+    MISPLACE.with(Cell::get)
+}
+
+/// What the stand-in kernel and the publisher saw, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Take(RawFd),
+    Release(RawFd),
+    Truncate(String),
+    Publish(Vec<SourceKey>),
+}
+
+#[derive(Default)]
+struct Log {
+    events: Mutex<Vec<Event>>,
+    /// Lease fds the "kernel" holds a lease on.
+    leases: Mutex<HashSet<RawFd>>,
+    /// Lease fds with a break pending (for the overflow path).
+    pending: Mutex<HashSet<RawFd>>,
+    /// Refuse the next lease with EAGAIN (a writer holds the file).
+    refuse: Mutex<bool>,
+}
+
+impl Log {
+    fn push(&self, e: Event) {
+        self.events.lock().unwrap().push(e);
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn held(&self, fd: RawFd) -> bool {
+        self.leases.lock().unwrap().contains(&fd)
+    }
+}
+
+/// Leases are bookkeeping here; truncation is real (memfd replicas).
+struct Recorder(Arc<Log>);
+
+impl FenceOps for Recorder {
+    fn take_lease(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        if std::mem::take(&mut *self.0.refuse.lock().unwrap()) {
+            return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        self.0.leases.lock().unwrap().insert(fd.as_raw_fd());
+        self.0.push(Event::Take(fd.as_raw_fd()));
+        Ok(())
+    }
+
+    fn release_lease(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        self.0.leases.lock().unwrap().remove(&fd.as_raw_fd());
+        self.0.pending.lock().unwrap().remove(&fd.as_raw_fd());
+        self.0.push(Event::Release(fd.as_raw_fd()));
+        Ok(())
+    }
+
+    fn break_pending(&self, fd: BorrowedFd<'_>) -> bool {
+        self.0.pending.lock().unwrap().contains(&fd.as_raw_fd())
+    }
+
+    fn stat(&self, fd: BorrowedFd<'_>) -> std::io::Result<FileStat> {
+        KernelOps.stat(fd)
+    }
+
+    fn truncate(&self, replica: ReplicaFile) {
+        self.0.push(Event::Truncate(replica.label()));
+        replica.remove();
+    }
+}
+
+struct RecordingPublisher(Arc<Log>);
+
+impl Publisher for RecordingPublisher {
+    fn publish(&mut self, sources: &[PublishedSource]) {
+        self.0
+            .push(Event::Publish(sources.iter().map(|s| s.key).collect()));
+    }
+
+    fn retire(&mut self) {}
+}
+
+struct Rig {
+    engine: Replicator,
+    log: Arc<Log>,
+    dir: tempfile::TempDir,
+    /// The `/proc` fixture root the engine reads.
+    proc_root: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.engine.shutdown();
+    }
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_root = dir.path().join("proc");
+    std::fs::create_dir_all(&proc_root).unwrap();
+    let topo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sysfs/1node");
+    let topology = Topology::from_sysfs(&topo_root).unwrap();
+    let cfg = EngineConfig {
+        store: StoreConfig {
+            run_dir: dir.path().join("run"),
+            size: None,
+            huge_pages: false,
+            force_memfd: true,
+            copy_threads: 1,
+        },
+        // The generation worker must not refence behind the tests' backs.
+        settle: Duration::from_secs(3600),
+        retry_max: Duration::from_secs(3600),
+        prune_every: Duration::from_secs(3600),
+        home_nodes: Vec::new(),
+    };
+    let log = Arc::new(Log::default());
+    let wiring = Wiring {
+        ops: Arc::new(Recorder(log.clone())),
+        proc: ProcReader::new(&proc_root),
+        publisher: Some(Box::new(RecordingPublisher(log.clone()))),
+        fence_thread: false,
+    };
+    let engine = Replicator::start_with(cfg, topology, Metrics::new().unwrap(), wiring).unwrap();
+    Rig {
+        engine,
+        log,
+        dir,
+        proc_root,
+    }
+}
+
+impl Rig {
+    fn source(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn key(path: &Path) -> SourceKey {
+        let m = std::fs::metadata(path).unwrap();
+        SourceKey {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+
+    fn lease_fd(&self, key: SourceKey) -> RawFd {
+        lock(&self.engine.inner.list)
+            .get(key)
+            .unwrap()
+            .fd
+            .as_raw_fd()
+    }
+
+    fn states(&self, key: SourceKey) -> Vec<ReplicaState> {
+        lock(&self.engine.inner.list)
+            .get(key)
+            .map(|s| s.replicas.iter().map(|r| r.state).collect())
+            .unwrap_or_default()
+    }
+
+    /// A writer arrives: the break the fence thread would deliver.
+    fn break_lease(&self, key: SourceKey) {
+        let fd = self.lease_fd(key);
+        self.engine.inner.on_fence_event(FenceEvent::Break {
+            fd,
+            at: Instant::now(),
+        });
+    }
+
+    /// A fixture process: `<root>/<pid>/stat` (start time `start`) and
+    /// `maps` mapping `path` privately read-only.
+    fn process(&self, pid: u32, start: u64, maps_of: Option<&Path>) {
+        let d = self.proc_root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let mut stat = format!("{pid} (fixture) S 1 {pid} {pid} 0 -1 4194560");
+        for _ in 0..12 {
+            stat.push_str(" 0");
+        }
+        stat.push_str(&format!(" {start} 1000 10"));
+        for _ in 0..30 {
+            stat.push_str(" 0");
+        }
+        std::fs::write(d.join("stat"), stat + "\n").unwrap();
+        if let Some(path) = maps_of {
+            let m = std::fs::metadata(path).unwrap();
+            let line = format!(
+                "7f0000000000-7f0000001000 r--p 00000000 {:02x}:{:02x} {} {}\n",
+                libc::major(m.dev()),
+                libc::minor(m.dev()),
+                m.ino(),
+                path.display()
+            );
+            std::fs::write(d.join("maps"), line).unwrap();
+        }
+    }
+}
+
+fn read_all(fd: BorrowedFd<'_>) -> Vec<u8> {
+    let mut f = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).unwrap();
+    v
+}
+
+fn attach(rig: &Rig, path: &Path, pid: u32) -> Attach {
+    let f = std::fs::File::open(path).unwrap();
+    rig.engine.attach(pid, f.as_fd(), Some(0)).unwrap()
+}
+
+#[test]
+fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
+    let rig = rig();
+    let path = rig.source("weights.bin", &[7u8; 3 * 4096]);
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    let fd = rig.lease_fd(key);
+    assert!(rig.log.held(fd));
+    // A second replica of the same source, so "every" means more than one.
+    {
+        let mut list = lock(&rig.engine.inner.list);
+        let src = list.get_mut(key).unwrap();
+        let ident = ReplicaIdent::of_file(&path, &std::fs::metadata(&path).unwrap(), 1);
+        let file = rig.engine.inner.store.create(0, &ident).unwrap();
+        let mut second = crate::list::Replica {
+            target: Target::Device(DeviceId {
+                kind: DeviceKind::Cuda,
+                index: 0,
+            }),
+            generation: src.generation,
+            state: ReplicaState::Valid,
+            file: Some(file),
+            attachments: Default::default(),
+            placement: None,
+        };
+        second.attachments.insert(crate::model::Attachment {
+            pid: 1,
+            start_time: 1,
+        });
+        src.replicas.push(second);
+        // A copy in flight: the revoke must wait for it with the lock
+        // released, which is the window an attach could come through.
+        src.copies = 1;
+    }
+    let before = rig.log.events().len();
+    std::thread::scope(|s| {
+        let revoker = s.spawn(|| rig.break_lease(key));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rig.states(key) != [ReplicaState::Revoking, ReplicaState::Revoking] {
+            assert!(Instant::now() < deadline, "never marked revoking");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Marked, and nothing truncated or released yet.
+        assert_eq!(rig.log.events().len(), before, "{:?}", rig.log.events());
+        assert!(rig.log.held(fd));
+        // An attach now is refused, and leaves no attachment behind.
+        match attach(&rig, &path, std::process::id()) {
+            Attach::Original { reason } => assert!(reason.contains("revoking"), "{reason}"),
+            Attach::Replica { .. } => panic!("attached to a revoking replica"),
+        }
+        let attached: usize = lock(&rig.engine.inner.list).get(key).unwrap().attached();
+        assert_eq!(attached, 1, "the refused attach was recorded");
+        // The copy stops; the revoke goes on.
+        {
+            let mut list = lock(&rig.engine.inner.list);
+            list.get_mut(key).unwrap().copies = 0;
+        }
+        rig.engine.inner.copies_done.notify_all();
+        revoker.join().unwrap();
+    });
+    let events = rig.log.events()[before..].to_vec();
+    let truncates = events
+        .iter()
+        .take_while(|e| matches!(e, Event::Truncate(_)))
+        .count();
+    assert_eq!(truncates, 2, "{events:?}");
+    assert_eq!(events[2], Event::Release(fd), "{events:?}");
+    // Published after the writer was let go, without the source.
+    assert!(
+        matches!(&events[3], Event::Publish(keys) if !keys.contains(&key)),
+        "{events:?}"
+    );
+    assert!(!rig.log.held(fd));
+    assert!(rig.states(key).is_empty());
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(m.invalidations.with_label_values(&["write"]).get(), 2);
+    // A later attach is refused: a writer holds the file.
+    match attach(&rig, &path, std::process::id()) {
+        Attach::Original { reason } => assert!(reason.contains("writer"), "{reason}"),
+        Attach::Replica { .. } => panic!("attached while the fence is down"),
+    }
+}
+
+#[test]
+fn refence_after_a_writer_makes_a_new_generation() {
+    let rig = rig();
+    let path = rig.source("index.db", b"generation one");
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    rig.break_lease(key);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"the second generation")
+        .unwrap();
+    // A writer still there: no lease, a back-off, nothing copied.
+    *rig.log.refuse.lock().unwrap() = true;
+    rig.engine
+        .inner
+        .list
+        .lock()
+        .unwrap()
+        .get_mut(key)
+        .unwrap()
+        .broken_at = None;
+    assert!(rig.engine.inner.refence(key).is_some());
+    assert!(rig.states(key).is_empty());
+    // The writer left: the lease comes back, then a new generation.
+    assert_eq!(rig.engine.inner.refence(key), None);
+    let events = rig.log.events();
+    let fd = rig.lease_fd(key);
+    let takes: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == Event::Take(fd))
+        .map(|(i, _)| i)
+        .collect();
+    let release = events
+        .iter()
+        .position(|e| *e == Event::Release(fd))
+        .unwrap();
+    assert_eq!(takes.len(), 2, "{events:?}");
+    assert!(takes[0] < release && release < takes[1], "{events:?}");
+    let view = rig.engine.status();
+    let s = &view.sources[0];
+    assert_eq!(s.generation, 2);
+    assert_eq!(s.size, b"the second generation".len() as u64);
+    assert!(s.fenced);
+    assert_eq!(s.replicas.len(), 1);
+    assert_eq!(s.replicas[0].state, ReplicaState::Valid);
+    assert_eq!(s.replicas[0].generation, 2);
+    match attach(&rig, &path, std::process::id()) {
+        Attach::Replica { fd, generation, .. } => {
+            assert_eq!(generation, 2);
+            assert_eq!(read_all(fd.as_fd()), b"the second generation");
+        }
+        Attach::Original { reason } => panic!("no replica of generation 2: {reason}"),
+    }
+}
+
+#[test]
+fn a_failed_copy_leaves_no_lease_held() {
+    let rig = rig();
+    let path = rig.source("model.bin", &[1u8; 8 * 4096]);
+    let key = Rig::key(&path);
+    MISPLACE.with(|m| m.set(Some(3)));
+    let err = rig
+        .engine
+        .replicate(&path, &NodeSelection::All)
+        .unwrap_err();
+    MISPLACE.with(|m| m.set(None));
+    // The placement check rejects a replica with pages off its node.
+    match &err {
+        Error::Misplaced {
+            node, misplaced, ..
+        } => {
+            assert_eq!((*node, *misplaced), (0, 3));
+        }
+        e => panic!("not a placement failure: {e}"),
+    }
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(m.misplaced_pages.get(), 3);
+    assert_eq!(
+        m.replication_failures
+            .with_label_values(&["misplaced"])
+            .get(),
+        1
+    );
+    // The lease was taken, and given back; nothing is listed or stored.
+    let events = rig.log.events();
+    let take = events.iter().find_map(|e| match e {
+        Event::Take(fd) => Some(*fd),
+        _ => None,
+    });
+    let fd = take.expect("no lease was taken");
+    assert!(events.contains(&Event::Release(fd)), "{events:?}");
+    assert!(!rig.log.held(fd));
+    assert!(rig.engine.status().sources.is_empty());
+    assert!(lock(&rig.engine.inner.list).get(key).is_none());
+    // Replicating again works, and holds the lease again.
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    assert!(rig.log.held(rig.lease_fd(key)));
+}
+
+#[test]
+fn a_writer_holding_the_file_is_a_typed_fence_failure() {
+    let rig = rig();
+    let path = rig.source("busy.bin", b"busy");
+    *rig.log.refuse.lock().unwrap() = true;
+    let err = rig
+        .engine
+        .replicate(&path, &NodeSelection::All)
+        .unwrap_err();
+    match &err {
+        Error::Unfenceable { why, .. } => assert_eq!(why.label(), "open_for_write"),
+        e => panic!("{e}"),
+    }
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(
+        m.fence_failures
+            .with_label_values(&["open_for_write"])
+            .get(),
+        1
+    );
+    assert!(rig.engine.status().sources.is_empty());
+}
+
+#[test]
+fn overflow_revokes_exactly_the_sources_with_a_break_pending() {
+    let rig = rig();
+    let a = rig.source("a.bin", b"aaaa");
+    let b = rig.source("b.bin", b"bbbb");
+    rig.engine.replicate(&a, &NodeSelection::All).unwrap();
+    rig.engine.replicate(&b, &NodeSelection::All).unwrap();
+    let (ka, kb) = (Rig::key(&a), Rig::key(&b));
+    rig.log.pending.lock().unwrap().insert(rig.lease_fd(kb));
+    rig.engine
+        .inner
+        .on_fence_event(FenceEvent::Overflow { at: Instant::now() });
+    assert_eq!(rig.states(ka), [ReplicaState::Valid]);
+    assert!(rig.states(kb).is_empty());
+    assert!(rig.log.held(rig.lease_fd(ka)));
+    assert!(!rig.log.held(rig.lease_fd(kb)));
+}
+
+#[test]
+fn a_process_that_vanished_during_hello_or_prune_is_no_error() {
+    let rig = rig();
+    let path = rig.source("lib.so", &[3u8; 4096]);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    let alive = || true;
+    // No such process at all.
+    assert!(matches!(
+        rig.engine.hello(4242, Some(0), &alive).unwrap(),
+        Hello::Vanished
+    ));
+    // Its maps were read, then it exited before pagemap.
+    rig.process(4243, 77, Some(&path));
+    assert!(matches!(
+        rig.engine.hello(4243, Some(0), &alive).unwrap(),
+        Hello::Vanished
+    ));
+    // All was read, but the peer is gone by the end (pid recycled).
+    assert!(matches!(
+        rig.engine.hello(4243, Some(0), &|| false).unwrap(),
+        Hello::Vanished
+    ));
+    // A process that attached, then vanished: pruned, no error.
+    rig.process(4244, 99, None);
+    match attach(&rig, &path, 4244) {
+        Attach::Replica { .. } => {}
+        Attach::Original { reason } => panic!("{reason}"),
+    }
+    assert_eq!(
+        rig.engine.status().sources[0].replicas[0].attachments,
+        [4244]
+    );
+    std::fs::remove_dir_all(rig.proc_root.join("4244")).unwrap();
+    assert!(rig.engine.status().sources[0].replicas[0]
+        .attachments
+        .is_empty());
+    // A recycled pid (another start time) is not the one that attached.
+    rig.process(4245, 5, None);
+    attach(&rig, &path, 4245);
+    rig.process(4245, 6, None);
+    assert!(rig.engine.status().sources[0].replicas[0]
+        .attachments
+        .is_empty());
+}
+
+#[test]
+fn evict_and_shutdown_release_every_lease() {
+    let rig = rig();
+    let a = rig.source("a.bin", b"aaaa");
+    let b = rig.source("b.bin", b"bbbb");
+    rig.engine.replicate(&a, &NodeSelection::All).unwrap();
+    rig.engine.replicate(&b, &NodeSelection::All).unwrap();
+    let (fa, fb) = (rig.lease_fd(Rig::key(&a)), rig.lease_fd(Rig::key(&b)));
+    assert_eq!(rig.engine.evict(&a).unwrap(), 1);
+    assert!(!rig.log.held(fa) && rig.log.held(fb));
+    rig.engine.shutdown();
+    assert!(!rig.log.held(fb));
+    assert!(matches!(
+        rig.engine.replicate(&a, &NodeSelection::All),
+        Err(Error::ShuttingDown)
+    ));
+}
