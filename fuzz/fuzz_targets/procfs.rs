@@ -1,0 +1,32 @@
+//! /proc/<pid>/{stat,status,cgroup,numa_maps,mountinfo,fdinfo,auxv} text
+//! (hostile /proc contents, or a hostile comm): never panic, and what
+//! parses keeps its invariants.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use procfs::{
+    parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,
+    parse_stat, parse_status, unescape_octal, AT_NULL,
+};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(v) = parse_auxv(data) {
+        assert!(v.len() <= data.len() / 16);
+        assert!(v.iter().all(|&(k, _)| k != AT_NULL));
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Ok(s) = parse_stat(&text) {
+        // The comm is all between the first '(' and the last ')'.
+        assert!(text.contains(&format!("({})", s.comm)));
+    }
+    if let Ok(s) = parse_status(&text) {
+        assert!(s.cpus_allowed.windows(2).all(|w| w[0] < w[1]));
+    }
+    let _ = parse_cpus_allowed(&text);
+    if let Ok(c) = parse_cgroup(&text) {
+        assert!(!c.is_empty());
+    }
+    let _ = parse_numa_maps(&text);
+    let _ = parse_mountinfo(&text);
+    let _ = parse_fdinfo(&text);
+    assert!(unescape_octal(&text).len() <= text.len() * 3);
+});
