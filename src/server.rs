@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use replicad_client::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_client::sock::{self, PeerCred};
 use replicad_replicator::engine::{Attach, Hello};
-use replicad_replicator::Replicator;
+use replicad_replicator::{debug_limited, warn_limited, Replicator};
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
@@ -122,7 +122,8 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("accept on {}: {e}", socket.display());
+                // Per connection (EMFILE, ENOBUFS): limited.
+                warn_limited!("accept on {}: {e}", socket.display());
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -130,7 +131,7 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
         let engine = engine.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(conn, engine).await {
-                tracing::debug!("control connection: {e}");
+                debug_limited!("control connection: {e}");
             }
             drop(permit);
         });
@@ -312,7 +313,7 @@ fn handle(
         Request::Replicate { path, nodes } => match engine.replicate(&path, &nodes) {
             Ok(source) => (Response::Replicated { source }, Vec::new()),
             Err(e) => {
-                tracing::warn!("replicate requested by pid {}: {e}", peer.pid);
+                warn_limited!("replicate requested by pid {}: {e}", peer.pid);
                 (from_engine(e), Vec::new())
             }
         },
@@ -358,7 +359,7 @@ fn handle(
         Request::ReplicatePid { pid, nodes } => match engine.replicate_pid(pid, &nodes) {
             Ok((sources, skipped)) => (Response::ReplicatedPid { sources, skipped }, Vec::new()),
             Err(e) => {
-                tracing::warn!("replicate --pid {pid} requested by pid {}: {e}", peer.pid);
+                warn_limited!("replicate --pid {pid} requested by pid {}: {e}", peer.pid);
                 (from_engine(e), Vec::new())
             }
         },

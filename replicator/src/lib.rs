@@ -28,6 +28,7 @@ pub mod fence;
 pub mod list;
 pub mod metrics;
 pub mod numa;
+pub mod ratelimit;
 pub mod store;
 pub mod sys;
 pub mod topology;
