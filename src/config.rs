@@ -1,6 +1,12 @@
 //! replicad's configuration: TOML, every key optional, an embedded default.
 //! Errors name the file, the line and the reason; a reload that fails keeps
 //! the running config.
+//!
+//! One source of defaults: a key left out takes the engine's default
+//! ([`StoreConfig::default`], [`EngineConfig::default`]); the embedded
+//! default file (`src/default-config.toml`) spells those same values out,
+//! and `deploy/replicad.toml` is its copy for operators. Tests keep all
+//! three equal.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +20,11 @@ use replicad_replicator::store::StoreConfig;
 use replicad_replicator::EngineConfig;
 
 /// The embedded default configuration (also `replicad --print-default-config`).
-pub const DEFAULT: &str = include_str!("../deploy/replicad.toml");
+pub const DEFAULT: &str = include_str!("default-config.toml");
+
+/// Where `/metrics` and `/status` listen unless `daemon.metrics_listen`
+/// says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Config file problems.
 #[derive(Debug, thiserror::Error)]
@@ -123,31 +133,45 @@ impl Nodes {
 impl Default for Daemon {
     fn default() -> Self {
         Daemon {
-            run_dir: PathBuf::from("/run/replicad"),
+            run_dir: StoreConfig::default().run_dir,
             socket: None,
-            metrics_listen: "127.0.0.1:9464".into(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.into(),
         }
     }
 }
 
+/// The store's own defaults.
 impl Default for Store {
     fn default() -> Self {
+        let StoreConfig {
+            run_dir: _, // [daemon] run_dir
+            size,
+            huge_pages,
+            force_memfd,
+            copy_threads,
+        } = StoreConfig::default();
         Store {
-            size: Some("50%".into()),
-            huge_pages: true,
-            force_memfd: false,
-            copy_threads: 2,
+            size,
+            huge_pages,
+            force_memfd,
+            copy_threads,
         }
     }
 }
 
+/// The engine's own defaults.
 impl Default for Fence {
     fn default() -> Self {
+        let e = EngineConfig::default();
         Fence {
-            settle_ms: 200,
-            retry_max_ms: 2000,
+            settle_ms: millis(e.settle),
+            retry_max_ms: millis(e.retry_max),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Line and column (1-based) of byte offset `at` in `text`.
@@ -321,12 +345,60 @@ fn valid_size(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The embedded default spells out the Default impls: running without
+    /// a config file and with an empty one is the same.
     #[test]
-    fn embedded_default_parses() {
+    fn embedded_default_equals_the_defaults() {
         let cfg = Config::embedded().unwrap();
         assert_eq!(cfg.daemon.run_dir, PathBuf::from("/run/replicad"));
         assert_eq!(cfg.socket(), PathBuf::from("/run/replicad/replicad.sock"));
         assert_eq!(cfg, Config::default());
+        assert_eq!(Config::parse("", Path::new("empty")).unwrap(), cfg);
+    }
+
+    /// `deploy/replicad.toml`, the operators' copy, holds the embedded
+    /// default's values.
+    #[test]
+    fn deploy_copy_equals_the_embedded_default() {
+        let deploy = Config::parse(
+            include_str!("../deploy/replicad.toml"),
+            Path::new("deploy/replicad.toml"),
+        )
+        .unwrap();
+        assert_eq!(deploy, Config::embedded().unwrap());
+    }
+
+    /// The daemon's defaults are the engine's: what `Config::default()`
+    /// hands the engine is `EngineConfig::default()`, field by field.
+    #[test]
+    fn defaults_are_the_engines() {
+        let got = Config::default().engine();
+        let want = EngineConfig::default();
+        // Destructured so that a field added to either struct fails to
+        // compile here until it is compared.
+        let EngineConfig {
+            store,
+            settle,
+            retry_max,
+            prune_every,
+            home_nodes,
+        } = want;
+        let StoreConfig {
+            run_dir,
+            size,
+            huge_pages,
+            force_memfd,
+            copy_threads,
+        } = store;
+        assert_eq!(got.store.run_dir, run_dir);
+        assert_eq!(got.store.size, size);
+        assert_eq!(got.store.huge_pages, huge_pages);
+        assert_eq!(got.store.force_memfd, force_memfd);
+        assert_eq!(got.store.copy_threads, copy_threads);
+        assert_eq!(got.settle, settle);
+        assert_eq!(got.retry_max, retry_max);
+        assert_eq!(got.prune_every, prune_every);
+        assert_eq!(got.home_nodes, home_nodes);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use replicad_replicator::{fence, Metrics, Replicator, Topology};
+use replicad_replicator::{fence, info_limited, warn_limited, Metrics, Replicator, Topology};
 
 use crate::config::Config;
 use crate::{http, server};
@@ -137,22 +137,41 @@ async fn apply_replicate_list(engine: &Replicator, cfg: &Config, before: &BTreeS
     let entries = cfg.replicate.clone();
     let gone: Vec<PathBuf> = before.difference(&now).cloned().collect();
     let _ = tokio::task::spawn_blocking(move || {
+        // One line per file, limited; then one summary that is not, so a
+        // long list that fails still says how much did.
+        let (mut evicted, mut evict_failed) = (0usize, 0usize);
         for path in gone {
             match engine.evict(&path) {
-                Ok(n) => tracing::info!(
-                    "{}: no longer configured, {n} replicas evicted",
-                    path.display()
-                ),
-                Err(e) => tracing::warn!("{e}"),
+                Ok(n) => {
+                    evicted += 1;
+                    info_limited!(
+                        "{}: no longer configured, {n} replicas evicted",
+                        path.display()
+                    )
+                }
+                Err(e) => {
+                    evict_failed += 1;
+                    warn_limited!("{e}")
+                }
             }
         }
+        let (total, mut failed) = (entries.len(), 0usize);
         for r in entries {
             let Some(nodes) = r.nodes.selection() else {
                 continue;
             };
             if let Err(e) = engine.replicate(&r.path, &nodes) {
-                tracing::warn!("configured replica: {e}");
+                failed += 1;
+                warn_limited!("configured replica: {e}");
             }
+        }
+        if evicted + evict_failed > 0 {
+            tracing::info!(
+                "{evicted} files no longer configured were evicted, {evict_failed} could not be"
+            );
+        }
+        if failed > 0 {
+            tracing::warn!("{failed} of {total} configured files were not replicated");
         }
     })
     .await;

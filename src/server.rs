@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use replicad_procfs::ProcReader;
 use replicad_replicator::engine::Attach;
-use replicad_replicator::Replicator;
+use replicad_replicator::{debug_limited, warn_limited, Replicator};
 use replicad_wire::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_wire::sock::{self, PeerCred};
 
@@ -125,7 +125,8 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("accept on {}: {e}", socket.display());
+                // Per connection (EMFILE, ENOBUFS): limited.
+                warn_limited!("accept on {}: {e}", socket.display());
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -133,7 +134,7 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
         let engine = engine.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(conn, engine).await {
-                tracing::debug!("control connection: {e}");
+                debug_limited!("control connection: {e}");
             }
             drop(permit);
         });
@@ -319,7 +320,7 @@ fn handle(
                 Vec::new(),
             ),
             Err(e) => {
-                replicad_replicator::warn_limited!("replicate requested by pid {}: {e}", peer.pid);
+                warn_limited!("replicate requested by pid {}: {e}", peer.pid);
                 (from_engine(e), Vec::new())
             }
         },
@@ -363,10 +364,7 @@ fn handle(
                     Vec::new(),
                 ),
                 Err(e) => {
-                    replicad_replicator::warn_limited!(
-                        "replicate --pid {pid} requested by pid {}: {e}",
-                        peer.pid
-                    );
+                    warn_limited!("replicate --pid {pid} requested by pid {}: {e}", peer.pid);
                     (from_engine(e), Vec::new())
                 }
             }

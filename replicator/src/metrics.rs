@@ -1,9 +1,39 @@
 //! Prometheus metrics of the engine. Labels stay bounded: target (`node0`,
 //! ...), reason, result. Per-file detail goes to the status report.
+//!
+//! Every family has HELP text, and counters of a known label set exist at
+//! zero from the start (alerts can be written before the first event).
+//! `tests/metrics.rs` runs a daemon through a scenario and fails on any
+//! family in [`Metrics::families`] that no event moved.
 
+use std::sync::Arc;
+
+use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
+
+/// `replicad_invalidations_total` reasons.
+/// (`copy_failed`: a failed copy dropped a source it left without replicas,
+/// so its fence; the count is of replicas, so it stays 0.)
+pub const INVALIDATION_REASONS: [&str; 5] =
+    ["write", "evict", "shutdown", "unlinked", "copy_failed"];
+/// `replicad_fence_failures_total` reasons: one per [`FenceFailure`] kind.
+///
+/// [`FenceFailure`]: crate::fence::FenceFailure
+pub const FENCE_FAILURE_REASONS: [&str; 3] = crate::fence::FenceFailure::LABELS;
+/// `replicad_attach_total` results.
+pub const ATTACH_RESULTS: [&str; 3] = ["replica", "original", "refused"];
+/// `replicad_replication_failures_total` reasons.
+pub const REPLICATION_FAILURE_REASONS: [&str; 4] =
+    ["no_space", "source_changed", "misplaced", "io"];
+
+/// One registered metric family: its name and HELP text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub name: String,
+    pub help: String,
+}
 
 /// Every metric the engine updates.
 #[derive(Clone)]
@@ -32,6 +62,9 @@ pub struct Metrics {
     pub replication_failures: IntCounterVec,
     /// Leftover replicas of an earlier run removed at start.
     pub leftovers_removed: IntCounter,
+    /// Always 1; the `version` label carries the version.
+    pub build_info: IntGaugeVec,
+    families: Arc<[Family]>,
 }
 
 impl Metrics {
@@ -98,18 +131,51 @@ impl Metrics {
             "replicad_leftovers_removed_total",
             "Replicas of an earlier run removed at start (their fence was not held)",
         )?;
-        registry.register(Box::new(replicas.clone()))?;
-        registry.register(Box::new(replica_bytes.clone()))?;
-        registry.register(Box::new(copied_bytes.clone()))?;
-        registry.register(Box::new(copy_seconds.clone()))?;
-        registry.register(Box::new(invalidations.clone()))?;
-        registry.register(Box::new(invalidation_seconds.clone()))?;
-        registry.register(Box::new(fence_failures.clone()))?;
-        registry.register(Box::new(attaches.clone()))?;
-        registry.register(Box::new(misplaced_pages.clone()))?;
-        registry.register(Box::new(replication_failures.clone()))?;
-        registry.register(Box::new(leftovers_removed.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "replicad_build_info",
+                "Always 1; the version label is replicad's version",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for r in INVALIDATION_REASONS {
+            invalidations.with_label_values(&[r]);
+        }
+        for r in FENCE_FAILURE_REASONS {
+            fence_failures.with_label_values(&[r]);
+        }
+        for r in ATTACH_RESULTS {
+            attaches.with_label_values(&[r]);
+        }
+        for r in REPLICATION_FAILURE_REASONS {
+            replication_failures.with_label_values(&[r]);
+        }
+        let mut families = Vec::new();
+        let mut register = |c: Box<dyn Collector>| -> prometheus::Result<()> {
+            families.extend(c.desc().iter().map(|d| Family {
+                name: d.fq_name.clone(),
+                help: d.help.clone(),
+            }));
+            registry.register(c)
+        };
+        register(Box::new(replicas.clone()))?;
+        register(Box::new(replica_bytes.clone()))?;
+        register(Box::new(copied_bytes.clone()))?;
+        register(Box::new(copy_seconds.clone()))?;
+        register(Box::new(invalidations.clone()))?;
+        register(Box::new(invalidation_seconds.clone()))?;
+        register(Box::new(fence_failures.clone()))?;
+        register(Box::new(attaches.clone()))?;
+        register(Box::new(misplaced_pages.clone()))?;
+        register(Box::new(replication_failures.clone()))?;
+        register(Box::new(leftovers_removed.clone()))?;
+        register(Box::new(build_info.clone()))?;
         Ok(Metrics {
+            build_info,
+            families: families.into(),
             registry,
             replicas,
             replica_bytes,
@@ -125,26 +191,18 @@ impl Metrics {
         })
     }
 
-    /// Make the labelled series exist at zero before the first event, so
-    /// alerts can be written against them: one per target, per
-    /// invalidation reason and per fence-failure reason.
-    pub fn start_at_zero<'a>(
-        &self,
-        targets: impl Iterator<Item = String>,
-        invalidation_reasons: impl Iterator<Item = &'a str>,
-        fence_failure_reasons: impl Iterator<Item = &'a str>,
-    ) {
-        for t in targets {
-            self.replicas.with_label_values(&[t.as_str()]).set(0);
-            self.replica_bytes.with_label_values(&[t.as_str()]).set(0);
-            self.copied_bytes.with_label_values(&[t.as_str()]);
-        }
-        for r in invalidation_reasons {
-            self.invalidations.with_label_values(&[r]);
-        }
-        for r in fence_failure_reasons {
-            self.fence_failures.with_label_values(&[r]);
-        }
+    /// Every registered family, in registration order.
+    pub fn families(&self) -> &[Family] {
+        &self.families
+    }
+
+    /// Create the per-target series at zero, so that a target's copy
+    /// metrics exist before its first copy.
+    pub fn add_target(&self, target: &str) {
+        self.replicas.with_label_values(&[target]);
+        self.replica_bytes.with_label_values(&[target]);
+        self.copied_bytes.with_label_values(&[target]);
+        self.copy_seconds.with_label_values(&[target]);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -164,5 +222,36 @@ impl Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Every family has HELP text, and every family is in the exposition
+    /// from the start (with a target added: the engine adds one per node).
+    #[test]
+    fn every_family_has_help_and_exists_from_the_start() {
+        let m = Metrics::new().unwrap();
+        m.add_target("node0");
+        let text = m.render();
+        assert!(!m.families().is_empty());
+        for f in m.families() {
+            assert!(f.name.starts_with("replicad_"), "{f:?}");
+            assert!(f.help.trim().len() > 10, "{} has no real HELP text", f.name);
+            assert!(
+                text.contains(&format!("# HELP {} {}", f.name, f.help)),
+                "{} missing from:\n{text}",
+                f.name
+            );
+        }
+        assert!(text.contains(&format!(
+            "replicad_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(text.contains("replicad_fence_failures_total{reason=\"lease_refused\"} 0"));
     }
 }

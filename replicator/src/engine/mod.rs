@@ -169,11 +169,13 @@ enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 4] = [
+    #[cfg(test)]
+    const ALL: [Reason; 5] = [
         Reason::Write,
         Reason::Evict,
         Reason::Shutdown,
         Reason::Unlinked,
+        Reason::CopyFailed,
     ];
 
     fn label(self) -> &'static str {
@@ -234,11 +236,9 @@ impl Replicator {
         metrics
             .leftovers_removed
             .inc_by(store.leftovers_removed() as u64);
-        metrics.start_at_zero(
-            nodes.iter().map(|n| Target::Node(*n).to_string()),
-            Reason::ALL.iter().map(|r| r.label()),
-            fence::FenceFailure::LABELS.iter().copied(),
-        );
+        for n in &nodes {
+            metrics.add_target(&Target::Node(*n).to_string());
+        }
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             cfg,

@@ -531,3 +531,34 @@ fn evict_and_shutdown_release_every_lease() {
         Err(Error::ShuttingDown)
     ));
 }
+
+#[test]
+fn every_label_the_engine_uses_exists_at_zero() {
+    use crate::metrics::{INVALIDATION_REASONS, REPLICATION_FAILURE_REASONS};
+    for r in super::Reason::ALL {
+        assert!(INVALIDATION_REASONS.contains(&r.label()), "{}", r.label());
+    }
+    let path = PathBuf::from("/x");
+    let errors = [
+        Error::NoSpace {
+            node: 0,
+            dir: path.clone(),
+            path: path.clone(),
+        },
+        Error::SourceChanged {
+            path: path.clone(),
+            what: "was deleted",
+        },
+        Error::Misplaced {
+            path: path.clone(),
+            node: 0,
+            pages: 1,
+            misplaced: 1,
+        },
+        Error::NotFound { path },
+    ];
+    for e in &errors {
+        let label = e.replication_failure_label();
+        assert!(REPLICATION_FAILURE_REASONS.contains(&label), "{label}");
+    }
+}
