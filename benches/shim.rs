@@ -28,6 +28,7 @@
 //! one part.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use replicad_procfs::ProcReader;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -279,7 +280,7 @@ fn loaded_objects(program: &str) -> Vec<PathBuf> {
 /// The private file mappings of a running process (its program, libraries,
 /// locale files).
 fn mapped_files(pid: u32) -> Vec<PathBuf> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let maps = ProcReader::default().maps_text(pid).unwrap().unwrap();
     let mut out = Vec::new();
     for l in maps.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -536,7 +537,7 @@ fn map_child(file: &Path) {
     }
     let touch_ns = t.elapsed().as_nanos();
     // What backs the range now: the file (same dev, ino) or a replica.
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let maps = ProcReader::default().self_maps_text().unwrap();
     let prefix = format!("{:x}-", p as usize);
     let line = maps
         .lines()
@@ -554,7 +555,7 @@ fn map_child(file: &Path) {
     };
     let aligned = (p as usize).is_multiple_of(2 << 20);
     // How much of it the kernel mapped with 2 MiB entries.
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let smaps = std::fs::read_to_string(ProcReader::default().self_path("smaps")).unwrap();
     let pmd_kb: u64 = smaps
         .lines()
         .skip_while(|l| !l.starts_with(&prefix))

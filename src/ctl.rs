@@ -649,8 +649,11 @@ fn left_alone_table(left: &[LeftAlone]) -> String {
 /// What `replicactl replicate --pid` prints: the files replicated, then
 /// the ones skipped with the reason.
 pub fn pid_table(pid: u32, sources: &[SourceStatus], skipped: &[Skipped]) -> String {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| format!(" ({})", c.trim_end()))
+    let comm = replicad_procfs::ProcReader::default()
+        .comm(pid)
+        .ok()
+        .flatten()
+        .map(|c| format!(" ({c})"))
         .unwrap_or_default();
     let mut out = format!(
         "pid {pid}{comm}: {} replicated, {} skipped\n",

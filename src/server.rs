@@ -214,7 +214,7 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
 
 /// Whether the process that connected still runs: a pidfd taken from the
 /// socket (`SO_PEERPIDFD`, Linux 6.5+) or, on older kernels, opened at
-/// accept. The daemon answers a hello from `/proc/<pid>/smaps`; checking
+/// accept. The daemon answers a hello from the pid's maps and pagemap; checking
 /// after the read that the peer is still alive means the pid was not
 /// recycled to another process meanwhile (a pid is reused only after its
 /// process is gone).
@@ -240,7 +240,7 @@ impl PeerAlive {
 /// inspect itself. The kernel has `/proc/<pid>` owned by the process's
 /// effective uid while it is dumpable, and by root once it has run a
 /// set-user-ID, file-capability or unreadable program (or turned dumping
-/// off). A hello is answered from the pid's smaps, but the answer (fds of
+/// off). A hello is answered from the pid's maps, but the answer (fds of
 /// every replicated file the process maps) goes to whoever holds the
 /// connection: without this check, a process could connect, fork, and
 /// exec a set-user-ID program under the pid the daemon knows the
@@ -346,7 +346,7 @@ fn handle(
             ),
             Vec::new(),
         ),
-        // The check again after the engine's smaps read (`alive` runs
+        // The check again after the engine's maps read (`alive` runs
         // then): an exec between the first check and the read is caught.
         Request::Hello { node } => match engine.hello(peer.pid, node, &|| {
             alive.check() && inspectable_by(peer.pid, peer.uid)

@@ -1163,7 +1163,7 @@ fn listen(path: &Path) -> OwnedFd {
 fn libc_ranges(pid: u32) -> Vec<replicad_client::proto::AttachRange> {
     let maps = maps_of(pid);
     maps.lines()
-        .filter_map(replicad_client::maps::MapsLine::parse)
+        .filter_map(replicad_procfs::MapsLine::parse)
         .filter(|l| l.path.ends_with("/libc.so.6") && l.private_readonly_file())
         .map(|l| replicad_client::proto::AttachRange {
             start: l.start,

@@ -1219,7 +1219,7 @@ mod sys {
 
     /// `open("/proc/self/maps", O_RDONLY | O_CLOEXEC)`: an fd or < 0.
     pub(super) fn open_maps() -> isize {
-        const PATH: &[u8] = b"/proc/self/maps\0";
+        const PATH: &[u8] = replicad_procfs::SELF_MAPS_C;
         syscall6(
             libc::SYS_openat,
             libc::AT_FDCWD as isize as usize,
@@ -1292,7 +1292,7 @@ mod tests {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let l = maps
             .lines()
-            .filter_map(crate::maps::MapsLine::parse)
+            .filter_map(replicad_procfs::MapsLine::parse)
             .find(|l| l.start <= addr && addr < l.end)
             .unwrap();
         let dev = (u64::from(libc::major(l.dev)) << 32) | u64::from(libc::minor(l.dev));

@@ -21,7 +21,6 @@
 pub mod capi;
 mod fallback;
 mod mapping;
-pub mod maps;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -310,15 +310,7 @@ fn response_name(r: &Response) -> &'static str {
     }
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
-    }
-}
+use replicad_procfs::page_size;
 
 fn round_to_pages(len: usize) -> Option<usize> {
     let page = page_size();

@@ -2,7 +2,7 @@
 //! a parsed line keeps end > start and four valid permission bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use replicad_client::maps::{parse_smaps, MapsLine};
+use replicad_procfs::{parse_smaps, MapsLine};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {

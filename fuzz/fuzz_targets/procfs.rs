@@ -3,7 +3,7 @@
 //! parses keeps its invariants.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use procfs::{
+use replicad_procfs::{
     parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,
     parse_stat, parse_status, unescape_octal, AT_NULL,
 };

@@ -2,7 +2,7 @@
 //! decodes re-encodes to something that decodes the same.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use replicad_client::proto::{Request, Response};
+use replicad_wire::proto::{Request, Response};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = Request::decode(data) {

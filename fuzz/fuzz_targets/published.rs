@@ -3,7 +3,7 @@
 //! lookups never panic and always end.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use replicad_client::published::Reader;
+use replicad_wire::published::Reader;
 
 fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join(format!("replicad-fuzz-{}", std::process::id()));

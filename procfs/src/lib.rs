@@ -168,6 +168,26 @@ impl ProcReader {
         self.root.join("self").join("fd").join(fd.to_string())
     }
 
+    /// `<root>/self/<file>`: a file of the calling process itself.
+    pub fn self_path(&self, file: &str) -> PathBuf {
+        self.root.join("self").join(file)
+    }
+
+    /// The text of the calling process's own maps.
+    pub fn self_maps_text(&self) -> io::Result<String> {
+        std::fs::read(self.self_path("maps")).map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// The calling process's own stat.
+    pub fn self_stat(&self) -> Result<Stat> {
+        let path = self.self_path("stat");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        parse_stat(&text).map_err(|e| Error::parse(path, e))
+    }
+
     /// The bytes of a per-process file; `None` if the process is gone.
     fn read(&self, pid: u32, name: &str) -> Result<Option<Vec<u8>>> {
         let path = self.file(pid, name);

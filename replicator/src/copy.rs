@@ -592,7 +592,10 @@ fn splice_chunk(
 /// A second open file description of `dst`, so that a worker's `sendfile`
 /// writes at its own file position.
 fn reopen_for_write(dst: BorrowedFd<'_>) -> Result<OwnedFd, CopyError> {
-    let path = format!("/proc/self/fd/{}\0", dst.as_raw_fd());
+    use std::os::unix::ffi::OsStrExt;
+    let path = replicad_procfs::ProcReader::default().self_fd_path(dst.as_raw_fd());
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| CopyError::Write(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     // SAFETY: path is NUL-terminated; open returns a fresh fd or -1.
     let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC) };
     if fd < 0 {

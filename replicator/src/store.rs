@@ -32,11 +32,12 @@ use std::time::Instant;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
+use replicad_procfs::ProcReader;
+
 use crate::copy::{self, CopyError, CopyJob, CopyMethod, Mapping};
 use crate::{numa, sys, Error, Result};
 
 /// Where the kernel lists this process's mounts.
-pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// xattr naming the source: `"<dev>:<ino>"`.
 pub const XATTR_SOURCE: &str = "trusted.replicad.source";
 /// xattr naming the generation: `"<seq>:<size>:<mtime_ns>:<ctime_ns>"`.
@@ -203,7 +204,8 @@ impl Store {
 
     fn open_node(&self, node: u32, dir: PathBuf) -> Result<NodeStore> {
         let canon = fs::canonicalize(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mountinfo = fs::read(MOUNTINFO).map_err(|e| Error::io(MOUNTINFO, e))?;
+        let path = ProcReader::default().self_path("mountinfo");
+        let mountinfo = fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let memfd = |dir: PathBuf| NodeStore {
             dir,
             kind: StoreKind::Memfd,
@@ -787,7 +789,7 @@ impl ReplicaFile {
     fn open_readonly_new(&self) -> std::io::Result<OwnedFd> {
         let path = match &self.backing {
             Backing::Tmpfs(path) => path.clone(),
-            Backing::Memfd(_) => PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())),
+            Backing::Memfd(_) => ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
         };
         let file = fs::OpenOptions::new()
             .read(true)
@@ -853,15 +855,7 @@ impl ReplicaFile {
     }
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
-}
+use replicad_procfs::page_size;
 
 #[cfg(test)]
 mod tests {

@@ -84,7 +84,7 @@ pub enum Request {
     Status,
     /// The preload shim's hello: attach my file mappings to the replicas on
     /// `node` (or on the node my CPUs are bound to). The daemon reads the
-    /// caller's own `/proc/<pid>/smaps` (the pid is the socket peer's; no
+    /// caller's own `/proc/<pid>/maps` and `pagemap` (the pid is the socket peer's; no
     /// request names another process) and answers `Attached` with two fds
     /// per source (the replica's, then a fresh one of the source for the
     /// way back), or `Original` when the process is left alone.

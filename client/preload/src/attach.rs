@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use replicad_client::maps::MapsLine;
 use replicad_client::shim;
+use replicad_procfs::MapsLine;
 use replicad_wire::proto::{AttachRange, Request, Response};
 use replicad_wire::published::{Lookup, Reader};
 use replicad_wire::sock;
@@ -90,7 +90,7 @@ pub(crate) fn init() {
         // (no daemon, most likely) there is nothing to decide: no read.
         let usable = st.published.as_ref().is_some_and(|r| !r.is_retired());
         let maps = usable
-            .then(|| std::fs::read_to_string("/proc/self/maps").ok())
+            .then(|| replicad_procfs::ProcReader::default().self_maps_text().ok())
             .flatten();
         match maps {
             Some(m) if nothing_replicated(st, &m) => None,
@@ -173,7 +173,10 @@ fn hello_with(why: &str, maps: Option<String>) {
             }
             let offered = ranges.len();
             // One read of our maps serves the checks and the bookkeeping.
-            let maps = match maps.map_or_else(|| std::fs::read_to_string("/proc/self/maps"), Ok) {
+            let maps = match maps.map_or_else(
+                || replicad_procfs::ProcReader::default().self_maps_text(),
+                Ok,
+            ) {
                 Ok(m) => m,
                 Err(e) => {
                     debug!("{why}: cannot read /proc/self/maps ({e}): not attaching");
@@ -272,7 +275,9 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
     for (i, r) in ranges.iter().enumerate() {
         let fresh;
         let lines: &[MapsLine<'_>] = if threaded && i > 0 {
-            fresh = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+            fresh = replicad_procfs::ProcReader::default()
+                .self_maps_text()
+                .unwrap_or_default();
             &fresh
                 .lines()
                 .filter_map(MapsLine::parse)
@@ -353,10 +358,8 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
 /// This process's thread count (field 20 of /proc/self/stat, a shorter
 /// read than status).
 fn threads() -> Option<usize> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // comm may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(17)?.parse().ok()
+    let stat = replicad_procfs::ProcReader::default().self_stat().ok()?;
+    usize::try_from(stat.num_threads).ok()
 }
 
 trait RangeLen {
@@ -521,7 +524,7 @@ pub(crate) fn after_dlopen() {
         match &st.published {
             None => true,
             Some(reader) => {
-                let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+                let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
                     return;
                 };
                 maps.lines()
@@ -641,15 +644,7 @@ pub(crate) fn on_mmap(
     }
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
-    }
-}
+use replicad_procfs::page_size;
 
 /// `link_map` of `<link.h>` (the fields we read).
 #[repr(C)]
