@@ -275,7 +275,9 @@ pub fn copy(job: &CopyJob<'_>) -> Result<(), CopyError> {
                 match spawn {
                     Ok(_) => spawned += 1,
                     Err(e) => {
-                        tracing::warn!(error = %e, spawned, "cannot start a copy thread; copying with fewer");
+                        crate::warn_limited!(
+                            "cannot start a copy thread ({e}); copying with {spawned}"
+                        );
                         break;
                     }
                 }

@@ -332,7 +332,11 @@ impl Store {
             StoreKind::Tmpfs => self.create_tmpfs(node, ns, ident)?,
             StoreKind::Memfd => self.create_memfd(node, ns, ident)?,
         };
-        tracing::debug!(node, replica = %file.label(), source = %ident.path.display(), "created replica");
+        crate::debug_limited!(
+            "created replica {} of {} on node {node}",
+            file.label(),
+            ident.path.display()
+        );
         Ok(file)
     }
 
@@ -341,7 +345,7 @@ impl Store {
             .dir
             .join(format!("{}-{}-g{}", ident.dev, ident.ino, ident.generation));
         match fs::remove_file(&path) {
-            Ok(()) => tracing::info!(replica = %path.display(), "removed a stale replica file"),
+            Ok(()) => crate::info_limited!("removed a stale replica file {}", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
@@ -486,7 +490,10 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         };
         match result {
             Ok(()) => {
-                tracing::info!(replica = %path.display(), "removed a replica left by an earlier run");
+                crate::info_limited!(
+                    "removed {}, a replica left by an earlier run",
+                    path.display()
+                );
                 removed += 1;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -601,7 +608,7 @@ impl ReplicaFile {
         if let Err(e) = result {
             // Give the memory back at once; the caller removes the file.
             if let Err(t) = self.truncate() {
-                tracing::warn!(replica = %self.label(), error = %t, "cannot truncate a failed replica");
+                crate::warn_limited!("cannot truncate the failed replica {}: {t}", self.label());
             }
             return Err(self.copy_error(e, ident));
         }
@@ -609,12 +616,10 @@ impl ReplicaFile {
             bytes: len,
             nanos: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
         };
-        tracing::debug!(
-            replica = %self.label(),
-            bytes = len,
-            nanos = stats.nanos,
-            method = %method,
-            "filled replica"
+        crate::debug_limited!(
+            "filled replica {}: {len} bytes in {} ns by {method}",
+            self.label(),
+            stats.nanos
         );
         Ok(stats)
     }
@@ -814,14 +819,14 @@ impl ReplicaFile {
     /// Revoke and unlink.
     pub fn remove(self) {
         if let Err(e) = self.revoke() {
-            tracing::warn!(replica = %self.label(), error = %e, "cannot truncate the replica");
+            crate::warn_limited!("cannot truncate the replica {}: {e}", self.label());
         }
         if let Backing::Tmpfs(path) = &self.backing {
             match fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(replica = %path.display(), error = %e, "cannot unlink the replica")
+                    crate::warn_limited!("cannot unlink the replica {}: {e}", path.display())
                 }
             }
         }

@@ -255,7 +255,7 @@ impl Inner {
                             .replica_bytes
                             .with_label_values(&[t.as_str()])
                             .add(bytes);
-                        tracing::info!(
+                        crate::info_limited!(
                             "{}: generation {seq} valid on {target}",
                             src.path.display()
                         );

@@ -58,7 +58,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if self.held {
             if let Err(e) = self.ops.release_lease(self.fd.as_fd()) {
-                tracing::warn!("releasing a lease on drop: {e}");
+                crate::warn_limited!("releasing a lease on drop: {e}");
             }
         }
     }

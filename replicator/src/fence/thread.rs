@@ -100,7 +100,7 @@ fn run<F: Fn(FenceEvent)>(sfd: OwnedFd, rt: libc::c_int, stop: &AtomicBool, on_e
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::error!("fence signalfd read failed: {e}");
+                    crate::warn_limited!("fence signalfd read failed: {e}");
                     break;
                 }
             }
