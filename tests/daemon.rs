@@ -258,18 +258,56 @@ fn source_truncated_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 5);
     let _ = std::fs::read(&file).unwrap(); // warm
+    let store = d.run_dir.path().join("node0");
     let rep = replicate_in_background(&d, &file);
-    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    f.set_len(4096).unwrap();
-    drop(f);
-    match rep.join().unwrap() {
+    // Hold an fd of every file the copy puts in the store, up to the
+    // writer's open: whichever way the race goes, what the writer's open
+    // found is then visible even if the daemon unlinks the file later.
+    let held = hold_store_files(&store, || {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_len(4096).unwrap();
+        f
+    });
+    // Right after the open returned (the writer holds the file).
+    let at_open = held.sizes();
+    drop(held.result);
+    let old_generation = match rep.join().unwrap() {
         Err(replicad_client::Error::Refused { kind, message }) => {
             assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
-            assert!(message.contains("was opened for writing while it was being copied"), "{message}");
+            assert!(
+                message.contains("was opened for writing while it was being copied"),
+                "{message}"
+            );
+            None
         }
-        Ok(r) => eprintln!("NOTE source_truncated_mid_copy: the copy won the race ({r:?}); checking the revoke instead"),
+        Ok((Response::Replicated { source }, _)) => {
+            // The copy won: its replicas were valid before the writer came,
+            // so the writer's open must have waited until every one of them
+            // was revoked (truncated, not merely unlinked).
+            assert!(!source.replicas.is_empty(), "{source:?}");
+            for r in &source.replicas {
+                assert_eq!(r.state, proto::ReplicaState::Valid, "{source:?}");
+                let size = at_open
+                    .iter()
+                    .find(|(p, _)| p.to_str() == Some(r.file.as_str()))
+                    .map(|(_, n)| *n)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "replica {} was never seen in the store: {at_open:?}",
+                            r.file
+                        )
+                    });
+                assert_eq!(
+                    size, 0,
+                    "the writer's open returned while valid replica {} still held {size} bytes",
+                    r.file
+                );
+            }
+            Some(source.generation)
+        }
+        Ok((other, _)) => panic!("unexpected {other:?}"),
         Err(e) => panic!("unexpected {e}"),
-    }
+    };
     // Either way no replica of the old bytes remains valid, and the new
     // generation (4096 bytes) comes back by itself.
     let t0 = std::time::Instant::now();
@@ -282,11 +320,24 @@ fn source_truncated_mid_copy() {
                     .all(|r| r.bytes == 4096 || r.generation == s.generation),
                 "{st:?}"
             );
+            assert!(
+                s.replicas
+                    .iter()
+                    .all(|r| r.state != proto::ReplicaState::Valid
+                        || (r.bytes == 4096 && Some(r.generation) != old_generation)),
+                "a replica of the old bytes is still valid: {st:?}"
+            );
             if s.size == 4096
                 && s.replicas
                     .iter()
                     .any(|r| r.state == proto::ReplicaState::Valid)
             {
+                if let Some(g) = old_generation {
+                    assert!(
+                        s.generation > g,
+                        "the copy won but no new generation: {st:?}"
+                    );
+                }
                 break;
             }
         }
@@ -297,12 +348,58 @@ fn source_truncated_mid_copy() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let store = d.run_dir.path().join("node0");
     assert_eq!(
         std::fs::read_dir(&store).unwrap().count(),
         1,
         "stale copies left in the store"
     );
+}
+
+/// What [`hold_store_files`] saw: an open fd of every file that was in the
+/// store at some point before `f` ran, and what `f` returned.
+struct Held<T> {
+    fds: Vec<(std::path::PathBuf, std::fs::File)>,
+    result: T,
+}
+
+impl<T> Held<T> {
+    /// Each held file's size now (through the fd: unlinked files too).
+    fn sizes(&self) -> Vec<(std::path::PathBuf, u64)> {
+        self.fds
+            .iter()
+            .map(|(p, f)| (p.clone(), f.metadata().unwrap().len()))
+            .collect()
+    }
+}
+
+/// Open every file that appears in `store` (a node store) until the copy
+/// has written into one (or 2 s have passed), then run `f`: the fds then
+/// show what `f` left of each file even if the daemon unlinks it.
+fn hold_store_files<T>(store: &std::path::Path, f: impl FnOnce() -> T) -> Held<T> {
+    let mut fds: Vec<(std::path::PathBuf, std::fs::File)> = Vec::new();
+    let t0 = std::time::Instant::now();
+    loop {
+        for e in std::fs::read_dir(store).into_iter().flatten().flatten() {
+            let p = e.path();
+            if fds.iter().all(|(q, _)| *q != p) {
+                if let Ok(file) = std::fs::File::open(&p) {
+                    fds.push((p, file));
+                }
+            }
+        }
+        let copying = fds.iter().any(|(_, f)| f.metadata().unwrap().len() > 0);
+        if copying || t0.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !fds.is_empty(),
+        "no copy appeared in {} within 2 s",
+        store.display()
+    );
+    let result = f();
+    Held { fds, result }
 }
 
 /// A source deleted while it is copied is not replicated (or, if the copy
@@ -317,16 +414,27 @@ fn source_deleted_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 6);
     let _ = std::fs::read(&file).unwrap();
+    let store = d.run_dir.path().join("node0");
     let rep = replicate_in_background(&d, &file);
-    std::fs::remove_file(&file).unwrap();
+    let held = hold_store_files(&store, || std::fs::remove_file(&file).unwrap());
     match rep.join().unwrap() {
         Err(replicad_client::Error::Refused { kind, message }) => {
             assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
             assert!(message.contains("was deleted"), "{message}");
         }
-        Ok(_) => {
-            eprintln!("NOTE source_deleted_mid_copy: the copy won the race; checking the prune")
+        Ok((Response::Replicated { source }, _)) => {
+            // The copy won: it answered with a whole, valid replica of the
+            // file, and that replica must be dropped (checked below) now
+            // that the source is unlinked and nobody is attached.
+            assert_eq!(source.path, file, "{source:?}");
+            assert!(!source.replicas.is_empty(), "{source:?}");
+            for r in &source.replicas {
+                assert_eq!(r.state, proto::ReplicaState::Valid, "{source:?}");
+                assert_eq!(r.bytes, 768 << 20, "{source:?}");
+                assert!(r.attachments.is_empty(), "{source:?}");
+            }
         }
+        Ok((other, _)) => panic!("unexpected {other:?}"),
         Err(e) => panic!("unexpected {e}"),
     }
     let t0 = std::time::Instant::now();
@@ -338,8 +446,12 @@ fn source_deleted_mid_copy() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let store = d.run_dir.path().join("node0");
     assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+    // Whichever way the race went, the copy was truncated, not just
+    // unlinked: a process still holding it reads nothing stale.
+    for (path, size) in held.sizes() {
+        assert_eq!(size, 0, "{} dropped but still holds bytes", path.display());
+    }
 }
 
 fn raw_connect(d: &Daemon) -> OwnedFd {
