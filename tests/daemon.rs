@@ -7,6 +7,7 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -774,17 +775,59 @@ fn metrics_and_status_api() {
 }
 
 /// SIGHUP: an invalid config is refused with file, line and reason and the
-/// daemon keeps running; a valid one applies its [[replicate]] list.
+/// running configuration stays in effect (its [[replicate]] list is still
+/// the one the next reload is compared with); a valid one applies its
+/// [[replicate]] list, evicting what the running one listed and it does not.
 #[test]
 fn sighup_reload() {
     if !root_or_skip("sighup_reload") {
         return;
     }
-    let d = Daemon::start("");
+    let dir = scratch("hup");
+    let old_file = dir.path().join("old");
+    let file = dir.path().join("w");
+    make_file(&old_file, 65536, 2);
+    make_file(&file, 65536, 1);
+    let entry =
+        |p: &std::path::Path| format!("\n[[replicate]]\npath = \"{}\"\nnodes = [0]\n", p.display());
+    // The running config lists `old`.
+    let d = Daemon::start(&entry(&old_file));
+    let wait_for = |what: &str, f: &dyn Fn(&proto::StatusReport) -> bool| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = d.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: {st:?}\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let valid = |st: &proto::StatusReport, p: &std::path::Path| {
+        st.sources.iter().any(|s| {
+            s.path == p
+                && s.replicas
+                    .iter()
+                    .any(|r| r.state == proto::ReplicaState::Valid)
+        })
+    };
+    let st = wait_for("the configured file is replicated", &|st| {
+        valid(st, &old_file)
+    });
+    let old_generation = st.sources[0].generation;
     let good = std::fs::read_to_string(&d.config).unwrap();
+    let base = good.replace(&entry(&old_file), "");
+    assert_ne!(base, good);
+
+    // A bad config that would drop `old` and add `w`: refused, nothing of
+    // it applies.
     std::fs::write(
         &d.config,
-        format!("{good}\n[store]\ncopy_threads = \"two\"\n"),
+        format!("{base}{}\n[store]\ncopy_threads = \"two\"\n", entry(&file)),
     )
     .unwrap();
     d.signal(libc::SIGHUP);
@@ -799,26 +842,26 @@ fn sighup_reload() {
         line.contains(&format!("{}:", d.config.display())) && line.contains("copy_threads"),
         "{line}"
     );
-    assert!(d.status().sources.is_empty());
+    // Give a wrongly applied list time to show.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = d.status();
+    assert_eq!(st.sources.len(), 1, "{st:?}");
+    assert!(
+        valid(&st, &old_file),
+        "the running config's file lost its replica: {st:?}"
+    );
+    assert_eq!(st.sources[0].generation, old_generation, "{st:?}");
 
-    let dir = scratch("hup");
-    let file = dir.path().join("w");
-    make_file(&file, 65536, 1);
-    std::fs::write(
-        &d.config,
-        format!(
-            "{good}\n[[replicate]]\npath = \"{}\"\nnodes = [0]\n",
-            file.display()
-        ),
-    )
-    .unwrap();
+    // A good config listing only `w`: `w` is replicated and `old`, listed
+    // by the running config (still the one from the start), is evicted.
+    std::fs::write(&d.config, format!("{base}{}", entry(&file))).unwrap();
     d.signal(libc::SIGHUP);
-    let t0 = std::time::Instant::now();
-    while d.status().sources.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(d.status().sources[0].path, file);
+    let st = wait_for("the reload applies", &|st| {
+        valid(st, &file) && !st.sources.iter().any(|s| s.path == old_file)
+    });
+    assert_eq!(st.sources.len(), 1, "{st:?}");
+    assert_eq!(st.sources[0].path, file);
+    assert!(d.log().contains("no longer configured"), "{}", d.log());
 }
 
 /// A crashed daemon's replicas are removed at the next start, before
@@ -868,8 +911,36 @@ fn restart_and_shutdown() {
             .starts_with("replica"),
         "{line}"
     );
+    // SIGTERM must release every fence, not just die with it: hold our own
+    // duplicates of the daemon's fds of the source (the same open file
+    // descriptions, so a lease it leaves behind outlives its exit), then
+    // after it exits a non-blocking write-open must not find a lease.
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
+    assert!(
+        lease_on(ino),
+        "no lease on the source before SIGTERM:\n{}",
+        std::fs::read_to_string("/proc/locks").unwrap()
+    );
+    let dups = dup_fds_of(d.pid(), &file);
+    assert!(
+        !dups.is_empty(),
+        "the daemon holds no fd of {}",
+        file.display()
+    );
     let st = d.stop();
     assert!(st.success(), "{st}\n{}", d.log());
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&file);
+    assert!(
+        w.is_ok() && !lease_on(ino),
+        "SIGTERM left a lease on the source (the daemon's fd outlived it in ours): {w:?}\n{}\n{}",
+        std::fs::read_to_string("/proc/locks").unwrap(),
+        d.log()
+    );
+    drop(w);
+    drop(dups);
     assert!(
         d.mounts().is_empty(),
         "stores still mounted: {:?}",
@@ -888,13 +959,66 @@ fn restart_and_shutdown() {
     std::fs::OpenOptions::new().write(true).open(&file).unwrap();
 }
 
-/// A second daemon on the same socket refuses to start, naming it.
+/// Whether /proc/locks lists a LEASE on inode `ino`.
+fn lease_on(ino: u64) -> bool {
+    let suffix = format!(":{ino}");
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("LEASE") && l.split_whitespace().any(|f| f.ends_with(&suffix)))
+}
+
+/// Duplicates (pidfd_getfd: the same open file descriptions) of every fd
+/// process `pid` holds of `file`.
+fn dup_fds_of(pid: u32, file: &std::path::Path) -> Vec<OwnedFd> {
+    // SAFETY: pidfd_open on a pid; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(file) {
+            continue;
+        }
+        let Ok(target) = e.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        // SAFETY: pidfd_getfd on our pidfd; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+        assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        out.push(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    out
+}
+
+/// A second daemon on the same socket refuses to start, naming it, and
+/// touches nothing of the first's: its replica stays, valid, and readers
+/// still get it.
 #[test]
 fn second_daemon_refused() {
     if !root_or_skip("second_daemon_refused") {
         return;
     }
     let d = Daemon::start_opts("", false);
+    let dir = scratch("second");
+    let file = dir.path().join("w");
+    make_file(&file, 1 << 20, 4);
+    let want = std::fs::read(&file).unwrap();
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let before = d.status();
+    assert_eq!(before.sources.len(), 1, "{before:?}");
+    let replica = before.sources[0].replicas[0].clone();
+    assert_eq!(replica.state, proto::ReplicaState::Valid, "{before:?}");
+
     let out = Command::new(REPLICAD)
         .args(["--config"])
         .arg(&d.config)
@@ -903,7 +1027,40 @@ fn second_daemon_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another replicad is already serving"), "{err}");
-    assert_eq!(d.status().sources.len(), 0);
+
+    // The first daemon's replica is untouched: still in its store with the
+    // source's bytes, still valid in status, and a reader maps it.
+    assert!(
+        std::fs::read(&replica.file).unwrap_or_default() == want,
+        "replica {} wiped or changed by the refused daemon",
+        replica.file
+    );
+    let after = d.status();
+    assert_eq!(after.sources.len(), 1, "{after:?}");
+    let r = &after.sources[0].replicas;
+    assert!(
+        r.iter().any(|r| r.file == replica.file
+            && r.state == proto::ReplicaState::Valid
+            && r.generation == replica.generation),
+        "replica no longer valid after the refused start: {after:?}"
+    );
+    let out = Command::new(program("replicad-reader"))
+        .args(["once", file.to_str().unwrap()])
+        .env("REPLICAD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        v["backing"].as_str().unwrap().starts_with("replica"),
+        "reader not on the replica: {v}\n{}",
+        d.log()
+    );
+    assert_eq!(v["checksum"], format!("{:016x}", fnv1a(&want)), "{v}");
+    assert!(
+        v["maps"].as_str().unwrap().contains(&replica.file),
+        "reader maps something else: {v}"
+    );
 }
 
 /// Files on a read-only mount need no lease: they replicate with the fence
