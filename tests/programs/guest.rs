@@ -31,6 +31,8 @@ const DATA: &str = "/data";
 const MODEL: &str = "/data/model.bin";
 const MODEL_MB: usize = 8;
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+/// The coherence writer's paths, in order (the readers are told them too).
+const WRITER_PATHS: &str = "wronly,trunc,truncate,mmap";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -404,7 +406,18 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
     let readers: Vec<(u32, Child)> = ids
         .iter()
         .map(|&n| {
-            let mut c = on_node(n, &["/bin/replicad-reader", "verify", file, control, "600"]);
+            let mut c = on_node(
+                n,
+                &[
+                    "/bin/replicad-reader",
+                    "verify",
+                    file,
+                    control,
+                    "600",
+                    "--paths",
+                    WRITER_PATHS,
+                ],
+            );
             c.stdout(Stdio::piped());
             (n, c.spawn().unwrap())
         })
@@ -418,6 +431,8 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
                 file,
                 control,
                 &ROUNDS.to_string(),
+                "--paths",
+                WRITER_PATHS,
                 "--socket",
                 SOCKET,
                 "--wait-replica",
@@ -442,7 +457,7 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
         let out = r.wait_with_output().map_err(|e| e.to_string())?;
         let line = String::from_utf8_lossy(&out.stdout).into_owned();
         let v = json(line.lines().last().unwrap_or(""))?;
-        if v["bad_words"] != 0 || !out.status.success() {
+        if v["bad_words"] != 0 || v["torn_unexplained"] != 0 || !out.status.success() {
             problems.push(format!("reader on node {n}: {v}"));
         }
         if v["replica_rounds_new"].as_u64().unwrap_or(0) == 0 {
