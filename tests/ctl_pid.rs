@@ -377,7 +377,10 @@ fn run_binds_and_preloads() {
     // no --node keeps the one CPU.
     let cpus = node_cpus(0);
     if cpus.len() < 2 || Command::new("taskset").arg("-V").output().is_err() {
-        eprintln!("SKIP run_binds_and_preloads (narrow affinity): needs taskset and 2 CPUs");
+        skip(
+            "run_binds_and_preloads (narrow affinity)",
+            "needs taskset and 2 CPUs",
+        );
         return;
     }
     let first = cpus[0].to_string();

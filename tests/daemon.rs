@@ -7,6 +7,7 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -258,18 +259,56 @@ fn source_truncated_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 5);
     let _ = std::fs::read(&file).unwrap(); // warm
+    let store = d.run_dir.path().join("node0");
     let rep = replicate_in_background(&d, &file);
-    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    f.set_len(4096).unwrap();
-    drop(f);
-    match rep.join().unwrap() {
+    // Hold an fd of every file the copy puts in the store, up to the
+    // writer's open: whichever way the race goes, what the writer's open
+    // found is then visible even if the daemon unlinks the file later.
+    let held = hold_store_files(&store, || {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_len(4096).unwrap();
+        f
+    });
+    // Right after the open returned (the writer holds the file).
+    let at_open = held.sizes();
+    drop(held.result);
+    let old_generation = match rep.join().unwrap() {
         Err(replicad_client::Error::Refused { kind, message }) => {
             assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
-            assert!(message.contains("was opened for writing while it was being copied"), "{message}");
+            assert!(
+                message.contains("was opened for writing while it was being copied"),
+                "{message}"
+            );
+            None
         }
-        Ok(r) => eprintln!("NOTE source_truncated_mid_copy: the copy won the race ({r:?}); checking the revoke instead"),
+        Ok((Response::Replicated { source }, _)) => {
+            // The copy won: its replicas were valid before the writer came,
+            // so the writer's open must have waited until every one of them
+            // was revoked (truncated, not merely unlinked).
+            assert!(!source.replicas.is_empty(), "{source:?}");
+            for r in &source.replicas {
+                assert_eq!(r.state, proto::ReplicaState::Valid, "{source:?}");
+                let size = at_open
+                    .iter()
+                    .find(|(p, _)| p.to_str() == Some(r.file.as_str()))
+                    .map(|(_, n)| *n)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "replica {} was never seen in the store: {at_open:?}",
+                            r.file
+                        )
+                    });
+                assert_eq!(
+                    size, 0,
+                    "the writer's open returned while valid replica {} still held {size} bytes",
+                    r.file
+                );
+            }
+            Some(source.generation)
+        }
+        Ok((other, _)) => panic!("unexpected {other:?}"),
         Err(e) => panic!("unexpected {e}"),
-    }
+    };
     // Either way no replica of the old bytes remains valid, and the new
     // generation (4096 bytes) comes back by itself.
     let t0 = std::time::Instant::now();
@@ -282,11 +321,24 @@ fn source_truncated_mid_copy() {
                     .all(|r| r.bytes == 4096 || r.generation == s.generation),
                 "{st:?}"
             );
+            assert!(
+                s.replicas
+                    .iter()
+                    .all(|r| r.state != proto::ReplicaState::Valid
+                        || (r.bytes == 4096 && Some(r.generation) != old_generation)),
+                "a replica of the old bytes is still valid: {st:?}"
+            );
             if s.size == 4096
                 && s.replicas
                     .iter()
                     .any(|r| r.state == proto::ReplicaState::Valid)
             {
+                if let Some(g) = old_generation {
+                    assert!(
+                        s.generation > g,
+                        "the copy won but no new generation: {st:?}"
+                    );
+                }
                 break;
             }
         }
@@ -297,12 +349,58 @@ fn source_truncated_mid_copy() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let store = d.run_dir.path().join("node0");
     assert_eq!(
         std::fs::read_dir(&store).unwrap().count(),
         1,
         "stale copies left in the store"
     );
+}
+
+/// What [`hold_store_files`] saw: an open fd of every file that was in the
+/// store at some point before `f` ran, and what `f` returned.
+struct Held<T> {
+    fds: Vec<(std::path::PathBuf, std::fs::File)>,
+    result: T,
+}
+
+impl<T> Held<T> {
+    /// Each held file's size now (through the fd: unlinked files too).
+    fn sizes(&self) -> Vec<(std::path::PathBuf, u64)> {
+        self.fds
+            .iter()
+            .map(|(p, f)| (p.clone(), f.metadata().unwrap().len()))
+            .collect()
+    }
+}
+
+/// Open every file that appears in `store` (a node store) until the copy
+/// has written into one (or 2 s have passed), then run `f`: the fds then
+/// show what `f` left of each file even if the daemon unlinks it.
+fn hold_store_files<T>(store: &std::path::Path, f: impl FnOnce() -> T) -> Held<T> {
+    let mut fds: Vec<(std::path::PathBuf, std::fs::File)> = Vec::new();
+    let t0 = std::time::Instant::now();
+    loop {
+        for e in std::fs::read_dir(store).into_iter().flatten().flatten() {
+            let p = e.path();
+            if fds.iter().all(|(q, _)| *q != p) {
+                if let Ok(file) = std::fs::File::open(&p) {
+                    fds.push((p, file));
+                }
+            }
+        }
+        let copying = fds.iter().any(|(_, f)| f.metadata().unwrap().len() > 0);
+        if copying || t0.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !fds.is_empty(),
+        "no copy appeared in {} within 2 s",
+        store.display()
+    );
+    let result = f();
+    Held { fds, result }
 }
 
 /// A source deleted while it is copied is not replicated (or, if the copy
@@ -317,16 +415,27 @@ fn source_deleted_mid_copy() {
     let file = dir.path().join("big");
     make_file(&file, 768 << 20, 6);
     let _ = std::fs::read(&file).unwrap();
+    let store = d.run_dir.path().join("node0");
     let rep = replicate_in_background(&d, &file);
-    std::fs::remove_file(&file).unwrap();
+    let held = hold_store_files(&store, || std::fs::remove_file(&file).unwrap());
     match rep.join().unwrap() {
         Err(replicad_client::Error::Refused { kind, message }) => {
             assert_eq!(kind, ErrorKind::SourceChanged, "{message}");
             assert!(message.contains("was deleted"), "{message}");
         }
-        Ok(_) => {
-            eprintln!("NOTE source_deleted_mid_copy: the copy won the race; checking the prune")
+        Ok((Response::Replicated { source }, _)) => {
+            // The copy won: it answered with a whole, valid replica of the
+            // file, and that replica must be dropped (checked below) now
+            // that the source is unlinked and nobody is attached.
+            assert_eq!(source.path, file, "{source:?}");
+            assert!(!source.replicas.is_empty(), "{source:?}");
+            for r in &source.replicas {
+                assert_eq!(r.state, proto::ReplicaState::Valid, "{source:?}");
+                assert_eq!(r.bytes, 768 << 20, "{source:?}");
+                assert!(r.attachments.is_empty(), "{source:?}");
+            }
         }
+        Ok((other, _)) => panic!("unexpected {other:?}"),
         Err(e) => panic!("unexpected {e}"),
     }
     let t0 = std::time::Instant::now();
@@ -338,8 +447,12 @@ fn source_deleted_mid_copy() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let store = d.run_dir.path().join("node0");
     assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+    // Whichever way the race went, the copy was truncated, not just
+    // unlinked: a process still holding it reads nothing stale.
+    for (path, size) in held.sizes() {
+        assert_eq!(size, 0, "{} dropped but still holds bytes", path.display());
+    }
 }
 
 fn raw_connect(d: &Daemon) -> OwnedFd {
@@ -662,17 +775,59 @@ fn metrics_and_status_api() {
 }
 
 /// SIGHUP: an invalid config is refused with file, line and reason and the
-/// daemon keeps running; a valid one applies its [[replicate]] list.
+/// running configuration stays in effect (its [[replicate]] list is still
+/// the one the next reload is compared with); a valid one applies its
+/// [[replicate]] list, evicting what the running one listed and it does not.
 #[test]
 fn sighup_reload() {
     if !root_or_skip("sighup_reload") {
         return;
     }
-    let d = Daemon::start("");
+    let dir = scratch("hup");
+    let old_file = dir.path().join("old");
+    let file = dir.path().join("w");
+    make_file(&old_file, 65536, 2);
+    make_file(&file, 65536, 1);
+    let entry =
+        |p: &std::path::Path| format!("\n[[replicate]]\npath = \"{}\"\nnodes = [0]\n", p.display());
+    // The running config lists `old`.
+    let d = Daemon::start(&entry(&old_file));
+    let wait_for = |what: &str, f: &dyn Fn(&proto::StatusReport) -> bool| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = d.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: {st:?}\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let valid = |st: &proto::StatusReport, p: &std::path::Path| {
+        st.sources.iter().any(|s| {
+            s.path == p
+                && s.replicas
+                    .iter()
+                    .any(|r| r.state == proto::ReplicaState::Valid)
+        })
+    };
+    let st = wait_for("the configured file is replicated", &|st| {
+        valid(st, &old_file)
+    });
+    let old_generation = st.sources[0].generation;
     let good = std::fs::read_to_string(&d.config).unwrap();
+    let base = good.replace(&entry(&old_file), "");
+    assert_ne!(base, good);
+
+    // A bad config that would drop `old` and add `w`: refused, nothing of
+    // it applies.
     std::fs::write(
         &d.config,
-        format!("{good}\n[store]\ncopy_threads = \"two\"\n"),
+        format!("{base}{}\n[store]\ncopy_threads = \"two\"\n", entry(&file)),
     )
     .unwrap();
     d.signal(libc::SIGHUP);
@@ -687,26 +842,26 @@ fn sighup_reload() {
         line.contains(&format!("{}:", d.config.display())) && line.contains("copy_threads"),
         "{line}"
     );
-    assert!(d.status().sources.is_empty());
+    // Give a wrongly applied list time to show.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = d.status();
+    assert_eq!(st.sources.len(), 1, "{st:?}");
+    assert!(
+        valid(&st, &old_file),
+        "the running config's file lost its replica: {st:?}"
+    );
+    assert_eq!(st.sources[0].generation, old_generation, "{st:?}");
 
-    let dir = scratch("hup");
-    let file = dir.path().join("w");
-    make_file(&file, 65536, 1);
-    std::fs::write(
-        &d.config,
-        format!(
-            "{good}\n[[replicate]]\npath = \"{}\"\nnodes = [0]\n",
-            file.display()
-        ),
-    )
-    .unwrap();
+    // A good config listing only `w`: `w` is replicated and `old`, listed
+    // by the running config (still the one from the start), is evicted.
+    std::fs::write(&d.config, format!("{base}{}", entry(&file))).unwrap();
     d.signal(libc::SIGHUP);
-    let t0 = std::time::Instant::now();
-    while d.status().sources.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(d.status().sources[0].path, file);
+    let st = wait_for("the reload applies", &|st| {
+        valid(st, &file) && !st.sources.iter().any(|s| s.path == old_file)
+    });
+    assert_eq!(st.sources.len(), 1, "{st:?}");
+    assert_eq!(st.sources[0].path, file);
+    assert!(d.log().contains("no longer configured"), "{}", d.log());
 }
 
 /// A crashed daemon's replicas are removed at the next start, before
@@ -756,8 +911,36 @@ fn restart_and_shutdown() {
             .starts_with("replica"),
         "{line}"
     );
+    // SIGTERM must release every fence, not just die with it: hold our own
+    // duplicates of the daemon's fds of the source (the same open file
+    // descriptions, so a lease it leaves behind outlives its exit), then
+    // after it exits a non-blocking write-open must not find a lease.
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
+    assert!(
+        lease_on(ino),
+        "no lease on the source before SIGTERM:\n{}",
+        std::fs::read_to_string("/proc/locks").unwrap()
+    );
+    let dups = dup_fds_of(d.pid(), &file);
+    assert!(
+        !dups.is_empty(),
+        "the daemon holds no fd of {}",
+        file.display()
+    );
     let st = d.stop();
     assert!(st.success(), "{st}\n{}", d.log());
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&file);
+    assert!(
+        w.is_ok() && !lease_on(ino),
+        "SIGTERM left a lease on the source (the daemon's fd outlived it in ours): {w:?}\n{}\n{}",
+        std::fs::read_to_string("/proc/locks").unwrap(),
+        d.log()
+    );
+    drop(w);
+    drop(dups);
     assert!(
         d.mounts().is_empty(),
         "stores still mounted: {:?}",
@@ -776,13 +959,66 @@ fn restart_and_shutdown() {
     std::fs::OpenOptions::new().write(true).open(&file).unwrap();
 }
 
-/// A second daemon on the same socket refuses to start, naming it.
+/// Whether /proc/locks lists a LEASE on inode `ino`.
+fn lease_on(ino: u64) -> bool {
+    let suffix = format!(":{ino}");
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("LEASE") && l.split_whitespace().any(|f| f.ends_with(&suffix)))
+}
+
+/// Duplicates (pidfd_getfd: the same open file descriptions) of every fd
+/// process `pid` holds of `file`.
+fn dup_fds_of(pid: u32, file: &std::path::Path) -> Vec<OwnedFd> {
+    // SAFETY: pidfd_open on a pid; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(file) {
+            continue;
+        }
+        let Ok(target) = e.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        // SAFETY: pidfd_getfd on our pidfd; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+        assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        out.push(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    out
+}
+
+/// A second daemon on the same socket refuses to start, naming it, and
+/// touches nothing of the first's: its replica stays, valid, and readers
+/// still get it.
 #[test]
 fn second_daemon_refused() {
     if !root_or_skip("second_daemon_refused") {
         return;
     }
     let d = Daemon::start_opts("", false);
+    let dir = scratch("second");
+    let file = dir.path().join("w");
+    make_file(&file, 1 << 20, 4);
+    let want = std::fs::read(&file).unwrap();
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let before = d.status();
+    assert_eq!(before.sources.len(), 1, "{before:?}");
+    let replica = before.sources[0].replicas[0].clone();
+    assert_eq!(replica.state, proto::ReplicaState::Valid, "{before:?}");
+
     let out = Command::new(REPLICAD)
         .args(["--config"])
         .arg(&d.config)
@@ -791,7 +1027,40 @@ fn second_daemon_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another replicad is already serving"), "{err}");
-    assert_eq!(d.status().sources.len(), 0);
+
+    // The first daemon's replica is untouched: still in its store with the
+    // source's bytes, still valid in status, and a reader maps it.
+    assert!(
+        std::fs::read(&replica.file).unwrap_or_default() == want,
+        "replica {} wiped or changed by the refused daemon",
+        replica.file
+    );
+    let after = d.status();
+    assert_eq!(after.sources.len(), 1, "{after:?}");
+    let r = &after.sources[0].replicas;
+    assert!(
+        r.iter().any(|r| r.file == replica.file
+            && r.state == proto::ReplicaState::Valid
+            && r.generation == replica.generation),
+        "replica no longer valid after the refused start: {after:?}"
+    );
+    let out = Command::new(program("replicad-reader"))
+        .args(["once", file.to_str().unwrap()])
+        .env("REPLICAD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        v["backing"].as_str().unwrap().starts_with("replica"),
+        "reader not on the replica: {v}\n{}",
+        d.log()
+    );
+    assert_eq!(v["checksum"], format!("{:016x}", fnv1a(&want)), "{v}");
+    assert!(
+        v["maps"].as_str().unwrap().contains(&replica.file),
+        "reader maps something else: {v}"
+    );
 }
 
 /// Files on a read-only mount need no lease: they replicate with the fence

@@ -42,6 +42,12 @@ fn check(nodes: u32, scenario: &str) {
         run.guest_uptime.map_or("?".into(), |u| format!("{u:.2}")),
         run.wall.as_secs_f64()
     );
+    assert_eq!(
+        run.reported_nodes,
+        Some(nodes),
+        "the {nodes}-node guest's kernel does not see {nodes} nodes; console tail:\n{}",
+        run.tail(60)
+    );
     let Some((passed, detail)) = run.scenario(scenario) else {
         panic!(
             "the {nodes}-node guest printed no result for {scenario} (exit {:?}); console \

@@ -63,7 +63,7 @@ fn c_program_without_daemon_gets_the_files_checksum() {
     let exe = match build_c_program(dir.path()) {
         Ok(e) => e,
         Err(why) => {
-            println!("SKIP c_program_without_daemon_gets_the_files_checksum: {why}");
+            common::skip("c_program_without_daemon_gets_the_files_checksum", &why);
             return;
         }
     };
@@ -109,7 +109,7 @@ fn c_program_on_a_replica_falls_back_after_revoke() {
     let exe = match build_c_program(daemon.dir()) {
         Ok(e) => e,
         Err(why) => {
-            println!("SKIP c_program_on_a_replica_falls_back_after_revoke: {why}");
+            common::skip("c_program_on_a_replica_falls_back_after_revoke", &why);
             return;
         }
     };

@@ -176,7 +176,18 @@ fn garbage_from_the_daemon_still_maps_the_file() {
             node: Some(0),
             timeout: Duration::from_millis(400),
         };
+        let t0 = std::time::Instant::now();
         let m = map_with(&p, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // One request, each step bounded by `timeout` (connect, and
+        // SO_RCVTIMEO for the answer): even a daemon that never answers
+        // costs at most 400 ms. Asserted with 3x slack for a loaded
+        // 2-core machine.
+        let took = t0.elapsed();
+        assert!(
+            took < opts.timeout * 3,
+            "{name}: map_with took {took:?}, its time-out is {:?}",
+            opts.timeout
+        );
         assert_eq!(first_mismatch(m.as_slice(), &data), None, "{name}");
         assert!(!m.on_replica(), "{name}");
         let Backing::File { reason } = m.backing() else {

@@ -918,19 +918,52 @@ mod tests {
         }
     }
 
-    /// A store of `kind` on node 0, or `None` after printing why the test
-    /// skips.
+    /// Skip `test` because of `why`: prints `SKIP`, or panics under
+    /// `REPLICAD_STRICT=1` (scripts/test.sh sets it in CI and as root),
+    /// where a skip is a failure; the rule of tests/common's `skip`.
+    fn skip(test: &str, why: &str) {
+        assert!(
+            std::env::var("REPLICAD_STRICT").as_deref() != Ok("1"),
+            "{test} cannot run: {why} (REPLICAD_STRICT=1: a skip is a failure)"
+        );
+        eprintln!("SKIP {test}: {why}");
+    }
+
+    /// A store of `kind` on node 0, or `None` after saying why the test
+    /// skips (only unprivileged: as root a tmpfs store that does not mount
+    /// is a failure).
     fn open_store(test: &str, rd: &RunDir, kind: StoreKind, size: Option<&str>) -> Option<Store> {
         if kind == StoreKind::Tmpfs && !is_root() {
-            eprintln!("SKIP {test}: mounting tmpfs needs root");
+            skip(test, "mounting tmpfs needs root");
             return None;
         }
         let store = Store::open(&rd.cfg(kind, size), &[0]).unwrap();
-        if store.kind(0) != Some(kind) {
-            eprintln!("SKIP {test}: could not mount a tmpfs store (see the warning)");
-            return None;
-        }
+        assert_eq!(
+            store.kind(0),
+            Some(kind),
+            "{test}: running as root, but the {kind:?} store did not open as {kind:?} (see the warning)"
+        );
         Some(store)
+    }
+
+    /// `ShmemPmdMapped` (kB) of the mapping starting at `addr` in
+    /// /proc/self/smaps: how much of it the kernel maps with huge (PMD)
+    /// pages of a tmpfs file.
+    fn shmem_pmd_mapped_kb(addr: usize) -> u64 {
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let start = l.split('-').next().unwrap_or("");
+            if usize::from_str_radix(start, 16).ok() != Some(addr) {
+                continue;
+            }
+            for f in lines.by_ref() {
+                if let Some(v) = f.strip_prefix("ShmemPmdMapped:") {
+                    return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("no ShmemPmdMapped for the mapping at {addr:#x} in:\n{smaps}");
     }
 
     fn pattern(len: u64, seed: u64) -> Vec<u8> {
@@ -1057,7 +1090,10 @@ mod tests {
                     }
                     None if kind == StoreKind::Memfd => {
                         if generation == 1 {
-                            eprintln!("SKIP {test} xattrs: memfd has no trusted xattrs here");
+                            skip(
+                                &format!("{test} xattrs"),
+                                "memfd has no trusted xattrs here",
+                            );
                         }
                     }
                     None => panic!("{ctx}: tmpfs replica without xattrs"),
@@ -1128,15 +1164,17 @@ mod tests {
     fn store_tmpfs_huge_pages_fill() {
         let test = "store_tmpfs_huge_pages_fill";
         if !is_root() {
-            return eprintln!("SKIP {test}: mounting tmpfs needs root");
+            return skip(test, "mounting tmpfs needs root");
         }
         let rd = RunDir::new();
         let mut cfg = rd.cfg(StoreKind::Tmpfs, Some("64m"));
         cfg.huge_pages = true;
         let store = Store::open(&cfg, &[0]).unwrap();
-        if store.kind(0) != Some(StoreKind::Tmpfs) {
-            return eprintln!("SKIP {test}: could not mount a tmpfs store");
-        }
+        assert_eq!(
+            store.kind(0),
+            Some(StoreKind::Tmpfs),
+            "{test}: running as root, but the tmpfs store did not mount"
+        );
         let bytes = pattern(40 * MIB + 5, 3);
         let src = source(&bytes);
         let id = ident(&src, 1);
@@ -1149,6 +1187,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.placement().unwrap().misplaced, 0);
+        // The replica really is in huge pages: mapped and touched, every
+        // whole 2 MiB of it is mapped by PMD (huge=within_size gives the
+        // last partial 2 MiB small pages).
+        let len = bytes.len();
+        let fd = r.open_readonly().unwrap();
+        // SAFETY: a fresh shared read-only mapping of the replica's fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let mut sum = 0u64;
+        for off in (0..len).step_by(4096) {
+            // SAFETY: inside the mapping made above.
+            sum = sum.wrapping_add(u64::from(unsafe {
+                std::ptr::read_volatile(ptr.cast::<u8>().add(off))
+            }));
+        }
+        std::hint::black_box(sum);
+        let huge_kb = shmem_pmd_mapped_kb(ptr as usize);
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(ptr, len) };
+        let want_kb = (len as u64 / (2 * MIB)) * 2048;
+        assert!(
+            huge_kb >= want_kb,
+            "{test}: only {huge_kb} kB of the {len}-byte replica is mapped with huge pages \
+             (ShmemPmdMapped), want >= {want_kb} kB"
+        );
         assert!(read_all(r.open_readonly().unwrap()) == bytes);
         r.remove();
     }

@@ -14,13 +14,39 @@ use replicad_client::proto::{Request, Response, StatusReport};
 pub const REPLICAD: &str = env!("CARGO_BIN_EXE_replicad");
 pub const REPLICACTL: &str = env!("CARGO_BIN_EXE_replicactl");
 
-/// Whether we run as root; tests that need it print why they skip.
+/// Whether skips are failures: `REPLICAD_STRICT=1` (scripts/test.sh sets it
+/// in CI and when run as root). A test that cannot run there must not pass.
+pub fn strict() -> bool {
+    std::env::var("REPLICAD_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// Skip `test` because of `why` (a missing tool or privilege): prints
+/// `SKIP`, or panics under `REPLICAD_STRICT=1`, where every such skip is
+/// a failure.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !strict(),
+        "{test} cannot run: {why} (REPLICAD_STRICT=1: a skip is a failure)"
+    );
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// Skip `test` for lack of hardware CI never has (a GPU): never a
+/// failure, even under `REPLICAD_STRICT=1`.
+pub fn skip_no_hardware(test: &str, why: &str) {
+    eprintln!("SKIP {test}: no hardware: {why}");
+}
+
+/// Whether we run as root; tests that need it skip (see [`skip`]) otherwise.
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    eprintln!("SKIP {test}: needs root (tmpfs mounts, leases on any file, trusted xattrs)");
+    skip(
+        test,
+        "needs root (tmpfs mounts, leases on any file, trusted xattrs)",
+    );
     false
 }
 

@@ -45,6 +45,8 @@ pub struct GuestRun {
     pub boot_secs: Option<f64>,
     /// The guest kernel's uptime at that line.
     pub guest_uptime: Option<f64>,
+    /// The node count the guest program saw (`GUEST nodes <n>`).
+    pub reported_nodes: Option<u32>,
     pub wall: Duration,
 }
 
@@ -344,7 +346,7 @@ fn shim(bins: &Path) -> PathBuf {
 
 /// Build the initramfs: busybox, our binaries and their libraries, the
 /// guest's /init running `replicad-guest ARGS`.
-fn initramfs(loop_ko: &Path, args: &str) -> Vec<u8> {
+fn initramfs(loop_ko: &Path, nodes: u32, args: &str) -> Vec<u8> {
     let busybox = tool("busybox", "busybox-static");
     let ldd = Command::new("ldd").arg(&busybox).output().unwrap();
     assert!(
@@ -422,7 +424,7 @@ fn initramfs(loop_ko: &Path, args: &str) -> Vec<u8> {
          mount -t tmpfs run /run\n\
          echo \"GUEST-READY $(cut -d' ' -f1 /proc/uptime)\"\n\
          insmod /lib/modules/loop.ko\n\
-         /bin/replicad-guest {args}\n\
+         /bin/replicad-guest --nodes {nodes} {args}\n\
          echo \"GUEST-EXIT $?\"\n\
          poweroff -f\n"
     );
@@ -436,7 +438,7 @@ pub fn boot(nodes: u32, args: &str) -> GuestRun {
     assert!(nodes == 2 || nodes == 4, "2 or 4 nodes");
     let qemu = tool("qemu-system-x86_64", "qemu-system-x86");
     let (vmlinuz, loop_ko) = kernel();
-    let image = initramfs(&loop_ko, args);
+    let image = initramfs(&loop_ko, nodes, args);
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, &image).unwrap();
@@ -551,8 +553,13 @@ pub fn boot(nodes: u32, args: &str) -> GuestRun {
         .lines()
         .find_map(|l| l.split_once("GUEST-READY ").map(|(_, v)| v))
         .and_then(|v| v.trim().parse().ok());
+    let reported_nodes = text
+        .lines()
+        .find_map(|l| l.split_once("GUEST nodes ").map(|(_, v)| v))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
     let run = GuestRun {
         nodes,
+        reported_nodes,
         output: text,
         exit,
         boot_secs: ready_at.map(|t| t.duration_since(started).as_secs_f64()),

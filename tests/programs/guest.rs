@@ -7,8 +7,11 @@
 //! SCENARIO <name> PASS|FAIL <detail>
 //! ```
 //!
-//! `replicad-guest [SCENARIO...]` runs the named scenarios (all by
-//! default: baseline replicated coherence text spanning), in that order.
+//! `replicad-guest --nodes N [SCENARIO...]` checks that the kernel sees
+//! exactly N NUMA nodes (/sys/devices/system/node/online and the node
+//! directories; every scenario FAILs otherwise, and so does a run without
+//! `--nodes`), then runs the named scenarios (all by default: baseline
+//! replicated coherence text spanning), in that order.
 //! `replicad-guest probe FILE` (run under the shim by the scenarios) maps
 //! FILE with plain `mmap`, touches every page and prints its numa_maps and
 //! maps lines as JSON.
@@ -28,6 +31,8 @@ const DATA: &str = "/data";
 const MODEL: &str = "/data/model.bin";
 const MODEL_MB: usize = 8;
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+/// The coherence writer's paths, in order (the readers are told them too).
+const WRITER_PATHS: &str = "wronly,trunc,truncate,mmap";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -35,21 +40,50 @@ fn main() {
         probe(&args[2]);
         return;
     }
+    let (expected, rest) = match args.get(1).map(String::as_str) {
+        Some("--nodes") => (
+            args.get(2).and_then(|n| n.parse::<usize>().ok()),
+            &args[3.min(args.len())..],
+        ),
+        _ => (None, &args[1..]),
+    };
     let nodes = nodes();
+    let online = std::fs::read_to_string("/sys/devices/system/node/online").unwrap_or_default();
+    let online_count = count_list(online.trim());
     println!(
-        "GUEST nodes {} ({})",
+        "GUEST nodes {} ({}; online {:?})",
         nodes.len(),
         nodes
             .iter()
             .map(|(n, cpus)| format!("node{n}: cpus {cpus}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        online.trim()
     );
-    let wanted: Vec<&str> = if args.len() > 1 {
-        args[1..].iter().map(String::as_str).collect()
+    let wanted: Vec<&str> = if !rest.is_empty() {
+        rest.iter().map(String::as_str).collect()
     } else {
         vec!["baseline", "replicated", "coherence", "text", "spanning"]
     };
+    // A guest with the wrong node count proves nothing about placement:
+    // a 1-node guest would pass every scenario.
+    let wrong = match expected {
+        None => Some("no --nodes N given: the node count cannot be checked".to_string()),
+        Some(n) if online_count != Some(n) || nodes.len() != n => Some(format!(
+            "the kernel sees {} node(s) (online {:?}, {} node directories), expected {n}",
+            online_count.map_or("?".into(), |c| c.to_string()),
+            online.trim(),
+            nodes.len()
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = wrong {
+        println!("GUEST WRONG NODE COUNT: {why}");
+        for s in &wanted {
+            println!("SCENARIO {s} FAIL {why}");
+        }
+        std::process::exit(1);
+    }
     if let Err(e) = setup() {
         for s in &wanted {
             println!("SCENARIO {s} FAIL setup: {e}");
@@ -83,6 +117,27 @@ fn main() {
     let _ = daemon.kill();
     let _ = daemon.wait();
     std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// How many ids a sysfs list (`0-3,5`) names; `None` if it does not parse.
+fn count_list(list: &str) -> Option<usize> {
+    if list.is_empty() {
+        return Some(0);
+    }
+    let mut n = 0;
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+                n += b.checked_sub(a)? + 1;
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                n += 1;
+            }
+        }
+    }
+    Some(n)
 }
 
 /// Node id -> cpulist, from sysfs.
@@ -351,7 +406,18 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
     let readers: Vec<(u32, Child)> = ids
         .iter()
         .map(|&n| {
-            let mut c = on_node(n, &["/bin/replicad-reader", "verify", file, control, "600"]);
+            let mut c = on_node(
+                n,
+                &[
+                    "/bin/replicad-reader",
+                    "verify",
+                    file,
+                    control,
+                    "600",
+                    "--paths",
+                    WRITER_PATHS,
+                ],
+            );
             c.stdout(Stdio::piped());
             (n, c.spawn().unwrap())
         })
@@ -365,6 +431,8 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
                 file,
                 control,
                 &ROUNDS.to_string(),
+                "--paths",
+                WRITER_PATHS,
                 "--socket",
                 SOCKET,
                 "--wait-replica",
@@ -389,7 +457,7 @@ fn coherence(ids: &[u32]) -> Result<String, String> {
         let out = r.wait_with_output().map_err(|e| e.to_string())?;
         let line = String::from_utf8_lossy(&out.stdout).into_owned();
         let v = json(line.lines().last().unwrap_or(""))?;
-        if v["bad_words"] != 0 || !out.status.success() {
+        if v["bad_words"] != 0 || v["torn_unexplained"] != 0 || !out.status.success() {
             problems.push(format!("reader on node {n}: {v}"));
         }
         if v["replica_rounds_new"].as_u64().unwrap_or(0) == 0 {

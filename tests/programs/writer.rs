@@ -4,11 +4,13 @@
 //! `replicad-writer FILE CONTROL ROUNDS [--paths wronly,trunc,truncate,mmap]
 //!  [--socket S] [--wait-replica] [--open-only]`
 //!
-//! Each round: note the valid replica's file (from the daemon's status),
-//! announce version v as started, open the file for writing (timed: this
-//! is where the fence makes the writer wait), check the replica file is
-//! already truncated or gone (the fence released only after every replica
-//! was revoked), write every page as version v, announce v as complete,
+//! Each round: open and map every valid replica of the file (from the
+//! daemon's status), announce version v as started, open the file for
+//! writing (timed: this is where the fence makes the writer wait), check
+//! every one of those replicas is already truncated: size 0 through our fd
+//! and our mapping raising SIGBUS (the fence released only after every
+//! replica was revoked; an unlinked but intact replica that a process still
+//! maps is a stale read), write every page as version v, announce v as complete,
 //! and with `--wait-replica` wait until the daemon has a valid replica of
 //! the new generation. Prints one JSON line; exits 1 on any violation.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,9 +21,101 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use replicad_client::proto::{ReplicaState, Request, Response};
 
 include!("pattern.rs");
+
+include!("torn.rs");
+
+/// Every valid replica of `file` (any generation): the source's generation
+/// and the replicas' files.
+fn valid_replicas(socket: &Path, file: &Path) -> Option<(u64, Vec<String>)> {
+    let (resp, _) =
+        replicad_client::request(socket, &Request::Status, &[], Duration::from_secs(5)).ok()?;
+    let Response::Status { report } = resp else {
+        return None;
+    };
+    let src = report.sources.into_iter().find(|s| s.path == file)?;
+    let files: Vec<String> = src
+        .replicas
+        .into_iter()
+        .filter(|r| r.state == ReplicaState::Valid)
+        .map(|r| r.file)
+        .collect();
+    (!files.is_empty()).then_some((src.generation, files))
+}
+
+/// One replica held open and mapped (every page touched) across the
+/// writer's open, the way a reader holds it.
+struct Held {
+    path: String,
+    file: std::fs::File,
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Held {
+    fn open(path: &str) -> Result<Held, String> {
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len() as usize;
+        if len == 0 {
+            return Err("already empty while listed valid".into());
+        }
+        // SAFETY: a fresh shared read-only mapping of the replica's fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        for off in (0..len).step_by(PAGE) {
+            // SAFETY: inside the mapping; the replica is whole and valid.
+            unsafe { std::ptr::read_volatile(ptr.cast::<u8>().add(off)) };
+        }
+        Ok(Held {
+            path: path.to_string(),
+            file,
+            ptr,
+            len,
+        })
+    }
+
+    /// Why the replica is not revoked, if it is not: it must be truncated
+    /// (our fd sees size 0, whether or not it was unlinked) and our mapping
+    /// must fault.
+    fn not_revoked(&self) -> Option<String> {
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        TORN.store(false, Ordering::SeqCst);
+        // SAFETY: inside our mapping; a revoked replica raises SIGBUS, which
+        // our handler (torn.rs) answers with a zero page and TORN.
+        unsafe { std::ptr::read_volatile(self.ptr.cast::<u8>()) };
+        let faulted = TORN.load(Ordering::SeqCst);
+        if size == 0 && faulted {
+            return None;
+        }
+        let unlinked = !Path::new(&self.path).exists();
+        Some(format!(
+            "holds {size} bytes through a held fd (unlinked: {unlinked}), a mapping of it {}",
+            if faulted { "faults" } else { "still reads" }
+        ))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
 
 fn valid_replica(socket: &Path, file: &Path) -> Option<(u64, String)> {
     let (resp, _) =
@@ -83,9 +177,21 @@ fn main() {
     let mut regen = Vec::new();
     let mut violations = Vec::new();
     let mut regen_timeouts = 0;
+    install_sigbus();
     for round in 0..rounds {
         let how = paths[(round as usize) % paths.len()].as_str();
         let before = valid_replica(&socket, &file);
+        let mut held = Vec::new();
+        if let Some((generation, files)) = valid_replicas(&socket, &file) {
+            for r in files {
+                match Held::open(&r) {
+                    Ok(h) => held.push((generation, h)),
+                    Err(e) => violations.push(format!(
+                        "round {round} ({how}): valid replica {r} of generation {generation}: {e}"
+                    )),
+                }
+            }
+        }
         let v = ctl.completed() + 1;
         if !open_only {
             ctl.set_started(v);
@@ -114,15 +220,14 @@ fn main() {
         .expect("open for write");
         let waited = t0.elapsed().as_secs_f64();
         waits.entry(how.to_string()).or_default().push(waited);
-        // The fence let us in: every replica must already be revoked.
-        if let Some((generation, replica)) = &before {
-            if let Ok(meta) = std::fs::metadata(replica) {
-                if meta.len() != 0 {
-                    violations.push(format!(
-                        "round {round} ({how}): replica {replica} of generation {generation} still holds {} bytes after the writer's open returned",
-                        meta.len()
-                    ));
-                }
+        // The fence let us in: every replica must already be revoked
+        // (truncated: unlinked is not enough while anyone maps it).
+        for (generation, h) in held.drain(..) {
+            if let Some(why) = h.not_revoked() {
+                violations.push(format!(
+                    "round {round} ({how}): replica {} of generation {generation} {why} after the writer's open returned",
+                    h.path
+                ));
             }
         }
         if !open_only {

@@ -15,6 +15,29 @@ use std::thread::JoinHandle;
 use replicad_client::proto::{Request, Response};
 use replicad_client::sock;
 
+/// Whether skips are failures: `REPLICAD_STRICT=1` (scripts/test.sh sets it
+/// in CI and when run as root); the same rule as tests/common.
+pub fn strict() -> bool {
+    std::env::var("REPLICAD_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// Skip `test` because of `why` (a missing tool or privilege): prints
+/// `SKIP`, or panics under `REPLICAD_STRICT=1`, where every such skip is
+/// a failure.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !strict(),
+        "{test} cannot run: {why} (REPLICAD_STRICT=1: a skip is a failure)"
+    );
+    println!("SKIP {test}: {why}");
+}
+
+/// Skip `test` for lack of hardware CI never has (a GPU): never a
+/// failure, even under `REPLICAD_STRICT=1`.
+pub fn skip_no_hardware(test: &str, why: &str) {
+    println!("SKIP {test}: no hardware: {why}");
+}
+
 /// Name the replica memfds carry (`/proc/self/maps` shows `/memfd:<name>`).
 pub const REPLICA_NAME: &str = "replicad-test-replica";
 
