@@ -4,8 +4,7 @@
 //! and the connection stays usable. Engine calls run on blocking threads.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,51 +45,9 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        bail!(
-            "socket path {} is too long for a unix socket",
-            path.display()
-        );
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: plain syscall; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("socket(AF_UNIX, SOCK_SEQPACKET)");
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("binding {}", path.display()));
-    }
+    let fd = sock::listen(path, 256).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("chmod {}", path.display()))?;
-    // SAFETY: listen on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 256) } < 0 {
-        return Err(io::Error::last_os_error()).context("listen");
-    }
     Ok(fd)
 }
 
@@ -104,23 +61,7 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
     loop {
         let permit = slots.clone().acquire_owned().await?;
         let conn = listener
-            .async_io(Interest::READABLE, |fd| {
-                // SAFETY: accept4 on a listening socket we own; no address wanted.
-                let c = unsafe {
-                    libc::accept4(
-                        fd.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    )
-                };
-                if c < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    // SAFETY: accept4 returned a new fd owned by nobody else.
-                    Ok(unsafe { OwnedFd::from_raw_fd(c) })
-                }
-            })
+            .async_io(Interest::READABLE, |fd| sock::accept(fd.as_fd()))
             .await;
         let conn = match conn {
             Ok(c) => c,

@@ -317,21 +317,27 @@ fn round_to_pages(len: usize) -> Option<usize> {
     len.checked_add(page - 1).map(|l| l & !(page - 1))
 }
 
-/// `mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0)`.
+/// `mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0)`, as a raw system
+/// call: these mappings (the replica, the spare original that is the way
+/// back, the file itself) are this module's own, and the preload shim,
+/// which interposes `mmap` in a program it is loaded into, must not see
+/// them. Were it to move a replica over the spare, a revoke would swap in
+/// a revoked replica, and the program would get the SIGBUS.
 fn mmap_ro(fd: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: a new mapping at an address the kernel picks; fd is live for
     // the call. The result is checked.
     let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+        libc::syscall(
+            libc::SYS_mmap,
+            std::ptr::null_mut::<libc::c_void>(),
             len,
             libc::PROT_READ,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
-            0,
+            0 as libc::off_t,
         )
     };
-    if p == libc::MAP_FAILED {
+    if p == -1 {
         return Err(io::Error::last_os_error());
     }
     Ok(p as usize)

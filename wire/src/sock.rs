@@ -35,9 +35,8 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-/// Connect to a `SOCK_SEQPACKET` socket at `path`, with send and receive
-/// time-outs so that a wedged daemon never hangs the caller.
-pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
+/// A `sockaddr_un` for `path` and its length.
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
@@ -45,35 +44,95 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
     if bytes.len() >= addr.sun_path.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("socket path {} is too long", path.display()),
+            format!(
+                "socket path {} is too long for a unix socket",
+                path.display()
+            ),
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+/// A new `SOCK_SEQPACKET` unix socket, close-on-exec (and non-blocking if
+/// asked).
+fn seqpacket(nonblocking: bool) -> io::Result<OwnedFd> {
+    let flags = libc::SOCK_SEQPACKET
+        | libc::SOCK_CLOEXEC
+        | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain syscall; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by socket() and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connect to a `SOCK_SEQPACKET` socket at `path`, with send and receive
+/// time-outs so that a wedged daemon never hangs the caller.
+pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
+    let (addr, len) = unix_addr(path)?;
+    let fd = seqpacket(false)?;
     set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, timeout)?;
     set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, timeout)?;
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
     // SAFETY: addr is a valid sockaddr_un and len does not exceed its size.
     let rc = unsafe {
         libc::connect(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
-            len as libc::socklen_t,
+            len,
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+/// A non-blocking `SOCK_SEQPACKET` socket bound at `path` and listening
+/// with `backlog`. The caller removes a stale socket file first.
+pub fn listen(path: &Path, backlog: libc::c_int) -> io::Result<OwnedFd> {
+    let (addr, len) = unix_addr(path)?;
+    let fd = seqpacket(true)?;
+    // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Accept one connection, close-on-exec and non-blocking.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: accept4 on a listening socket; no address wanted.
+    let c = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if c < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(c) })
 }
 
 /// Bound how long a read from `sock` blocks (`SO_RCVTIMEO`).
