@@ -483,6 +483,7 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let origin = if is_dir { None } else { leftover_origin(&path) };
         let result = if is_dir {
             fs::remove_dir_all(&path)
         } else {
@@ -491,8 +492,9 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         match result {
             Ok(()) => {
                 crate::info_limited!(
-                    "removed {}, a replica left by an earlier run",
-                    path.display()
+                    "removed {}, a replica{} left by an earlier run",
+                    path.display(),
+                    origin.unwrap_or_default()
                 );
                 removed += 1;
             }
@@ -501,6 +503,22 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// What a leftover replica's xattrs say it was a copy of: " of <source>
+/// (dev:ino, generation g)", or `None` without readable xattrs.
+fn leftover_origin(path: &Path) -> Option<String> {
+    let file = fs::File::open(path).ok()?;
+    let text = |name| {
+        sys::get_xattr(file.as_fd(), name)
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
+    let source = text(XATTR_PATH)?;
+    let ident = text(XATTR_SOURCE).unwrap_or_default();
+    let generation = text(XATTR_GENERATION).unwrap_or_default();
+    Some(format!(" of {source} ({ident}, generation {generation})"))
 }
 
 /// One line of mountinfo that matters here.
@@ -639,9 +657,8 @@ impl ReplicaFile {
         // the whole file, and the mapping below covers it.
         let size = libc::off_t::try_from(len)
             .map_err(|_| CopyError::Write(io::Error::from_raw_os_error(libc::EFBIG)))?;
-        // SAFETY: ftruncate on our own valid fd.
-        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), size) } < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(errno) = nix::unistd::ftruncate(&self.fd, size) {
+            let e = io::Error::from(errno);
             return Err(if is_no_space(&e) {
                 CopyError::NoSpace(e)
             } else {
@@ -710,13 +727,7 @@ impl ReplicaFile {
     }
 
     fn size(&self) -> io::Result<u64> {
-        // SAFETY: stat is plain old data; all-zero is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: st is valid for writes; the fd is ours.
-        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(st.st_size as u64)
+        Ok(nix::sys::stat::fstat(&self.fd)?.st_size as u64)
     }
 
     /// Where the replica's pages are.
@@ -763,18 +774,14 @@ impl ReplicaFile {
             path: self.label_path(),
             source: e,
         };
-        // SAFETY: fchmod on our own valid fd.
-        if unsafe { libc::fchmod(self.fd.as_raw_fd(), 0o400) } < 0 {
-            return Err(io_err(io::Error::last_os_error()));
-        }
+        nix::sys::stat::fchmod(&self.fd, nix::sys::stat::Mode::S_IRUSR)
+            .map_err(|e| io_err(e.into()))?;
         if let Backing::Memfd(_) = self.backing {
             // `fill` keeps no writable mapping, so F_SEAL_WRITE cannot be
             // refused with EBUSY. Shrinking stays allowed: `revoke` needs it.
-            let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-            // SAFETY: fcntl on our own valid fd with an integer argument.
-            if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-                return Err(io_err(io::Error::last_os_error()));
-            }
+            use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+            let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+            fcntl(&self.fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| io_err(e.into()))?;
         }
         Ok(())
     }
@@ -804,11 +811,7 @@ impl ReplicaFile {
     }
 
     fn truncate(&self) -> io::Result<()> {
-        // SAFETY: ftruncate on our own valid fd.
-        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        Ok(nix::unistd::ftruncate(&self.fd, 0)?)
     }
 
     /// Truncate to 0: the kernel unmaps it from every process.

@@ -27,10 +27,8 @@ use crate::{Error, Result};
 /// The root a production reader reads under.
 pub const DEFAULT_ROOT: &str = "/";
 
-/// The highest CPU or node number a list may hold. The kernel's own limits
-/// are lower (`NR_CPUS` is at most 8192, `MAX_NUMNODES` 1024); anything above
-/// this is garbage, and refusing it bounds the memory a list can cost.
-pub const MAX_LIST_ID: u32 = 65_535;
+use replicad_procfs::parse_cpulist as parse_list;
+pub use replicad_procfs::{format_cpulist, MAX_LIST_ID};
 
 /// The distance of a node to itself (ACPI SLIT convention, and what Linux
 /// reports for a machine without a distance table).
@@ -188,89 +186,6 @@ impl SysfsReader {
 /// [`MAX_LIST_ID`]) with an error quoting the text.
 pub fn parse_cpulist(text: &str) -> Result<Vec<u32>> {
     parse_list(text).map_err(Error::Topology)
-}
-
-/// Format CPUs (any order, repeats allowed) as a kernel CPU list with runs
-/// compressed to ranges: `[0, 1, 2, 3, 8]` -> `0-3,8`; empty -> "".
-pub fn format_cpulist(cpus: &[u32]) -> String {
-    let mut sorted = cpus.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && end.checked_add(1) == Some(sorted[i + 1]) {
-            i += 1;
-            end = sorted[i];
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if start == end {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}-{end}"));
-        }
-        i += 1;
-    }
-    out
-}
-
-/// [`parse_cpulist`] with a plain message, for callers that add the file.
-fn parse_list(text: &str) -> std::result::Result<Vec<u32>, String> {
-    let bad = |what: String| format!("cpu list {}: {what}", quote(text));
-    let body = text.trim();
-    if body.is_empty() {
-        return Ok(Vec::new());
-    }
-    // A bitmap bounded by MAX_LIST_ID: repeats and overlaps cost nothing.
-    let mut words: Vec<u64> = Vec::new();
-    for item in body.split(',') {
-        let (first, last) = match item.split_once('-') {
-            Some((a, b)) => (parse_id(a), parse_id(b)),
-            None => (parse_id(item), parse_id(item)),
-        };
-        let (first, last) = match (first, last) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return Err(bad(format!("entry {}: {e}", quote(item)))),
-        };
-        if first > last {
-            return Err(bad(format!("range {first}-{last} runs backwards")));
-        }
-        let need = (last / 64) as usize + 1;
-        if words.len() < need {
-            words.resize(need, 0);
-        }
-        for id in first..=last {
-            words[(id / 64) as usize] |= 1 << (id % 64);
-        }
-    }
-    let mut ids = Vec::new();
-    for (w, &word) in (0u32..).zip(&words) {
-        for bit in 0..64 {
-            if word & (1 << bit) != 0 {
-                ids.push(w * 64 + bit);
-            }
-        }
-    }
-    Ok(ids)
-}
-
-/// One CPU or node number of a list: decimal digits only, at most
-/// [`MAX_LIST_ID`].
-fn parse_id(text: &str) -> std::result::Result<u32, String> {
-    if text.is_empty() {
-        return Err("a number is missing".to_string());
-    }
-    if !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("not a decimal number".to_string());
-    }
-    match text.parse::<u32>() {
-        Ok(id) if id <= MAX_LIST_ID => Ok(id),
-        _ => Err(format!("number is above the limit {MAX_LIST_ID}")),
-    }
 }
 
 /// `MemTotal` in bytes from a node's `meminfo`
