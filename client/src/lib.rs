@@ -1,6 +1,6 @@
 //! replicad's client side: the API a program uses to read a file through
-//! its node's replica, the C ABI over it, and the control-socket protocol the
-//! daemon and `replicactl` share.
+//! its node's replica, the C ABI over it, and the request code the CLI and
+//! the preload shim share. The protocol itself is `replicad-wire`'s.
 //!
 //! ```text
 //!  map(path) ── open(path, O_RDONLY) ──> fd ── Map{node} + fd ──> replicad
