@@ -37,6 +37,22 @@ fn readers_never_see_stale_or_zero_bytes() {
     if !root_or_skip("readers_never_see_stale_or_zero_bytes") {
         return;
     }
+    coherence(false);
+}
+
+/// The same readers with the preload shim loaded as well (as `replicactl
+/// run` starts them): the shim interposes `mmap`, and must leave the client
+/// library's own mappings (its replica and the spare of the file that is
+/// its way back) alone, or a revoke swaps a revoked replica back in.
+#[test]
+fn readers_under_the_shim_never_see_stale_or_zero_bytes() {
+    if !root_or_skip("readers_under_the_shim_never_see_stale_or_zero_bytes") {
+        return;
+    }
+    coherence(true);
+}
+
+fn coherence(under_shim: bool) {
     let d = Daemon::start("");
     let dir = scratch("coherence");
     let file = dir.path().join("data");
@@ -53,7 +69,11 @@ fn readers_never_see_stale_or_zero_bytes() {
 
     let readers: Vec<_> = (0..READERS)
         .map(|_| {
-            Command::new(program("replicad-reader"))
+            let mut reader = Command::new(program("replicad-reader"));
+            if under_shim {
+                reader.env("LD_PRELOAD", shim_path());
+            }
+            reader
                 .args([
                     "verify",
                     file.to_str().unwrap(),
