@@ -153,6 +153,7 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         | Error::Proc { .. }
         | Error::ClientFd { .. }
         | Error::NoDeviceBackend { .. }
+        | Error::CopyPanicked { .. }
         | Error::FenceNotPrepared
         | Error::Thread { .. } => ErrorKind::Internal,
         Error::NotFound { .. } | Error::NotReplicated { .. } | Error::NoSuchProcess { .. } => {

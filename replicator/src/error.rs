@@ -87,6 +87,11 @@ pub enum Error {
     #[error("the fd pid {pid} passed is a {kind}, not a regular file: only regular files are replicated")]
     ClientFdNotRegular { pid: u32, kind: &'static str },
 
+    #[error(
+        "copying {path} onto {target} panicked (a bug: please report it); nothing was replicated"
+    )]
+    CopyPanicked { path: PathBuf, target: Target },
+
     #[error("no device backend can hold a replica on {target}")]
     NoDeviceBackend { target: Target },
 

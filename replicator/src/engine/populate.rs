@@ -14,11 +14,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use super::{lock, Inner, Reason, Replicator};
 use crate::fence::{self, FenceFailure, Lease};
-use crate::list::{Replica, Source};
+use crate::list::{Replica, ReplicaList, Source};
 use crate::model::{
     FenceKind, Generation, NodeSelection, ReplicaState, SourceKey, SourceView, Target,
 };
@@ -77,10 +77,12 @@ impl Inner {
             } else {
                 let fd = Arc::new(OwnedFd::from(file));
                 let lease = if fence_kind == FenceKind::Lease {
-                    let lease = Lease::take(fd.clone(), self.ops.clone())
-                        .map_err(|e| self.lease_refused(path, key, e))
-                        .inspect_err(|e| self.note_fence_failure(e))?;
-                    Some(lease)
+                    match Lease::take(fd.clone(), self.ops.clone()) {
+                        Ok(lease) => Some(lease),
+                        // Named outside the lock: finding the writers
+                        // reads all of /proc.
+                        Err(e) => return Err(self.lease_refused(list, path, key, e)),
+                    }
                 } else {
                     None
                 };
@@ -114,7 +116,14 @@ impl Inner {
 
     /// The error for a lease the kernel refused: `EAGAIN` means a writer
     /// holds the file, and the message names it.
-    fn lease_refused(&self, path: &Path, key: SourceKey, e: std::io::Error) -> Error {
+    fn lease_refused(
+        &self,
+        list: MutexGuard<'_, ReplicaList>,
+        path: &Path,
+        key: SourceKey,
+        e: std::io::Error,
+    ) -> Error {
+        drop(list);
         let why = if e.raw_os_error() == Some(libc::EAGAIN) {
             FenceFailure::OpenForWrite {
                 writers: self.proc.writers_of(key.dev, key.ino),
@@ -122,10 +131,12 @@ impl Inner {
         } else {
             FenceFailure::LeaseRefused(e)
         };
-        Error::Unfenceable {
+        let e = Error::Unfenceable {
             path: path.to_path_buf(),
             why,
-        }
+        };
+        self.note_fence_failure(&e);
+        e
     }
 
     pub(super) fn note_fence_failure(&self, e: &Error) {
@@ -187,46 +198,62 @@ impl Inner {
     pub(super) fn populate(&self, key: SourceKey) -> Result<()> {
         let (fd, abort, ident, work) = {
             let mut list = lock(&self.list);
-            let Some(src) = list.get_mut(key) else {
-                return Ok(());
-            };
-            if !src.fenced() {
-                return Err(Error::SourceChanged {
-                    path: src.path.clone(),
-                    what: "was opened for writing",
+            loop {
+                let Some(src) = list.get_mut(key) else {
+                    return Ok(());
+                };
+                if !src.fenced() {
+                    return Err(Error::SourceChanged {
+                        path: src.path.clone(),
+                        what: "was opened for writing",
+                    });
+                }
+                let work = src.missing_targets();
+                if !work.is_empty() {
+                    break self.start_copies(src, work);
+                }
+                // Another caller is copying a wanted target: wait for its
+                // outcome (a failed copy leaves the target missing, and
+                // this caller copies it itself).
+                let in_flight = src.targets.iter().any(|t| {
+                    src.current(*t)
+                        .is_some_and(|r| r.state == ReplicaState::Populating)
                 });
+                if !in_flight {
+                    return Ok(());
+                }
+                list = self
+                    .copies_done
+                    .wait(list)
+                    .unwrap_or_else(|p| p.into_inner());
             }
-            let work = src.missing_targets();
-            if work.is_empty() {
-                return Ok(());
-            }
-            for t in &work {
-                src.replicas.push(Replica {
-                    target: *t,
-                    generation: src.generation,
-                    state: ReplicaState::Populating,
-                    file: None,
-                    attachments: BTreeSet::new(),
-                    placement: None,
-                });
-            }
-            src.copies += 1;
-            let ident = ReplicaIdent {
-                path: src.path.clone(),
-                dev: key.dev,
-                ino: key.ino,
-                generation: src.generation.seq,
-                size: src.generation.size,
-                mtime_ns: src.generation.mtime_ns,
-                ctime_ns: src.generation.ctime_ns,
-            };
-            (src.fd.clone(), src.abort.clone(), ident, work)
         };
 
-        let results: Vec<(Target, Result<(ReplicaFile, Placement)>)> = work
-            .iter()
-            .map(|t| (*t, self.copy_one(*t, fd.as_fd(), &abort, &ident)))
-            .collect();
+        // A panic while copying must not leave `copies` up: the next revoke
+        // would wait for it for ever, and the writer with it.
+        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            work.iter()
+                .map(|t| (*t, self.copy_one(*t, fd.as_fd(), &abort, &ident)))
+                .collect::<Vec<_>>()
+        }));
+        let results: Vec<(Target, Result<(ReplicaFile, Placement)>)> = match copied {
+            Ok(results) => results,
+            Err(_) => {
+                crate::warn_limited!(
+                    "{}: the copy panicked; nothing replicated",
+                    ident.path.display()
+                );
+                work.iter()
+                    .map(|t| {
+                        let e = Error::CopyPanicked {
+                            path: ident.path.clone(),
+                            target: *t,
+                        };
+                        (*t, Err(e))
+                    })
+                    .collect()
+            }
+        };
         // A source unlinked while we copied is dropped, not replicated.
         let unlinked = self.ops.stat(fd.as_fd()).is_ok_and(|st| st.nlink == 0);
         drop(fd);
@@ -293,9 +320,14 @@ impl Inner {
         }
         self.copies_done.notify_all();
         self.publish(&list);
-        let nothing_left = list
-            .get(key)
-            .is_some_and(|s| s.replicas.is_empty() && s.copies == 0 && s.attached() == 0);
+        // Only when this call tried every wanted target: a target another
+        // caller added meanwhile is that caller's to copy.
+        let nothing_left = list.get(key).is_some_and(|s| {
+            s.replicas.is_empty()
+                && s.copies == 0
+                && s.attached() == 0
+                && s.targets.iter().all(|t| work.contains(t))
+        });
         if unlinked || (first_err.is_some() && nothing_left) {
             // Fence state matches the list: a source whose copy failed and
             // that has no replica left holds no lease.
@@ -318,6 +350,36 @@ impl Inner {
             }
             None => Ok(()),
         }
+    }
+
+    /// Mark `work` populating on `src` (the list locked) and hand out what
+    /// the copier needs: the source fd, the abort flag, the identity.
+    fn start_copies(
+        &self,
+        src: &mut Source,
+        work: Vec<Target>,
+    ) -> (Arc<OwnedFd>, Arc<AtomicBool>, ReplicaIdent, Vec<Target>) {
+        for t in &work {
+            src.replicas.push(Replica {
+                target: *t,
+                generation: src.generation,
+                state: ReplicaState::Populating,
+                file: None,
+                attachments: BTreeSet::new(),
+                placement: None,
+            });
+        }
+        src.copies += 1;
+        let ident = ReplicaIdent {
+            path: src.path.clone(),
+            dev: src.key.dev,
+            ino: src.key.ino,
+            generation: src.generation.seq,
+            size: src.generation.size,
+            mtime_ns: src.generation.mtime_ns,
+            ctime_ns: src.generation.ctime_ns,
+        };
+        (src.fd.clone(), src.abort.clone(), ident, work)
     }
 
     /// Create, fill, check and seal one replica file.
@@ -369,6 +431,8 @@ impl Inner {
     /// pages look misplaced, which this one-node machine never shows.
     fn placement_of(&self, file: &ReplicaFile) -> Result<Placement> {
         let placement = file.placement()?;
+        #[cfg(test)]
+        tests::during_copy();
         #[cfg(test)]
         if let Some(misplaced) = tests::misplace() {
             return Ok(Placement {

@@ -26,6 +26,21 @@ use crate::{Error, Metrics, Topology};
 
 thread_local! {
     static MISPLACE: Cell<Option<u64>> = const { Cell::new(None) };
+    static DURING_COPY: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs once in the middle of the next copy made on this thread (after the
+/// bytes are in, before the placement check), without the list lock: what
+/// another caller does while a copy is in flight.
+pub(super) fn during_copy() {
+    if let Some(f) = DURING_COPY.with(|d| d.borrow_mut().take()) {
+        f();
+    }
+}
+
+fn while_copying(f: impl FnOnce() + 'static) {
+    DURING_COPY.with(|d| *d.borrow_mut() = Some(Box::new(f)));
 }
 
 /// Pages the placement check should find off their node, for copies made
@@ -561,4 +576,89 @@ fn every_label_the_engine_uses_exists_at_zero() {
         let label = e.replication_failure_label();
         assert!(REPLICATION_FAILURE_REASONS.contains(&label), "{label}");
     }
+}
+
+#[test]
+fn a_target_added_during_a_failed_copy_keeps_the_source() {
+    let rig = rig();
+    let path = rig.source("shared.bin", &[5u8; 4 * 4096]);
+    let key = Rig::key(&path);
+    let cuda = Target::Device(DeviceId {
+        kind: DeviceKind::Cuda,
+        index: 0,
+    });
+    // While this call copies node0, another asks for a target it did not
+    // try (the second caller of replicate, before its own populate).
+    let engine = rig.engine.clone();
+    while_copying(move || {
+        let mut list = lock(&engine.inner.list);
+        list.get_mut(key).unwrap().targets.insert(cuda);
+    });
+    MISPLACE.with(|m| m.set(Some(1)));
+    let err = rig
+        .engine
+        .replicate(&path, &NodeSelection::All)
+        .unwrap_err();
+    MISPLACE.with(|m| m.set(None));
+    assert!(matches!(err, Error::Misplaced { .. }), "{err}");
+    // Not dropped: the other caller's target is still wanted, and its
+    // fence stays for it.
+    let fd = rig.lease_fd(key);
+    assert!(rig.log.held(fd));
+    // The other caller's populate: node0 again (this time it works), and
+    // the device target, which no backend holds yet.
+    let e = rig.engine.inner.populate(key).unwrap_err();
+    assert!(matches!(e, Error::NoDeviceBackend { .. }), "{e}");
+    assert_eq!(rig.states(key), [ReplicaState::Valid]);
+    assert!(rig.log.held(fd));
+}
+
+#[test]
+fn a_second_caller_waits_for_the_copy_in_flight() {
+    let rig = rig();
+    let path = rig.source("big.bin", &[9u8; 16 * 4096]);
+    let key = Rig::key(&path);
+    let engine = rig.engine.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    let handle = second.clone();
+    while_copying(move || {
+        // The second caller finds node0 populating: no work of its own.
+        let b = std::thread::spawn(move || {
+            let r = engine.inner.populate(key);
+            let states: Vec<ReplicaState> = lock(&engine.inner.list)
+                .get(key)
+                .map(|s| s.replicas.iter().map(|r| r.state).collect())
+                .unwrap_or_default();
+            tx.send((r.is_ok(), states)).unwrap();
+        });
+        *handle.lock().unwrap() = Some(b);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    // It answered only after the copy it waited for was valid.
+    let (ok, states) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(ok);
+    assert_eq!(states, [ReplicaState::Valid]);
+    second.lock().unwrap().take().unwrap().join().unwrap();
+}
+
+#[test]
+fn a_panicking_copy_leaves_no_copy_counted_and_no_lease() {
+    let rig = rig();
+    let path = rig.source("panic.bin", &[1u8; 4096]);
+    let key = Rig::key(&path);
+    while_copying(|| panic!("a copy panics (test)"));
+    let err = rig
+        .engine
+        .replicate(&path, &NodeSelection::All)
+        .unwrap_err();
+    assert!(matches!(err, Error::CopyPanicked { .. }), "{err}");
+    // Nothing counted in flight, nothing listed, no lease: a writer and
+    // a later replicate go on.
+    assert!(lock(&rig.engine.inner.list).get(key).is_none());
+    assert!(rig.log.leases.lock().unwrap().is_empty());
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    rig.break_lease(key);
+    assert!(rig.states(key).is_empty());
 }
