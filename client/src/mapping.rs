@@ -329,12 +329,12 @@ fn mmap_ro(fd: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     let p = unsafe {
         libc::syscall(
             libc::SYS_mmap,
-            std::ptr::null_mut::<libc::c_void>(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0 as libc::off_t,
+            0 as libc::c_long,
+            len as libc::c_long,
+            libc::PROT_READ as libc::c_long,
+            libc::MAP_SHARED as libc::c_long,
+            fd.as_raw_fd() as libc::c_long,
+            0 as libc::c_long,
         )
     };
     if p == -1 {

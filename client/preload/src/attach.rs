@@ -228,6 +228,9 @@ fn ask(
         replicad_client::Error::Connect { socket, source } => {
             format!("no replicad at {} ({source})", socket.display())
         }
+        replicad_client::Error::Refused { kind, message } => {
+            format!("replicad refused ({kind:?}): {message}")
+        }
         e => e.to_string(),
     })
 }

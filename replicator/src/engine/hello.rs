@@ -174,7 +174,12 @@ impl Inner {
         let groups = match self.proc.cgroups(pid) {
             Ok(Some(entries)) => cgroup_paths(&entries),
             Ok(None) => return Ok(None),
-            Err(e) => return Err(Error::proc(pid, "cgroup", e)),
+            // A cgroup file that cannot be read or parsed: the process is
+            // taken to be in the root, as a kernel with no hierarchy shows.
+            Err(e) => {
+                crate::debug_limited!("{e}: taking pid {pid} to be in the root cgroup");
+                cgroup_paths(&[])
+            }
         };
         let home_nodes = self.home_nodes.read().unwrap_or_else(|p| p.into_inner());
         Ok(Some(choose_node(
@@ -310,7 +315,7 @@ impl Inner {
                                 None
                             }
                             Some((file, attachments)) => {
-                                let source = reopen_readonly(&self.proc, src.fd.as_fd());
+                                let source = reopen_readonly(&self.proc, src.fd.as_fd(), false);
                                 match (file.open_readonly(), source) {
                                     (Ok(replica), Ok(source)) => {
                                         attachments.insert(attachment);

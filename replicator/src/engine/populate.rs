@@ -166,7 +166,8 @@ impl Inner {
         if flags & libc::O_PATH == 0 && flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Ok((file, key));
         }
-        let reopened = reopen_readonly(&self.proc, file.as_fd()).map_err(|e| Error::io(path, e))?;
+        let reopened =
+            reopen_readonly(&self.proc, file.as_fd(), true).map_err(|e| Error::io(path, e))?;
         drop(file);
         let meta = reopened.metadata().map_err(|e| Error::io(path, e))?;
         if (meta.dev(), meta.ino()) != (key.dev, key.ino) || !meta.file_type().is_file() {
@@ -449,15 +450,18 @@ use super::tests;
 
 /// A fresh read-only open file description of the file behind `fd`
 /// (through `/proc/self/fd`: never the same description, so a client given
-/// it cannot `F_SETLEASE F_UNLCK` ours).
+/// it cannot `F_SETLEASE F_UNLCK` ours). `nonblocking` for the daemon's
+/// own lease fd; a client's way back gets the plain flags.
 pub(super) fn reopen_readonly(
     proc: &replicad_procfs::ProcReader,
     fd: BorrowedFd<'_>,
+    nonblocking: bool,
 ) -> std::io::Result<File> {
     use std::os::fd::AsRawFd;
+    let flags = libc::O_CLOEXEC | libc::O_NOCTTY | if nonblocking { libc::O_NONBLOCK } else { 0 };
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(flags)
         .open(proc.self_fd_path(fd.as_raw_fd()))
 }
 
