@@ -1063,11 +1063,12 @@ fn second_daemon_refused() {
     );
 }
 
-/// Files on a read-only mount need no lease: they replicate with the fence
-/// "read-only mount" and serve replicas like any other.
+/// Files on a read-only mount are leased like any other (the mount can be
+/// remounted read-write: tests/fence_paths.rs writes through it) and serve
+/// replicas like any other.
 #[test]
-fn read_only_mount_needs_no_lease() {
-    if !root_or_skip("read_only_mount_needs_no_lease") {
+fn read_only_mount_is_leased() {
+    if !root_or_skip("read_only_mount_is_leased") {
         return;
     }
     let d = Daemon::start("");
@@ -1096,7 +1097,7 @@ fn read_only_mount_needs_no_lease() {
     let out = d.ctl_ok(&["replicate", view.join("f").to_str().unwrap()]);
     assert!(out.contains("generation 1"), "{out}");
     let st = d.status();
-    assert_eq!(st.sources[0].fence, "read-only mount", "{st:?}");
+    assert_eq!(st.sources[0].fence, "lease", "{st:?}");
     let out = d.ctl_ok(&["map", view.join("f").to_str().unwrap()]);
     assert!(out.contains("replica on node0"), "{out}");
     d.ctl_ok(&["evict", view.join("f").to_str().unwrap()]);

@@ -108,15 +108,19 @@ impl std::fmt::Display for ReplicaState {
 }
 
 /// How writes to a source are kept out.
+///
+/// Every file that can ever become writable is leased: a read-only mount
+/// can be remounted read-write, a read-only bind mount has a writable twin,
+/// an immutable file can be made mutable, and leases work on all three.
+/// Only files that can never be written go without.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FenceKind {
     /// A read lease on the source fd; writers wait for its release.
     Lease,
-    /// The mount is read-only: nobody can write.
-    ReadOnlyMount,
-    /// `chattr +i`.
-    Immutable,
-    /// fs-verity: contents are fixed.
+    /// A filesystem that cannot be written at all (squashfs, erofs,
+    /// iso9660): nothing to fence.
+    NeverWritable { fs: &'static str },
+    /// fs-verity: contents are fixed for the life of the inode.
     Verity,
 }
 
@@ -125,8 +129,7 @@ impl FenceKind {
     pub fn name(self) -> &'static str {
         match self {
             FenceKind::Lease => "lease",
-            FenceKind::ReadOnlyMount => "read-only mount",
-            FenceKind::Immutable => "immutable",
+            FenceKind::NeverWritable { fs } => fs,
             FenceKind::Verity => "verity",
         }
     }

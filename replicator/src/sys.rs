@@ -97,6 +97,17 @@ pub fn unfenceable_fs(magic: i64) -> Option<&'static str> {
     })
 }
 
+/// Filesystems that cannot be written by anyone, ever (no read-write
+/// mount exists for them): their files need no fence.
+pub fn never_writable_fs(magic: i64) -> Option<&'static str> {
+    Some(match magic {
+        0x7371_7368 => "squashfs",
+        0xe0f5_e1e2 => "erofs",
+        0x9660 => "iso9660",
+        _ => return None,
+    })
+}
+
 /// File attributes from `statx` that make a lease unnecessary.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatxAttrs {
@@ -324,6 +335,18 @@ mod tests {
         assert_eq!(unfenceable_fs(info.magic), Some("procfs"));
         let t = tempfile::tempfile().unwrap();
         assert_eq!(unfenceable_fs(fs_info(t.as_fd()).unwrap().magic), None);
+    }
+
+    #[test]
+    fn only_read_only_filesystems_are_never_writable() {
+        assert_eq!(never_writable_fs(0x7371_7368), Some("squashfs"));
+        assert_eq!(never_writable_fs(0xe0f5_e1e2), Some("erofs"));
+        assert_eq!(never_writable_fs(0x9660), Some("iso9660"));
+        let t = tempfile::tempfile().unwrap();
+        assert_eq!(never_writable_fs(fs_info(t.as_fd()).unwrap().magic), None);
+        // tmpfs and ext4 (writable filesystems, even when mounted ro).
+        assert_eq!(never_writable_fs(0x0102_1994), None);
+        assert_eq!(never_writable_fs(0xef53), None);
     }
 
     #[test]

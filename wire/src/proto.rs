@@ -201,8 +201,9 @@ pub struct SourceStatus {
     /// Current generation number (0 before the first copy).
     pub generation: u64,
     pub size: u64,
-    /// How writes are fenced: `lease`, `read-only mount`, `immutable`,
-    /// `verity`, or `broken` while a writer holds the file.
+    /// How writes are fenced: `lease`; `squashfs`, `erofs`, `iso9660` or
+    /// `verity` for files nobody can write (no fence); `broken` while a
+    /// writer holds the file.
     pub fence: String,
     /// Wanted targets.
     pub targets: Vec<String>,

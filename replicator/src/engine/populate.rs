@@ -72,7 +72,10 @@ impl Inner {
                 // Known source: the fence it holds stays; ours is dropped.
                 src.targets.extend(targets.iter().copied());
                 if !src.fenced() {
-                    return Ok(self.source_view(src));
+                    // A writer broke the fence: nothing can be replicated
+                    // until it is done (then a new generation follows).
+                    let busy = std::io::Error::from_raw_os_error(libc::EAGAIN);
+                    return Err(self.lease_refused(list, path, key, busy));
                 }
             } else {
                 let fd = Arc::new(OwnedFd::from(file));
@@ -108,10 +111,24 @@ impl Inner {
         let view = list.get(key).map(|s| self.source_view(s));
         drop(list);
         result?;
-        view.ok_or_else(|| Error::SourceChanged {
+        let view = view.ok_or_else(|| Error::SourceChanged {
             path: path.to_path_buf(),
             what: "was dropped",
-        })
+        })?;
+        // Every target asked for is valid now, or nothing was replicated
+        // for this caller (a writer came while another caller copied).
+        let valid = |t: &Target| {
+            view.replicas.iter().any(|r| {
+                r.target == *t && r.generation == view.generation && r.state == ReplicaState::Valid
+            })
+        };
+        if !targets.iter().all(valid) {
+            return Err(Error::SourceChanged {
+                path: path.to_path_buf(),
+                what: "was opened for writing",
+            });
+        }
+        Ok(view)
     }
 
     /// The error for a lease the kernel refused: `EAGAIN` means a writer

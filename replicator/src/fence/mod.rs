@@ -38,6 +38,9 @@ use crate::model::FenceKind;
 use crate::{sys, Error, Result};
 
 /// How writes to the file behind `fd` can be kept out, or why they cannot.
+/// A read-only mount and an immutable file are leased like any other:
+/// both can become writable (`mount -o remount,rw`, `chattr -i`, a
+/// writable bind mount of the same inode).
 pub fn fence_kind(fd: BorrowedFd<'_>, path: &Path) -> Result<FenceKind> {
     let fs = sys::fs_info(fd).map_err(|e| Error::io(path, e))?;
     if let Some(name) = sys::unfenceable_fs(fs.magic) {
@@ -46,13 +49,10 @@ pub fn fence_kind(fd: BorrowedFd<'_>, path: &Path) -> Result<FenceKind> {
             why: FenceFailure::Filesystem { name },
         });
     }
-    if fs.read_only {
-        return Ok(FenceKind::ReadOnlyMount);
+    if let Some(fs) = sys::never_writable_fs(fs.magic) {
+        return Ok(FenceKind::NeverWritable { fs });
     }
     let attrs = sys::statx_attrs(fd).map_err(|e| Error::io(path, e))?;
-    if attrs.immutable {
-        return Ok(FenceKind::Immutable);
-    }
     if attrs.verity {
         return Ok(FenceKind::Verity);
     }

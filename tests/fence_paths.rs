@@ -1,0 +1,201 @@
+//! Always lease (issue 9, part): a file that can ever become writable is
+//! leased, so the ways it becomes writable later (remount read-write,
+//! `chattr -i`, the writable twin of a read-only bind mount) meet the
+//! fence like any writer: the replica is truncated before the writer's
+//! open returns, and the next generation has the new bytes. And a
+//! `replicate` while a writer holds the file fails and names it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn run(cmd: &str, args: &[&str], target: &Path) {
+    let ok = Command::new(cmd)
+        .args(args)
+        .arg(target)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{cmd} {args:?} {}", target.display());
+}
+
+fn umount(dir: &Path) {
+    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    // SAFETY: unmounting a test mount by a valid path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Unmounts on drop, so a failed assertion leaves no mount behind.
+struct Mount<'a>(&'a Path);
+
+impl Drop for Mount<'_> {
+    fn drop(&mut self) {
+        umount(self.0);
+    }
+}
+
+/// Replicate `seen` (the path the daemon is given) and check it is leased;
+/// then write new bytes through `written` (the same inode, another way in)
+/// and check the fence held: the replica the reader had is truncated by
+/// the time the writer's open returns, and the next generation is served
+/// with the new bytes.
+fn write_meets_the_fence(d: &Daemon, seen: &Path, written: &Path, make_writable: impl FnOnce()) {
+    d.ctl_ok(&["replicate", seen.to_str().unwrap()]);
+    let st = d.status();
+    let src = &st.sources[0];
+    assert_eq!(src.fence, "lease", "{st:?}");
+    assert_eq!(
+        src.replicas[0].state,
+        replicad_client::proto::ReplicaState::Valid
+    );
+    // What a reader of the replica holds: the file itself, by fd.
+    let replica = std::fs::File::open(&src.replicas[0].file).unwrap();
+    let before = replica.metadata().unwrap().len();
+    assert!(before > 0);
+    make_writable();
+    let new: Vec<u8> = (0..before).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(written)
+        .unwrap();
+    // The writer is in: the replica is already gone from every page table.
+    assert_eq!(
+        replica.metadata().unwrap().len(),
+        0,
+        "the writer got in while the replica still held the old bytes"
+    );
+    w.write_all(&new).unwrap();
+    drop(w);
+    // The next generation, with the new bytes.
+    let t0 = Instant::now();
+    loop {
+        let st = d.status();
+        let s = &st.sources[0];
+        if s.generation >= 2
+            && s.replicas.iter().any(|r| {
+                r.generation == s.generation
+                    && r.state == replicad_client::proto::ReplicaState::Valid
+            })
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no new generation: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = d.ctl_ok(&["map", seen.to_str().unwrap()]);
+    assert!(out.contains("backed by replica"), "{out}");
+    let want = format!("fnv1a64 {:016x}", fnv1a(&new));
+    assert!(
+        out.contains(&want),
+        "served other bytes than the file's: {out} (want {want})"
+    );
+}
+
+#[test]
+fn a_read_only_mount_is_leased_and_a_remount_rw_meets_the_fence() {
+    if !root_or_skip("a_read_only_mount_is_leased_and_a_remount_rw_meets_the_fence") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("ro-remount");
+    let view = dir.path().join("view");
+    std::fs::create_dir(&view).unwrap();
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=4m", "replicad-test-ro"],
+        &view,
+    );
+    let _m = Mount(&view);
+    let f = view.join("f");
+    make_file(&f, 256 * 1024, 3);
+    run("mount", &["-o", "remount,ro"], &view);
+    write_meets_the_fence(&d, &f, &f, || run("mount", &["-o", "remount,rw"], &view));
+}
+
+#[test]
+fn an_immutable_file_is_leased_and_chattr_minus_i_meets_the_fence() {
+    if !root_or_skip("an_immutable_file_is_leased_and_chattr_minus_i_meets_the_fence") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("immutable");
+    let f = dir.path().join("f");
+    make_file(&f, 256 * 1024, 4);
+    run("chattr", &["+i"], &f);
+    // Whatever happens, the scratch dir must be removable afterwards.
+    struct Mutable<'a>(&'a Path);
+    impl Drop for Mutable<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+        }
+    }
+    let _g = Mutable(&f);
+    write_meets_the_fence(&d, &f, &f, || run("chattr", &["-i"], &f));
+}
+
+#[test]
+fn a_read_only_bind_mount_is_leased_and_its_writable_twin_meets_the_fence() {
+    if !root_or_skip("a_read_only_bind_mount_is_leased_and_its_writable_twin_meets_the_fence") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("ro-bind");
+    let src = dir.path().join("src");
+    let view = dir.path().join("view");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&view).unwrap();
+    make_file(&src.join("f"), 256 * 1024, 5);
+    run("mount", &["--bind", src.to_str().unwrap()], &view);
+    let _m = Mount(&view);
+    run("mount", &["-o", "remount,bind,ro"], &view);
+    // The view really is read-only.
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(view.join("f"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    write_meets_the_fence(&d, &view.join("f"), &src.join("f"), || {});
+}
+
+#[test]
+fn replicate_while_a_writer_holds_the_file_fails_and_names_the_writer() {
+    if !root_or_skip("replicate_while_a_writer_holds_the_file_fails_and_names_the_writer") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("held");
+    let f = dir.path().join("f");
+    make_file(&f, 64 * 1024, 6);
+    d.ctl_ok(&["replicate", f.to_str().unwrap()]);
+    // A writer breaks the fence and keeps the file open.
+    let _w = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    let t0 = Instant::now();
+    while d.status().sources[0].fence != "broken" {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let err = d.ctl_err(&["replicate", f.to_str().unwrap()]);
+    let me = format!("pid {}", std::process::id());
+    assert!(err.contains("open for writing by"), "{err}");
+    assert!(err.contains(&me), "the writer is not named: {err}");
+    // Nothing claims to be replicated meanwhile.
+    let st = d.status();
+    assert!(
+        st.sources[0]
+            .replicas
+            .iter()
+            .all(|r| r.state != replicad_client::proto::ReplicaState::Valid),
+        "{st:?}"
+    );
+}
