@@ -199,3 +199,63 @@ fn replicate_while_a_writer_holds_the_file_fails_and_names_the_writer() {
         "{st:?}"
     );
 }
+
+/// `open(O_RDONLY|O_TRUNC)` cuts a file without breaking the read lease:
+/// the modify watch sees it and the replica is revoked at once. The window
+/// (truncation to revoke) is the kernel's gap; it is measured and printed.
+#[test]
+fn a_truncation_no_break_announces_is_revoked_and_the_window_measured() {
+    if !root_or_skip("a_truncation_no_break_announces_is_revoked_and_the_window_measured") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("otrunc");
+    let f = dir.path().join("f");
+    let mut windows = Vec::new();
+    for round in 0..5u8 {
+        make_file(&f, 256 * 1024, 10 + round);
+        if round == 0 {
+            d.ctl_ok(&["replicate", f.to_str().unwrap()]);
+        }
+        // The replica of the current generation, held as a reader would.
+        let t0 = Instant::now();
+        let replica = loop {
+            let st = d.status();
+            let s = &st.sources[0];
+            let valid = s.replicas.iter().find(|r| {
+                r.generation == s.generation
+                    && s.size == 256 * 1024
+                    && r.state == replicad_client::proto::ReplicaState::Valid
+            });
+            if let Some(r) = valid {
+                break std::fs::File::open(&r.file).unwrap();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "no replica: {st:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(replica.metadata().unwrap().len(), 256 * 1024);
+        let cut = Instant::now();
+        drop(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_TRUNC)
+                .open(&f)
+                .unwrap(),
+        );
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 0);
+        while replica.metadata().unwrap().len() != 0 {
+            assert!(
+                cut.elapsed() < Duration::from_secs(1),
+                "the replica still held the old bytes 1 s after an O_TRUNC"
+            );
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        windows.push(cut.elapsed());
+    }
+    windows.sort();
+    eprintln!(
+        "O_RDONLY|O_TRUNC to revoke: median {:?}, max {:?} (5 rounds)",
+        windows[2], windows[4]
+    );
+    assert!(d.metric("replicad_invalidations_total{reason=\"modified\"}") >= 5.0);
+}

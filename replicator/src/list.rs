@@ -19,6 +19,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+use nix::sys::inotify::WatchDescriptor;
+
 use crate::fence::Lease;
 use crate::model::{Attachment, FenceKind, Generation, ReplicaState, SourceKey, Target};
 use crate::store::{Placement, ReplicaFile};
@@ -48,6 +50,8 @@ pub struct Source {
     pub fence: FenceKind,
     /// The read lease, while held (`FenceKind::Lease` only).
     pub lease: Option<Lease>,
+    /// The modify watch on it (writes no lease break announces).
+    pub watch: Option<WatchDescriptor>,
     /// The generation read under the current fence.
     pub generation: Generation,
     /// Targets wanted by policy or request.
@@ -98,12 +102,17 @@ pub struct ReplicaList {
     sources: BTreeMap<SourceKey, Source>,
     /// Lease fd -> source, for the fence thread.
     by_fd: HashMap<RawFd, SourceKey>,
+    /// Modify watch -> source.
+    by_watch: HashMap<WatchDescriptor, SourceKey>,
 }
 
 impl ReplicaList {
     /// Add a source (replacing nothing: the caller checked it is new).
     pub fn insert(&mut self, source: Source) {
         self.by_fd.insert(source.fd.as_raw_fd(), source.key);
+        if let Some(wd) = source.watch {
+            self.by_watch.insert(wd, source.key);
+        }
         self.sources.insert(source.key, source);
     }
 
@@ -111,6 +120,9 @@ impl ReplicaList {
     pub fn remove(&mut self, key: SourceKey) -> Option<Source> {
         let source = self.sources.remove(&key)?;
         self.by_fd.remove(&source.fd.as_raw_fd());
+        if let Some(wd) = source.watch {
+            self.by_watch.remove(&wd);
+        }
         Some(source)
     }
 
@@ -120,6 +132,11 @@ impl ReplicaList {
 
     pub fn get_mut(&mut self, key: SourceKey) -> Option<&mut Source> {
         self.sources.get_mut(&key)
+    }
+
+    /// The source a modify watch is on.
+    pub fn by_watch(&self, wd: WatchDescriptor) -> Option<SourceKey> {
+        self.by_watch.get(&wd).copied()
     }
 
     /// The source whose lease sits on `fd`.

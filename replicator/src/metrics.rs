@@ -16,8 +16,16 @@ use prometheus::{
 /// `replicad_invalidations_total` reasons.
 /// (`copy_failed`: a failed copy dropped a source it left without replicas,
 /// so its fence; the count is of replicas, so it stays 0.)
-pub const INVALIDATION_REASONS: [&str; 5] =
-    ["write", "evict", "shutdown", "unlinked", "copy_failed"];
+/// (`modified`: the source changed without a lease break, such as an
+/// `open(O_RDONLY|O_TRUNC)`, and the modify watch saw it.)
+pub const INVALIDATION_REASONS: [&str; 6] = [
+    "write",
+    "evict",
+    "shutdown",
+    "unlinked",
+    "modified",
+    "copy_failed",
+];
 /// `replicad_fence_failures_total` reasons: one per [`FenceFailure`] kind.
 ///
 /// [`FenceFailure`]: crate::fence::FenceFailure

@@ -263,16 +263,25 @@ pub fn read_signal(sfd: BorrowedFd<'_>) -> io::Result<Option<SignalInfo>> {
     }))
 }
 
-/// poll(2) one fd for readability, `timeout_ms` at most.
-pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    rc > 0 && pfd.revents & libc::POLLIN != 0
+/// poll(2) `fds` for readability, `timeout_ms` at most; how many are
+/// readable (0 on time-out or error).
+pub fn wait_readable_any(fds: &[BorrowedFd<'_>], timeout_ms: libc::c_int) -> usize {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: pfds holds pfds.len() valid pollfd entries.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if rc <= 0 {
+        return 0;
+    }
+    pfds.iter()
+        .filter(|p| p.revents & libc::POLLIN != 0)
+        .count()
 }
 
 /// The file status flags of `fd` (`F_GETFL`: access mode, `O_PATH`, ...).

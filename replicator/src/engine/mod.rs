@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
 
-use crate::fence::{self, FenceOps, FenceThread, KernelOps};
+use crate::fence::{self, FenceOps, FenceThread, KernelOps, ModifyWatch};
 use crate::list::ReplicaList;
 use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, Target};
 use crate::store::{Store, StoreConfig};
@@ -92,17 +92,26 @@ pub struct Wiring {
     /// Hear lease breaks on a fence thread (the daemon). Unit tests with a
     /// stand-in kernel take no real lease and deliver breaks themselves.
     pub fence_thread: bool,
+    /// The modify watch on every leased source (the fence thread reads it
+    /// when there is one).
+    pub watch: Option<Arc<ModifyWatch>>,
 }
 
 impl Wiring {
     /// The real kernel and `/proc`, publishing through `publisher`.
-    pub fn kernel(publisher: Option<Box<dyn Publisher>>) -> Wiring {
-        Wiring {
+    pub fn kernel(publisher: Option<Box<dyn Publisher>>) -> Result<Wiring> {
+        let proc = ProcReader::default();
+        let watch = ModifyWatch::new(proc.clone()).map_err(|source| Error::Thread {
+            what: "modify watch (inotify)",
+            source,
+        })?;
+        Ok(Wiring {
             ops: Arc::new(KernelOps),
-            proc: ProcReader::default(),
+            proc,
             publisher,
             fence_thread: true,
-        }
+            watch: Some(Arc::new(watch)),
+        })
     }
 }
 
@@ -119,6 +128,7 @@ struct Inner {
     metrics: Metrics,
     ops: Arc<dyn FenceOps>,
     proc: ProcReader,
+    watch: Option<Arc<ModifyWatch>>,
     list: Mutex<ReplicaList>,
     /// Signalled whenever a copy finishes.
     copies_done: Condvar,
@@ -163,6 +173,8 @@ enum Reason {
     Evict,
     Shutdown,
     Unlinked,
+    /// The source changed without a lease break (`O_RDONLY|O_TRUNC`).
+    Modified,
     /// A copy failed and left the source without a replica: its fence goes
     /// too (no lease without a replica).
     CopyFailed,
@@ -170,11 +182,12 @@ enum Reason {
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 5] = [
+    const ALL: [Reason; 6] = [
         Reason::Write,
         Reason::Evict,
         Reason::Shutdown,
         Reason::Unlinked,
+        Reason::Modified,
         Reason::CopyFailed,
     ];
 
@@ -184,6 +197,7 @@ impl Reason {
             Reason::Evict => "evict",
             Reason::Shutdown => "shutdown",
             Reason::Unlinked => "unlinked",
+            Reason::Modified => "modified",
             Reason::CopyFailed => "copy_failed",
         }
     }
@@ -211,7 +225,7 @@ impl Replicator {
         metrics: Metrics,
         publisher: Option<Box<dyn Publisher>>,
     ) -> Result<Replicator> {
-        Self::start_with(cfg, topology, metrics, Wiring::kernel(publisher))
+        Self::start_with(cfg, topology, metrics, Wiring::kernel(publisher)?)
     }
 
     /// [`Replicator::start`] with the kernel, `/proc` and publisher given.
@@ -247,6 +261,7 @@ impl Replicator {
             metrics,
             ops: wiring.ops,
             proc: wiring.proc,
+            watch: wiring.watch.clone(),
             list: Mutex::new(ReplicaList::default()),
             copies_done: Condvar::new(),
             jobs: Mutex::new(Some(tx)),
@@ -259,11 +274,14 @@ impl Replicator {
         let fence = if wiring.fence_thread {
             let weak = Arc::downgrade(&inner);
             Some(
-                FenceThread::spawn(move |ev| {
-                    if let Some(inner) = weak.upgrade() {
-                        inner.on_fence_event(ev);
-                    }
-                })
+                FenceThread::spawn(
+                    move |ev| {
+                        if let Some(inner) = weak.upgrade() {
+                            inner.on_fence_event(ev);
+                        }
+                    },
+                    wiring.watch,
+                )
                 .map_err(|source| Error::Thread {
                     what: "fence thread",
                     source,

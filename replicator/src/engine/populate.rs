@@ -90,12 +90,18 @@ impl Inner {
                     None
                 };
                 let generation = self.read_generation(fd.as_fd(), path, 1)?;
+                // A leased source is watched for writes no break announces.
+                let watch = match (&lease, &self.watch) {
+                    (Some(_), Some(w)) => Some(w.add(fd.as_fd()).map_err(|e| Error::io(path, e))?),
+                    _ => None,
+                };
                 list.insert(Source {
                     key,
                     path: path.to_path_buf(),
                     fd,
                     fence: fence_kind,
                     lease,
+                    watch,
                     generation,
                     targets: targets.clone(),
                     replicas: Vec::new(),

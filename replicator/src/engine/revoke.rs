@@ -118,6 +118,9 @@ impl Inner {
     ) -> (MutexGuard<'a, ReplicaList>, usize) {
         let (mut list, n) = self.revoke(list, key, reason, None);
         if let Some(src) = list.remove(key) {
+            if let (Some(wd), Some(w)) = (src.watch, &self.watch) {
+                w.remove(wd);
+            }
             crate::info_limited!(
                 "{}: dropped ({}), {n} replicas invalidated",
                 src.path.display(),
@@ -127,9 +130,11 @@ impl Inner {
         (list, n)
     }
 
-    /// A lease break (or a signal-queue overflow) from the fence thread.
+    /// A lease break (or a signal-queue overflow, or a modification no
+    /// break announced) from the fence thread.
     pub(super) fn on_fence_event(&self, ev: FenceEvent) {
         let (fds, at) = match ev {
+            FenceEvent::Modified { wd, at } => return self.on_modified(wd, at),
             FenceEvent::Break { fd, at } => (vec![fd], at),
             FenceEvent::Overflow { at } => {
                 // Unknown fd: every held lease with a break pending.
@@ -165,6 +170,44 @@ impl Inner {
             drop(list);
             self.jobs(Job::Refence(Instant::now() + self.cfg.settle, key));
         }
+    }
+
+    /// A watched source changed. With its lease still held, no writer was
+    /// let in, so the change came without a break (`open(O_RDONLY |
+    /// O_TRUNC)`): revoke at once. A change the current generation already
+    /// holds (a late event of a writer that came through the fence) is
+    /// left alone.
+    fn on_modified(&self, wd: nix::sys::inotify::WatchDescriptor, at: Instant) {
+        let list = lock(&self.list);
+        let Some(key) = list.by_watch(wd) else {
+            return;
+        };
+        let Some(src) = list.get(key) else {
+            return;
+        };
+        if src.lease.is_none() {
+            return;
+        }
+        let g = src.generation;
+        let same = self.ops.stat(src.fd.as_fd()).is_ok_and(|st| {
+            (st.size, st.mtime_ns, st.ctime_ns) == (g.size, g.mtime_ns, g.ctime_ns)
+        });
+        if same {
+            return;
+        }
+        let (mut list, n) = self.revoke(list, key, Reason::Modified, Some(at));
+        if let Some(src) = list.get_mut(key) {
+            src.broken_at = Some(Instant::now());
+            src.retries = 0;
+            crate::warn_limited!(
+                "{}: changed without a lease break (open with O_RDONLY|O_TRUNC?); {n} replicas \
+                 revoked {:?} after the change was seen",
+                src.path.display(),
+                at.elapsed()
+            );
+        }
+        drop(list);
+        self.jobs(Job::Refence(Instant::now() + self.cfg.settle, key));
     }
 
     /// Try to take the fence of `key` back and copy a new generation.

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use replicad_procfs::ProcReader;
 
 use super::{lock, Attach, EngineConfig, Hello, Replicator, Wiring};
-use crate::fence::{FenceEvent, FenceOps, FileStat, KernelOps};
+use crate::fence::{FenceEvent, FenceOps, FileStat, KernelOps, ModifyWatch};
 use crate::model::{
     DeviceId, DeviceKind, NodeSelection, PublishedSource, Publisher, ReplicaState, SourceKey,
     Target,
@@ -131,6 +131,9 @@ impl Publisher for RecordingPublisher {
 struct Rig {
     engine: Replicator,
     log: Arc<Log>,
+    /// The real modify watch (inotify needs no privilege); its events are
+    /// delivered by hand, as the fence thread would.
+    watch: Arc<ModifyWatch>,
     dir: tempfile::TempDir,
     /// The `/proc` fixture root the engine reads.
     proc_root: PathBuf,
@@ -163,16 +166,20 @@ fn rig() -> Rig {
         home_nodes: Vec::new(),
     };
     let log = Arc::new(Log::default());
+    // The watch resolves fds through the real /proc/self.
+    let watch = Arc::new(ModifyWatch::new(ProcReader::default()).unwrap());
     let wiring = Wiring {
         ops: Arc::new(Recorder(log.clone())),
         proc: ProcReader::new(&proc_root),
         publisher: Some(Box::new(RecordingPublisher(log.clone()))),
         fence_thread: false,
+        watch: Some(watch.clone()),
     };
     let engine = Replicator::start_with(cfg, topology, Metrics::new().unwrap(), wiring).unwrap();
     Rig {
         engine,
         log,
+        watch,
         dir,
         proc_root,
     }
@@ -215,6 +222,18 @@ impl Rig {
             fd,
             at: Instant::now(),
         });
+    }
+
+    /// Deliver what the modify watch saw, as the fence thread would.
+    fn deliver_modifications(&self) -> usize {
+        let wds = self.watch.modified().unwrap();
+        for wd in &wds {
+            self.engine.inner.on_fence_event(FenceEvent::Modified {
+                wd: *wd,
+                at: Instant::now(),
+            });
+        }
+        wds.len()
     }
 
     /// A fixture process: `<root>/<pid>/stat` (start time `start`) and
@@ -661,4 +680,61 @@ fn a_panicking_copy_leaves_no_copy_counted_and_no_lease() {
     rig.engine.replicate(&path, &NodeSelection::All).unwrap();
     rig.break_lease(key);
     assert!(rig.states(key).is_empty());
+}
+
+#[test]
+fn a_truncation_no_break_announces_is_revoked_by_the_modify_watch() {
+    let rig = rig();
+    let path = rig.source("index.seg", &[8u8; 4 * 4096]);
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    let fd = rig.lease_fd(key);
+    // Reads, and the engine's own copying, are no modification.
+    assert_eq!(rig.deliver_modifications(), 0);
+    // open(O_RDONLY|O_TRUNC): the kernel cuts the file and breaks no lease.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(&path)
+        .unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    assert!(rig.log.held(fd), "the stand-in broke nothing either");
+    assert!(rig.deliver_modifications() >= 1);
+    // Revoked and released, as for a writer.
+    assert!(rig.states(key).is_empty());
+    assert!(!rig.log.held(fd));
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(m.invalidations.with_label_values(&["modified"]).get(), 1);
+    match attach(&rig, &path, std::process::id()) {
+        Attach::Original { reason } => assert!(reason.contains("writer"), "{reason}"),
+        Attach::Replica { .. } => panic!("attached to a revoked replica"),
+    }
+}
+
+#[test]
+fn a_modification_the_generation_already_holds_revokes_nothing() {
+    let rig = rig();
+    let path = rig.source("weights.bin", &[2u8; 4 * 4096]);
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    // A writer came through the fence (break, revoke), wrote, and left;
+    // the new generation is copied before its events are read.
+    rig.break_lease(key);
+    std::fs::write(&path, [3u8; 4 * 4096]).unwrap();
+    rig.engine
+        .inner
+        .list
+        .lock()
+        .unwrap()
+        .get_mut(key)
+        .unwrap()
+        .broken_at = None;
+    assert_eq!(rig.engine.inner.refence(key), None);
+    assert_eq!(rig.states(key), [ReplicaState::Valid]);
+    // Its late events change nothing: generation 2 holds those bytes.
+    assert!(rig.deliver_modifications() >= 1);
+    assert_eq!(rig.states(key), [ReplicaState::Valid]);
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(m.invalidations.with_label_values(&["modified"]).get(), 0);
 }

@@ -9,6 +9,9 @@
 //!  kernel: lease break ── realtime signal (si_fd) ── signalfd ── FenceThread
 //!                                                     └─ FenceEvent::Break{fd}
 //!  (queue overflow: SIGIO without fd ── FenceEvent::Overflow: check them all)
+//!
+//!  open(O_RDONLY|O_TRUNC): no break ── inotify IN_MODIFY ── ModifyWatch
+//!                                          └─ FenceEvent::Modified{wd}
 //! ```
 //!
 //! A read lease is refused while anyone holds the file open for writing,
@@ -25,6 +28,7 @@ mod failure;
 mod lease;
 mod ops;
 mod thread;
+mod watch;
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
@@ -33,6 +37,7 @@ pub use failure::FenceFailure;
 pub use lease::Lease;
 pub use ops::{FenceOps, FileStat, KernelOps};
 pub use thread::{fence_signal, prepare, prepared, FenceEvent, FenceThread};
+pub use watch::ModifyWatch;
 
 use crate::model::FenceKind;
 use crate::{sys, Error, Result};

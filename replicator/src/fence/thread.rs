@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use nix::sys::inotify::WatchDescriptor;
+
+use super::ModifyWatch;
 use crate::sys;
 
 /// The realtime signal lease breaks arrive on.
@@ -35,6 +38,8 @@ pub enum FenceEvent {
     Break { fd: RawFd, at: Instant },
     /// The realtime queue overflowed: some break's fd is unknown.
     Overflow { at: Instant },
+    /// A watched source changed without a break (see [`ModifyWatch`]).
+    Modified { wd: WatchDescriptor, at: Instant },
 }
 
 /// The running fence thread.
@@ -45,8 +50,9 @@ pub struct FenceThread {
 }
 
 impl FenceThread {
-    /// Start the thread; `on_event` runs on it for every break.
-    pub fn spawn<F>(on_event: F) -> io::Result<FenceThread>
+    /// Start the thread; `on_event` runs on it for every break, and for
+    /// every modification `watch` sees.
+    pub fn spawn<F>(on_event: F, watch: Option<Arc<ModifyWatch>>) -> io::Result<FenceThread>
     where
         F: Fn(FenceEvent) + Send + 'static,
     {
@@ -61,7 +67,7 @@ impl FenceThread {
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
             .name("replicad-fence".into())
-            .spawn(move || run(sfd, rt, &stop2, on_event))?;
+            .spawn(move || run(sfd, watch, rt, &stop2, on_event))?;
         Ok(FenceThread {
             stop,
             handle: Some(handle),
@@ -83,9 +89,19 @@ impl Drop for FenceThread {
     }
 }
 
-fn run<F: Fn(FenceEvent)>(sfd: OwnedFd, rt: libc::c_int, stop: &AtomicBool, on_event: F) {
+fn run<F: Fn(FenceEvent)>(
+    sfd: OwnedFd,
+    watch: Option<Arc<ModifyWatch>>,
+    rt: libc::c_int,
+    stop: &AtomicBool,
+    on_event: F,
+) {
     while !stop.load(Ordering::SeqCst) {
-        if !sys::wait_readable(sfd.as_fd(), 100) {
+        let ready = match &watch {
+            Some(w) => sys::wait_readable_any(&[sfd.as_fd(), w.as_fd()], 100),
+            None => sys::wait_readable_any(&[sfd.as_fd()], 100),
+        };
+        if ready == 0 {
             continue;
         }
         loop {
@@ -103,6 +119,17 @@ fn run<F: Fn(FenceEvent)>(sfd: OwnedFd, rt: libc::c_int, stop: &AtomicBool, on_e
                     crate::warn_limited!("fence signalfd read failed: {e}");
                     break;
                 }
+            }
+        }
+        if let Some(w) = &watch {
+            match w.modified() {
+                Ok(wds) => {
+                    let at = Instant::now();
+                    for wd in wds {
+                        on_event(FenceEvent::Modified { wd, at });
+                    }
+                }
+                Err(e) => crate::warn_limited!("reading the modify watch failed: {e}"),
             }
         }
     }
