@@ -17,13 +17,22 @@ use common::*;
 
 /// Families no outside scenario can move, each with the reason. Each must
 /// be covered by an engine unit test instead.
-const CANNOT_MOVE: &[(&str, &str)] = &[(
-    "replicad_misplaced_pages_total",
-    "pages land off their node only when the kernel ignores the store's \
+const CANNOT_MOVE: &[(&str, &str)] = &[
+    (
+        "replicad_misplaced_pages_total",
+        "pages land off their node only when the kernel ignores the store's \
      mpol=bind/mbind (memory pressure on the node); a test cannot provoke \
      that from outside, least of all on a one-node machine; moved by \
      replicator engine::tests::a_failed_copy_leaves_no_lease_held",
-)];
+    ),
+    (
+        "replicad_forced_breaks_total",
+        "the kernel breaks a lease by force only after lease-break-time (45 s by \
+     default, a global setting); moved by replicator \
+     engine::tests::a_lease_the_kernel_broke_by_force_is_counted and, with the \
+     setting lowered, by tests/forced_break.rs",
+    ),
+];
 
 /// What one scrape says: family -> (type, whether any sample left its
 /// initial value: counter > 0, gauge != 0, histogram count > 0).

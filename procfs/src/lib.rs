@@ -178,6 +178,13 @@ impl ProcReader {
         std::fs::read(self.self_path("maps")).map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
+    /// `sys/fs/lease-break-time`: seconds the kernel waits for a lease
+    /// holder to release before it breaks the lease by force.
+    pub fn lease_break_time(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.root.join("sys/fs/lease-break-time")).ok()?;
+        text.trim().parse().ok()
+    }
+
     /// The calling process's own stat.
     pub fn self_stat(&self) -> Result<Stat> {
         let path = self.self_path("stat");

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub replication_failures: IntCounterVec,
     /// Leftover replicas of an earlier run removed at start.
     pub leftovers_removed: IntCounter,
+    /// Leases the kernel broke by force (`lease-break-time` passed first).
+    pub forced_breaks: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
     families: Arc<[Family]>,
@@ -139,6 +141,11 @@ impl Metrics {
             "replicad_leftovers_removed_total",
             "Replicas of an earlier run removed at start (their fence was not held)",
         )?;
+        let forced_breaks = IntCounter::new(
+            "replicad_forced_breaks_total",
+            "Leases the kernel broke by force because lease-break-time passed before \
+             replicad released them: the writer got in while replicas were still mapped",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "replicad_build_info",
@@ -180,6 +187,7 @@ impl Metrics {
         register(Box::new(misplaced_pages.clone()))?;
         register(Box::new(replication_failures.clone()))?;
         register(Box::new(leftovers_removed.clone()))?;
+        register(Box::new(forced_breaks.clone()))?;
         register(Box::new(build_info.clone()))?;
         Ok(Metrics {
             build_info,
@@ -196,6 +204,7 @@ impl Metrics {
             misplaced_pages,
             replication_failures,
             leftovers_removed,
+            forced_breaks,
         })
     }
 

@@ -143,6 +143,25 @@ macro_rules! __log_limited {
     }};
 }
 
+/// `tracing::error!` limited per call site; see [`warn_limited!`].
+#[macro_export]
+macro_rules! error_limited {
+    (limit: ($n:expr, $w:expr), $($arg:tt)+) => {
+        $crate::__log_limited!(
+            $crate::ratelimit::__tracing::Level::ERROR,
+            $crate::ratelimit::RateLimit::new($n, $w),
+            $($arg)+
+        )
+    };
+    ($($arg:tt)+) => {
+        $crate::__log_limited!(
+            $crate::ratelimit::__tracing::Level::ERROR,
+            $crate::ratelimit::RateLimit::default_limit(),
+            $($arg)+
+        )
+    };
+}
+
 /// `tracing::warn!` limited per call site: [`BURST`] per [`WINDOW`], or
 /// `warn_limited!(limit: (n, window), "...")`. Takes a format string and
 /// its arguments (no fields).

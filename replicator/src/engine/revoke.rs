@@ -100,8 +100,28 @@ impl Inner {
                 .observe(at.elapsed().as_secs_f64());
         }
         if let Some(lease) = src.lease.take() {
-            if let Err(e) = lease.release() {
-                crate::warn_limited!("{}: releasing the lease: {e}", src.path.display());
+            match lease.release() {
+                Ok(()) => {}
+                // No lease left to release: the kernel broke it by force,
+                // and the writer got in while the replicas were mapped.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    self.metrics.forced_breaks.inc();
+                    let limit = self
+                        .proc
+                        .lease_break_time()
+                        .map_or_else(|| "?".to_string(), |s| s.to_string());
+                    crate::error_limited!(
+                        "{}: the kernel broke the lease by force (lease-break-time, {limit} s, \
+                         passed before replicad released it{}): the writer got in while {n} \
+                         replicas were still mapped; revoked now",
+                        src.path.display(),
+                        signalled.map_or_else(String::new, |at| format!(
+                            "; the break was seen {:?} ago",
+                            at.elapsed()
+                        ))
+                    );
+                }
+                Err(e) => crate::warn_limited!("{}: releasing the lease: {e}", src.path.display()),
             }
         }
         // 5. After the writer was let go: not on its path.

@@ -67,6 +67,8 @@ struct Log {
     pending: Mutex<HashSet<RawFd>>,
     /// Refuse the next lease with EAGAIN (a writer holds the file).
     refuse: Mutex<bool>,
+    /// The kernel already broke the leases by force: releasing finds none.
+    forced: Mutex<bool>,
 }
 
 impl Log {
@@ -97,6 +99,10 @@ impl FenceOps for Recorder {
     }
 
     fn release_lease(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        if *self.0.forced.lock().unwrap() {
+            self.0.leases.lock().unwrap().remove(&fd.as_raw_fd());
+            return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
         self.0.leases.lock().unwrap().remove(&fd.as_raw_fd());
         self.0.pending.lock().unwrap().remove(&fd.as_raw_fd());
         self.0.push(Event::Release(fd.as_raw_fd()));
@@ -737,4 +743,27 @@ fn a_modification_the_generation_already_holds_revokes_nothing() {
     assert_eq!(rig.states(key), [ReplicaState::Valid]);
     let m = &rig.engine.inner.metrics;
     assert_eq!(m.invalidations.with_label_values(&["modified"]).get(), 0);
+}
+
+#[test]
+fn a_lease_the_kernel_broke_by_force_is_counted() {
+    let rig = rig();
+    let path = rig.source("stopped.bin", &[4u8; 4096]);
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    // The daemon could not answer in lease-break-time (stopped, starved):
+    // by the time it releases, the kernel already has.
+    *rig.log.forced.lock().unwrap() = true;
+    rig.break_lease(key);
+    let m = &rig.engine.inner.metrics;
+    assert_eq!(m.forced_breaks.get(), 1);
+    // Revoked all the same.
+    assert!(rig.states(key).is_empty());
+    assert_eq!(m.invalidations.with_label_values(&["write"]).get(), 1);
+    // An ordinary release counts nothing.
+    *rig.log.forced.lock().unwrap() = false;
+    let other = rig.source("other.bin", &[5u8; 4096]);
+    rig.engine.replicate(&other, &NodeSelection::All).unwrap();
+    rig.break_lease(Rig::key(&other));
+    assert_eq!(m.forced_breaks.get(), 1);
 }
