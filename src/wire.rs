@@ -165,7 +165,7 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         Error::Unfenceable { .. } => ErrorKind::Unfenceable,
         Error::NoSuchNode { .. } => ErrorKind::NoSuchNode,
         Error::NoSpace { .. } => ErrorKind::NoSpace,
-        Error::SourceChanged { .. } => ErrorKind::SourceChanged,
+        Error::SourceChanged { .. } | Error::WriterArrived { .. } => ErrorKind::SourceChanged,
         Error::Misplaced { .. } => ErrorKind::Misplaced,
         Error::ShuttingDown => ErrorKind::ShuttingDown,
     }

@@ -1086,7 +1086,16 @@ fn read_only_mount_is_leased() {
         .unwrap()
         .success();
     assert!(ok, "mount tmpfs");
-    std::fs::copy(src.join("f"), view.join("f")).unwrap();
+    // Copied by a child: a writable fd of this process on the tmpfs could be
+    // inherited by another test's fork, and the remount read-only would
+    // fail with EBUSY until that child execs.
+    let ok = Command::new("cp")
+        .arg(src.join("f"))
+        .arg(view.join("f"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp into the tmpfs");
     let ok = Command::new("mount")
         .args(["-o", "remount,ro"])
         .arg(&view)

@@ -118,7 +118,12 @@ fn a_read_only_mount_is_leased_and_a_remount_rw_meets_the_fence() {
     );
     let _m = Mount(&view);
     let f = view.join("f");
-    make_file(&f, 256 * 1024, 3);
+    // Filled by a child: a writable fd of this process on the tmpfs could be
+    // inherited by another test's fork, and a remount read-only then fails
+    // with EBUSY until that child execs.
+    let staged = dir.path().join("staged");
+    make_file(&staged, 256 * 1024, 3);
+    run("cp", &[staged.to_str().unwrap()], &f);
     run("mount", &["-o", "remount,ro"], &view);
     write_meets_the_fence(&d, &f, &f, || run("mount", &["-o", "remount,rw"], &view));
 }

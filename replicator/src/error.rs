@@ -40,6 +40,13 @@ pub enum Error {
     SourceChanged { path: PathBuf, what: &'static str },
 
     #[error(
+        "{path} was opened for writing while it was being copied: this generation was not \
+         replicated; the next one is copied once the writer is done and the file has been \
+         quiet for fence.settle_ms"
+    )]
+    WriterArrived { path: PathBuf },
+
+    #[error(
         "replica of {path} for node {node}: {misplaced} of {pages} pages are not on node {node}"
     )]
     Misplaced {
@@ -135,7 +142,7 @@ impl Error {
     pub fn replication_failure_label(&self) -> &'static str {
         match self {
             Error::NoSpace { .. } => "no_space",
-            Error::SourceChanged { .. } => "source_changed",
+            Error::SourceChanged { .. } | Error::WriterArrived { .. } => "source_changed",
             Error::Misplaced { .. } => "misplaced",
             _ => "io",
         }

@@ -129,9 +129,8 @@ impl Inner {
             })
         };
         if !targets.iter().all(valid) {
-            return Err(Error::SourceChanged {
+            return Err(Error::WriterArrived {
                 path: path.to_path_buf(),
-                what: "was opened for writing",
             });
         }
         Ok(view)
@@ -227,9 +226,8 @@ impl Inner {
                     return Ok(());
                 };
                 if !src.fenced() {
-                    return Err(Error::SourceChanged {
+                    return Err(Error::WriterArrived {
                         path: src.path.clone(),
-                        what: "was opened for writing",
                     });
                 }
                 let work = src.missing_targets();
@@ -316,20 +314,29 @@ impl Inner {
                         if let Some(i) = pos {
                             src.replicas.remove(i);
                         }
-                        let what = if unlinked {
-                            "was deleted"
+                        first_err.get_or_insert(if unlinked {
+                            Error::SourceChanged {
+                                path: src.path.clone(),
+                                what: "was deleted",
+                            }
                         } else {
-                            "was opened for writing"
-                        };
-                        first_err.get_or_insert(Error::SourceChanged {
-                            path: src.path.clone(),
-                            what,
+                            Error::WriterArrived {
+                                path: src.path.clone(),
+                            }
                         });
                     }
                     (Err(e), pos) => {
                         if let Some(i) = pos {
                             src.replicas.remove(i);
                         }
+                        // The copier stopped because a writer broke the
+                        // fence (the source is still listed: not evicted).
+                        let e = match e {
+                            Error::SourceChanged { path, .. } if aborted && !unlinked => {
+                                Error::WriterArrived { path }
+                            }
+                            e => e,
+                        };
                         first_err.get_or_insert(e);
                     }
                 }
