@@ -484,6 +484,19 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let origin = if is_dir { None } else { leftover_origin(&path) };
+        if !is_dir {
+            // Processes may still map it (its daemon was killed, and its
+            // fence with it): truncate, so their next touch falls back to
+            // the file, not only unlink, which would leave them the old
+            // bytes for as long as they run.
+            if let Err(e) = truncate_leftover(&path) {
+                crate::warn_limited!(
+                    "cannot truncate {}, a replica left by an earlier run: {e}; processes \
+                     that still map it keep its bytes",
+                    path.display()
+                );
+            }
+        }
         let result = if is_dir {
             fs::remove_dir_all(&path)
         } else {
@@ -503,6 +516,19 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Cut a leftover replica to nothing: the kernel unmaps it from every
+/// process. Replicas are sealed read-only (mode 0400); root opens them.
+fn truncate_leftover(path: &Path) -> io::Result<()> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Ok(());
+    }
+    file.set_len(0)
 }
 
 /// What a leftover replica's xattrs say it was a copy of: " of <source>
