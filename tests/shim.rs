@@ -829,7 +829,11 @@ fn plain_mmap_readers_without_a_handler_never_see_a_revoke() {
     let reports = mmap_readers_under_writes(
         "shim-coherence-nohandler",
         &["private", "shared"],
-        6,
+        // Each reader must be caught mid-read by some revoke: enough
+        // rounds that a loaded machine, where a reader is slow to move
+        // onto each new generation, still gives it the chance (6 once
+        // gave none, with every test running at once).
+        12,
         "wronly,mmap",
         false,
     );
