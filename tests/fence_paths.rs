@@ -313,3 +313,76 @@ fn a_restart_truncates_the_replicas_a_killed_daemon_left_mapped() {
     );
     assert!(!m.on_replica());
 }
+
+/// overlayfs: a lease on the merged file is not broken by a write to a
+/// layer's own file (the lower file, or the upper one after a copy-up),
+/// which the overlay shows at once. Both are fenced beside the source.
+#[test]
+fn overlay_writes_to_either_layer_meet_the_fence() {
+    if !root_or_skip("overlay_writes_to_either_layer_meet_the_fence") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("overlay");
+    let p = |n: &str| dir.path().join(n);
+    for n in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir(p(n)).unwrap();
+    }
+    std::fs::write(p("lower/f"), vec![1u8; 64 * 1024]).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p("lower").display(),
+        p("upper").display(),
+        p("work").display()
+    );
+    let ok = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(p("merged"))
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        skip(
+            "overlay_writes_to_either_layer_meet_the_fence",
+            "this kernel cannot mount overlayfs here",
+        );
+        return;
+    }
+    let _m = Mount(&p("merged"));
+    let merged = p("merged/f");
+    // 1. The lower file written directly, under the overlay's feet.
+    write_meets_the_fence(&d, &merged, &p("lower/f"), || {});
+    // 2. A write through the overlay copies the file up; then the upper
+    //    file written directly.
+    let gen_before = d.status().sources[0].generation;
+    std::fs::write(&merged, vec![9u8; 64 * 1024]).unwrap();
+    assert!(p("upper/f").is_file(), "no copy-up");
+    let t0 = Instant::now();
+    let replica = loop {
+        let st = d.status();
+        let s = &st.sources[0];
+        let valid = s.replicas.iter().find(|r| {
+            s.generation > gen_before
+                && r.generation == s.generation
+                && r.state == replicad_client::proto::ReplicaState::Valid
+        });
+        if let Some(r) = valid {
+            break std::fs::File::open(&r.file).unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no new generation: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p("upper/f"))
+        .unwrap();
+    assert_eq!(
+        replica.metadata().unwrap().len(),
+        0,
+        "a write to the upper file got in while the replica held the old bytes"
+    );
+    w.write_all(&[7u8; 4096]).unwrap();
+}

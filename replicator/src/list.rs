@@ -38,6 +38,18 @@ pub struct Replica {
     pub placement: Option<Placement>,
 }
 
+/// A real file behind an overlayfs source (its upper or lower layer's
+/// copy), fenced beside it: a write to the layer's own file bypasses the
+/// overlay's lease.
+#[derive(Debug)]
+pub struct Layer {
+    pub path: PathBuf,
+    /// `O_RDONLY`; its lease sits on it.
+    pub fd: Arc<OwnedFd>,
+    pub lease: Option<Lease>,
+    pub watch: Option<WatchDescriptor>,
+}
+
 /// One source file and its replicas.
 #[derive(Debug)]
 pub struct Source {
@@ -52,6 +64,8 @@ pub struct Source {
     pub lease: Option<Lease>,
     /// The modify watch on it (writes no lease break announces).
     pub watch: Option<WatchDescriptor>,
+    /// The layers' own files, for a source on overlayfs (else none).
+    pub layers: Vec<Layer>,
     /// The generation read under the current fence.
     pub generation: Generation,
     /// Targets wanted by policy or request.
@@ -113,7 +127,43 @@ impl ReplicaList {
         if let Some(wd) = source.watch {
             self.by_watch.insert(wd, source.key);
         }
+        self.index_layers(source.key, &source.layers);
         self.sources.insert(source.key, source);
+    }
+
+    fn index_layers(&mut self, key: SourceKey, layers: &[Layer]) {
+        for l in layers {
+            self.by_fd.insert(l.fd.as_raw_fd(), key);
+            if let Some(wd) = l.watch {
+                self.by_watch.insert(wd, key);
+            }
+        }
+    }
+
+    fn unindex_layers(&mut self, layers: &[Layer]) {
+        for l in layers {
+            self.by_fd.remove(&l.fd.as_raw_fd());
+            if let Some(wd) = l.watch {
+                self.by_watch.remove(&wd);
+            }
+        }
+    }
+
+    /// Replace the layers fenced beside `key`; returns the old ones.
+    pub fn set_layers(&mut self, key: SourceKey, layers: Vec<Layer>) -> Vec<Layer> {
+        let Some(old) = self
+            .sources
+            .get_mut(&key)
+            .map(|s| std::mem::take(&mut s.layers))
+        else {
+            return layers;
+        };
+        self.unindex_layers(&old);
+        self.index_layers(key, &layers);
+        if let Some(s) = self.sources.get_mut(&key) {
+            s.layers = layers;
+        }
+        old
     }
 
     /// Remove a source; its fd closes when the last copier drops it.
@@ -123,6 +173,7 @@ impl ReplicaList {
         if let Some(wd) = source.watch {
             self.by_watch.remove(&wd);
         }
+        self.unindex_layers(&source.layers);
         Some(source)
     }
 

@@ -44,6 +44,7 @@ use crate::{Error, Metrics, Result, Topology};
 
 mod attach;
 mod hello;
+mod overlay;
 mod pid;
 mod populate;
 mod prune;

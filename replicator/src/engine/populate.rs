@@ -66,6 +66,11 @@ impl Inner {
     ) -> Result<SourceView> {
         let fence_kind =
             fence::fence_kind(file.as_fd(), path).inspect_err(|e| self.note_fence_failure(e))?;
+        let layer_paths = if fence_kind == FenceKind::Lease {
+            self.layer_paths(file.as_fd(), path, key.dev)
+        } else {
+            Vec::new()
+        };
         {
             let mut list = lock(&self.list);
             if let Some(src) = list.get_mut(key) {
@@ -89,6 +94,13 @@ impl Inner {
                 } else {
                     None
                 };
+                let layers = match self.fence_layers(&layer_paths) {
+                    Ok(layers) => layers,
+                    Err((layer, e)) => {
+                        drop(lease);
+                        return Err(self.layer_refused(list, &layer, e));
+                    }
+                };
                 let generation = self.read_generation(fd.as_fd(), path, 1)?;
                 // A leased source is watched for writes no break announces.
                 let watch = match (&lease, &self.watch) {
@@ -102,6 +114,7 @@ impl Inner {
                     fence: fence_kind,
                     lease,
                     watch,
+                    layers,
                     generation,
                     targets: targets.clone(),
                     replicas: Vec::new(),

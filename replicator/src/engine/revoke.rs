@@ -124,6 +124,13 @@ impl Inner {
                 Err(e) => crate::warn_limited!("{}: releasing the lease: {e}", src.path.display()),
             }
         }
+        for layer in &mut src.layers {
+            if let Some(lease) = layer.lease.take() {
+                if let Err(e) = lease.release() {
+                    crate::warn_limited!("{}: releasing the lease: {e}", layer.path.display());
+                }
+            }
+        }
         // 5. After the writer was let go: not on its path.
         self.publish(&list);
         (list, n)
@@ -141,6 +148,7 @@ impl Inner {
             if let (Some(wd), Some(w)) = (src.watch, &self.watch) {
                 w.remove(wd);
             }
+            self.unwatch(&src.layers);
             crate::info_limited!(
                 "{}: dropped ({}), {n} replicas invalidated",
                 src.path.display(),
@@ -161,7 +169,11 @@ impl Inner {
                 let list = lock(&self.list);
                 let fds = list
                     .iter()
-                    .filter_map(|s| s.lease.as_ref())
+                    .flat_map(|s| {
+                        s.lease
+                            .iter()
+                            .chain(s.layers.iter().filter_map(|l| l.lease.as_ref()))
+                    })
                     .filter(|l| l.break_pending())
                     .map(Lease::raw_fd)
                     .collect();
@@ -233,6 +245,19 @@ impl Inner {
     /// Try to take the fence of `key` back and copy a new generation.
     /// Returns when to try again, if needed.
     pub(super) fn refence(&self, key: SourceKey) -> Option<Duration> {
+        // A copy-up may have made an upper file since: find the layers
+        // again, outside the lock (mountinfo).
+        let layer_paths = {
+            let list = lock(&self.list);
+            let src = list.get(key)?;
+            if src.layers.is_empty() {
+                None
+            } else {
+                Some((src.fd.clone(), src.path.clone()))
+            }
+        }
+        .map(|(fd, path)| self.layer_paths(fd.as_fd(), &path, key.dev))
+        .unwrap_or_default();
         {
             let mut list = lock(&self.list);
             let src = list.get_mut(key)?;
@@ -264,6 +289,26 @@ impl Inner {
                     return Some(backoff);
                 }
             };
+            let layers = match self.fence_layers(&layer_paths) {
+                Ok(layers) => layers,
+                Err((layer, e)) => {
+                    drop(lease);
+                    src.retries += 1;
+                    if e.raw_os_error() != Some(libc::EAGAIN) {
+                        crate::warn_limited!(
+                            "{}: cannot fence its layer {}: {e}; retrying",
+                            src.path.display(),
+                            layer.display()
+                        );
+                    }
+                    return Some(
+                        self.cfg
+                            .settle
+                            .saturating_mul(1 << src.retries.min(10))
+                            .min(self.cfg.retry_max),
+                    );
+                }
+            };
             let seq = src.generation.seq + 1;
             match self.read_generation(src.fd.as_fd(), &src.path, seq) {
                 Ok(g) => src.generation = g,
@@ -281,6 +326,9 @@ impl Inner {
                 src.fd.as_raw_fd(),
                 src.lease.as_ref().map_or(-1, Lease::raw_fd)
             );
+            let old = list.set_layers(key, layers);
+            drop(list);
+            self.unwatch(&old);
         }
         if let Err(e) = self.populate(key) {
             crate::warn_limited!("new generation: {e}");

@@ -27,6 +27,7 @@
 mod failure;
 mod lease;
 mod ops;
+pub mod overlay;
 mod thread;
 mod watch;
 
