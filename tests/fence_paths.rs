@@ -265,55 +265,6 @@ fn a_truncation_no_break_announces_is_revoked_and_the_window_measured() {
     assert!(d.metric("replicad_invalidations_total{reason=\"modified\"}") >= 5.0);
 }
 
-/// A killed daemon takes its leases with it, so a writer gets in while a
-/// reader still maps the replica (the fence keeper, still to come, closes
-/// that window). A restarted daemon truncates what the dead one left in the
-/// store, rather than only unlinking it: the reader's next touch falls back
-/// to the file and reads its current bytes, instead of the old bytes for as
-/// long as it runs.
-#[test]
-fn a_restart_truncates_the_replicas_a_killed_daemon_left_mapped() {
-    if !root_or_skip("a_restart_truncates_the_replicas_a_killed_daemon_left_mapped") {
-        return;
-    }
-    let mut d = Daemon::start("");
-    let dir = scratch("killed");
-    let f = dir.path().join("f");
-    std::fs::write(&f, vec![1u8; 64 * 4096]).unwrap();
-    d.ctl_ok(&["replicate", f.to_str().unwrap()]);
-    let opts = replicad_client::MapOptions {
-        socket: d.socket.clone(),
-        node: Some(0),
-        timeout: Duration::from_secs(5),
-    };
-    let m = replicad_client::map_with(&f, &opts).unwrap();
-    assert!(m.on_replica(), "{:?}", m.backing());
-    d.crash();
-    // No lease now: the writer goes straight in.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .write_all(&vec![2u8; 64 * 4096])
-        .unwrap();
-    // Before the restart the reader still has the old bytes (the gap).
-    // SAFETY: a read of one byte inside a live mapping.
-    let before = unsafe { std::ptr::read_volatile(m.as_ptr()) };
-    assert_eq!(
-        before, 1,
-        "no daemon, no revoke: the old bytes (the known gap)"
-    );
-    d.restart();
-    // Every page, now: the file's current bytes.
-    let bytes = m.as_slice();
-    assert!(
-        bytes.iter().all(|&b| b == 2),
-        "stale bytes after the restart: {}",
-        bytes.iter().filter(|&&b| b != 2).count()
-    );
-    assert!(!m.on_replica());
-}
-
 /// overlayfs: a lease on the merged file is not broken by a write to a
 /// layer's own file (the lower file, or the upper one after a copy-up),
 /// which the overlay shows at once. Both are fenced beside the source.

@@ -1,9 +1,11 @@
-//! A lease the kernel breaks by force (issue 9, part). With replicad
-//! stopped for longer than `/proc/sys/fs/lease-break-time`, the kernel lets
-//! the writer in while replicas are still mapped: that is the fault the
-//! fence keeper is for. What this shows is that replicad sees it when it
-//! runs again: the break is counted as forced, logged, and the replicas are
-//! revoked at once. A test binary of its own: it lowers a global setting.
+//! A lease the kernel breaks by force (issue 9, part). With the daemon
+//! *and* its fence keeper stopped for longer than
+//! `/proc/sys/fs/lease-break-time` (two faults: one alone is the keeper's
+//! to handle, tests/keeper.rs), the kernel lets the writer in while
+//! replicas are still mapped. What this shows is that replicad sees it when
+//! it runs again: the break is counted as forced, logged, and the replicas
+//! are revoked at once. A test binary of its own: it lowers a global
+//! setting.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -45,6 +47,9 @@ fn a_forced_break_is_seen_counted_and_revoked_when_replicad_runs_again() {
     let st = d.status();
     let replica = std::fs::File::open(&st.sources[0].replicas[0].file).unwrap();
     assert_eq!(d.metric("replicad_forced_breaks_total"), 0.0);
+    let keeper = keeper_of(d.pid()).expect("a fence keeper");
+    // SAFETY: a signal to the keeper process this test's daemon started.
+    unsafe { libc::kill(keeper as i32, libc::SIGSTOP) };
     d.signal(libc::SIGSTOP);
     let t0 = Instant::now();
     let w = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
@@ -63,6 +68,8 @@ fn a_forced_break_is_seen_counted_and_revoked_when_replicad_runs_again() {
     }
     let revoked = t1.elapsed();
     drop(w);
+    // SAFETY: as above.
+    unsafe { libc::kill(keeper as i32, libc::SIGCONT) };
     let t2 = Instant::now();
     while d.metric("replicad_forced_breaks_total") < 1.0 {
         assert!(t2.elapsed() < Duration::from_secs(5), "{}", d.log());

@@ -18,12 +18,15 @@ use prometheus::{
 /// so its fence; the count is of replicas, so it stays 0.)
 /// (`modified`: the source changed without a lease break, such as an
 /// `open(O_RDONLY|O_TRUNC)`, and the modify watch saw it.)
-pub const INVALIDATION_REASONS: [&str; 6] = [
+/// (`keeper_lost`: the fence keeper died or was stopped, and may have
+/// revoked and released what it held.)
+pub const INVALIDATION_REASONS: [&str; 7] = [
     "write",
     "evict",
     "shutdown",
     "unlinked",
     "modified",
+    "keeper_lost",
     "copy_failed",
 ];
 /// `replicad_fence_failures_total` reasons: one per [`FenceFailure`] kind.

@@ -317,6 +317,128 @@ pub fn affinity(pid: u32) -> Option<Vec<u32>> {
     )
 }
 
+/// Most fds one [`send_with_fds`] carries (the kernel's `SCM_MAX_FD`
+/// is 253).
+pub const MAX_SEND_FDS: usize = 250;
+
+/// Send one packet on a `SOCK_SEQPACKET` socket with `fds` riding along
+/// (`SCM_RIGHTS`).
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_SEND_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let bytes = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` bytes, enough for one
+        // header with `bytes` of data (CMSG_SPACE above).
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
+        }
+    }
+    // SAFETY: msg and everything it points at live across the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receive one packet (at most `buf.len()` bytes) and the fds that ride
+/// along. `Ok(None)`: the peer closed the socket.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let bytes = MAX_SEND_FDS * std::mem::size_of::<libc::c_int>();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages the kernel just wrote into
+    // `cbuf`, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((n as usize, fds)))
+}
+
+/// `ftruncate(fd, 0)`.
+pub fn truncate_to_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(nix::unistd::ftruncate(fd, 0)?)
+}
+
+/// Let a child inherit `fd` across exec (clears `FD_CLOEXEC`).
+pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl F_SETFD on a valid fd with an integer argument.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }).map(drop)
+}
+
+/// Best effort for a process that must not be delayed or killed first:
+/// `SCHED_FIFO` priority 1, all memory locked, `oom_score_adj` -1000.
+/// Returns what failed, for a log line.
+pub fn harden_self(proc_self: &std::path::Path) -> Vec<String> {
+    let mut failed = Vec::new();
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on ourselves with a valid param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        failed.push(format!("SCHED_FIFO: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: mlockall with valid flags.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        failed.push(format!("mlockall: {}", io::Error::last_os_error()));
+    }
+    if let Err(e) = std::fs::write(proc_self.join("oom_score_adj"), "-1000") {
+        failed.push(format!("oom_score_adj: {e}"));
+    }
+    failed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,16 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The fence keeper is replicad run again by the daemon, with its end
+    // of a socketpair: nothing else of replicad runs in it.
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some(replicad_replicator::fence::keeper::KEEPER_ARG) {
+        let Some(fd) = argv.next().and_then(|a| a.parse().ok()) else {
+            eprintln!("replicad: the fence keeper needs its socket's fd number");
+            return ExitCode::from(2);
+        };
+        return ExitCode::from(replicad_replicator::fence::keeper::run(fd) as u8);
+    }
     // First, before any thread exists: lease-break signals must be blocked
     // in every thread so that only the fence thread's signalfd sees them.
     if let Err(e) = daemon::prepare() {

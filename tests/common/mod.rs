@@ -379,3 +379,22 @@ pub fn shim_path() -> PathBuf {
             )
         })
 }
+
+/// The keeper: the child of `daemon` run with --fence-keeper.
+pub fn keeper_of(daemon: u32) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("--fence-keeper") {
+            return Some(pid);
+        }
+    }
+    None
+}

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
 
-use crate::fence::{self, FenceOps, FenceThread, KernelOps, ModifyWatch};
+use crate::fence::{self, FenceOps, FenceThread, KeeperLink, KernelOps, ModifyWatch};
 use crate::list::ReplicaList;
 use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, Target};
 use crate::store::{Store, StoreConfig};
@@ -44,6 +44,7 @@ use crate::{Error, Metrics, Result, Topology};
 
 mod attach;
 mod hello;
+mod keeper;
 mod overlay;
 mod pid;
 mod populate;
@@ -96,6 +97,9 @@ pub struct Wiring {
     /// The modify watch on every leased source (the fence thread reads it
     /// when there is one).
     pub watch: Option<Arc<ModifyWatch>>,
+    /// Start a fence keeper by running this program (replicad itself)
+    /// with [`fence::keeper::KEEPER_ARG`].
+    pub keeper: Option<std::path::PathBuf>,
 }
 
 impl Wiring {
@@ -112,6 +116,10 @@ impl Wiring {
             publisher,
             fence_thread: true,
             watch: Some(Arc::new(watch)),
+            keeper: Some(std::env::current_exe().map_err(|source| Error::Thread {
+                what: "fence keeper (cannot find replicad's own executable)",
+                source,
+            })?),
         })
     }
 }
@@ -130,6 +138,8 @@ struct Inner {
     ops: Arc<dyn FenceOps>,
     proc: ProcReader,
     watch: Option<Arc<ModifyWatch>>,
+    /// The fence keeper, which holds every lease and valid replica too.
+    keeper: Option<KeeperLink>,
     list: Mutex<ReplicaList>,
     /// Signalled whenever a copy finishes.
     copies_done: Condvar,
@@ -149,6 +159,7 @@ struct Inner {
 struct Threads {
     fence: Option<FenceThread>,
     worker: Option<JoinHandle<()>>,
+    keeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -176,6 +187,8 @@ enum Reason {
     Unlinked,
     /// The source changed without a lease break (`O_RDONLY|O_TRUNC`).
     Modified,
+    /// The fence keeper was lost (and may have revoked and released).
+    KeeperLost,
     /// A copy failed and left the source without a replica: its fence goes
     /// too (no lease without a replica).
     CopyFailed,
@@ -183,12 +196,13 @@ enum Reason {
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 6] = [
+    const ALL: [Reason; 7] = [
         Reason::Write,
         Reason::Evict,
         Reason::Shutdown,
         Reason::Unlinked,
         Reason::Modified,
+        Reason::KeeperLost,
         Reason::CopyFailed,
     ];
 
@@ -199,6 +213,7 @@ impl Reason {
             Reason::Shutdown => "shutdown",
             Reason::Unlinked => "unlinked",
             Reason::Modified => "modified",
+            Reason::KeeperLost => "keeper_lost",
             Reason::CopyFailed => "copy_failed",
         }
     }
@@ -254,6 +269,13 @@ impl Replicator {
         for n in &nodes {
             metrics.add_target(&Target::Node(*n).to_string());
         }
+        let keeper = match wiring.keeper {
+            Some(exe) => Some(KeeperLink::start(exe).map_err(|source| Error::Thread {
+                what: "fence keeper",
+                source,
+            })?),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             cfg,
@@ -263,6 +285,7 @@ impl Replicator {
             ops: wiring.ops,
             proc: wiring.proc,
             watch: wiring.watch.clone(),
+            keeper,
             list: Mutex::new(ReplicaList::default()),
             copies_done: Condvar::new(),
             jobs: Mutex::new(Some(tx)),
@@ -299,10 +322,25 @@ impl Replicator {
                 what: "generation worker",
                 source,
             })?;
+        let keeper = if inner.keeper.is_some() {
+            let weak = Arc::downgrade(&inner);
+            Some(
+                std::thread::Builder::new()
+                    .name("replicad-keeper".into())
+                    .spawn(move || keeper::link_thread(weak))
+                    .map_err(|source| Error::Thread {
+                        what: "fence keeper link",
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
         {
             let mut t = relock(&inner.threads);
             t.fence = fence;
             t.worker = Some(worker);
+            t.keeper = keeper;
         }
         Ok(Replicator { inner })
     }
@@ -367,6 +405,13 @@ impl Replicator {
         }
         if let Some(w) = threads.worker {
             let _ = w.join();
+        }
+        if let Some(k) = threads.keeper {
+            let _ = k.join();
+        }
+        // Everything is revoked and released: the keeper has nothing to do.
+        if let Some(k) = &inner.keeper {
+            k.stop();
         }
         if let Some(mut p) = relock(&inner.publisher).take() {
             p.retire();

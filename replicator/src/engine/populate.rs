@@ -362,6 +362,11 @@ impl Inner {
                 }
             }
         }
+        // The keeper holds every valid replica before any client is handed
+        // one (the lock is still held).
+        if let Some(src) = list.get(key) {
+            self.keep(src);
+        }
         self.copies_done.notify_all();
         self.publish(&list);
         // Only when this call tried every wanted target: a target another

@@ -104,6 +104,12 @@ impl Inner {
                 Ok(()) => {}
                 // No lease left to release: the kernel broke it by force,
                 // and the writer got in while the replicas were mapped.
+                // A keeper that took the daemon for dead revoked and
+                // released it, then exited: no forced break. (A keeper that
+                // is still there, stopped or hung, released nothing.)
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EAGAIN)
+                        && self.keeper.as_ref().is_some_and(|k| k.exited()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     self.metrics.forced_breaks.inc();
                     let limit = self
@@ -131,6 +137,7 @@ impl Inner {
                 }
             }
         }
+        self.unkeep(key);
         // 5. After the writer was let go: not on its path.
         self.publish(&list);
         (list, n)

@@ -180,6 +180,7 @@ fn rig() -> Rig {
         publisher: Some(Box::new(RecordingPublisher(log.clone()))),
         fence_thread: false,
         watch: Some(watch.clone()),
+        keeper: None,
     };
     let engine = Replicator::start_with(cfg, topology, Metrics::new().unwrap(), wiring).unwrap();
     Rig {

@@ -25,6 +25,7 @@
 //! [`prepare`] runs first thing in `main`, before any thread starts.
 
 mod failure;
+pub mod keeper;
 mod lease;
 mod ops;
 pub mod overlay;
@@ -35,6 +36,7 @@ use std::os::fd::BorrowedFd;
 use std::path::Path;
 
 pub use failure::FenceFailure;
+pub use keeper::KeeperLink;
 pub use lease::Lease;
 pub use ops::{FenceOps, FileStat, KernelOps};
 pub use thread::{fence_signal, prepare, prepared, FenceEvent, FenceThread};

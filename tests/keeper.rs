@@ -1,0 +1,187 @@
+//! The fence keeper (issue 9): no single replicad process that is killed
+//! or stopped lets a writer reach a file while a replica of it is mapped.
+//! Each test has a reader on a replica (the client API, in this process),
+//! faults one process, and writes: the writer's open returns within a
+//! bound, and the reader then reads the file's new bytes, never the old.
+//! lease-break-time is lowered to 3 s (a global setting: the tests run one
+//! at a time, and put it back).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct BreakTime(String);
+
+impl BreakTime {
+    fn set(secs: u32) -> BreakTime {
+        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
+        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
+        BreakTime(old)
+    }
+}
+
+impl Drop for BreakTime {
+    fn drop(&mut self) {
+        let _ = std::fs::write(LEASE_BREAK_TIME, self.0.trim());
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Setup {
+    d: Daemon,
+    file: std::path::PathBuf,
+    reader: replicad_client::Mapping,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(tag: &str) -> Setup {
+    let d = Daemon::start("");
+    let dir = scratch(tag);
+    let file = dir.path().join("f");
+    std::fs::write(&file, vec![1u8; 64 * 4096]).unwrap();
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let reader = replicad_client::map_with(&file, &opts).unwrap();
+    assert!(reader.on_replica(), "{:?}", reader.backing());
+    wait_for("a keeper", Duration::from_secs(5), || {
+        keeper_of(d.pid()).is_some()
+    });
+    Setup {
+        d,
+        file,
+        reader,
+        _dir: dir,
+    }
+}
+
+/// Open for writing (timed), write new bytes, and check every page the
+/// reader sees is new.
+fn write_and_check(s: &Setup, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.file)
+        .unwrap();
+    let waited = t0.elapsed();
+    assert!(waited < within, "the writer waited {waited:?}");
+    w.write_all(&vec![2u8; 64 * 4096]).unwrap();
+    drop(w);
+    let bytes = s.reader.as_slice();
+    let stale = bytes.iter().filter(|&&b| b != 2).count();
+    assert_eq!(stale, 0, "the reader read {stale} stale bytes");
+    waited
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn a_killed_daemon_leaves_the_keeper_to_revoke_before_the_writer() {
+    if !root_or_skip("a_killed_daemon_leaves_the_keeper_to_revoke_before_the_writer") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _t = BreakTime::set(3);
+    let mut s = setup("keeper-kill");
+    let keeper = keeper_of(s.d.pid()).unwrap();
+    s.d.crash();
+    // No daemon is ever started again, and still: the writer gets in
+    // within 1 s, after the keeper truncated the replica.
+    let waited = write_and_check(&s, Duration::from_secs(1));
+    wait_for("the keeper to exit", Duration::from_secs(5), || {
+        !alive(keeper)
+    });
+    eprintln!("daemon killed: the writer waited {waited:?}");
+    // A restarted daemon finds nothing stale left to serve.
+    s.d.restart();
+    let out = s.d.ctl_ok(&["replicate", s.file.to_str().unwrap()]);
+    assert!(out.contains("generation 1"), "{out}");
+}
+
+#[test]
+fn a_stopped_daemon_is_taken_for_dead_before_the_kernel_breaks_the_lease() {
+    if !root_or_skip("a_stopped_daemon_is_taken_for_dead_before_the_kernel_breaks_the_lease") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _t = BreakTime::set(3);
+    let s = setup("keeper-stop-daemon");
+    s.d.signal(libc::SIGSTOP);
+    // The keeper waits a third of lease-break-time (1 s), then revokes and
+    // releases: the writer is in before the kernel's 3 s.
+    let waited = write_and_check(&s, Duration::from_millis(2900));
+    s.d.signal(libc::SIGCONT);
+    eprintln!("daemon stopped: the writer waited {waited:?}");
+    // The daemon takes the keeper's loss for a revoke, starts a new one,
+    // and replicates the new generation.
+    wait_for("a new keeper", Duration::from_secs(10), || {
+        keeper_of(s.d.pid()).is_some()
+    });
+    wait_for("a new generation", Duration::from_secs(10), || {
+        let st = s.d.status();
+        let src = &st.sources[0];
+        src.generation >= 2
+            && src.replicas.iter().any(|r| {
+                r.generation == src.generation
+                    && r.state == replicad_client::proto::ReplicaState::Valid
+            })
+    });
+    assert!(s.d.metric("replicad_invalidations_total{reason=\"keeper_lost\"}") >= 0.0);
+    assert_eq!(
+        s.d.metric("replicad_forced_breaks_total"),
+        0.0,
+        "{}",
+        s.d.log()
+    );
+}
+
+#[test]
+fn a_killed_or_stopped_keeper_is_replaced_and_the_daemon_still_fences() {
+    if !root_or_skip("a_killed_or_stopped_keeper_is_replaced_and_the_daemon_still_fences") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _t = BreakTime::set(3);
+    for fault in [libc::SIGKILL, libc::SIGSTOP] {
+        let s = setup("keeper-fault");
+        let keeper = keeper_of(s.d.pid()).unwrap();
+        // SAFETY: a signal to the keeper process this test started.
+        unsafe { libc::kill(keeper as i32, fault) };
+        // The daemon fences on its own meanwhile.
+        let waited = write_and_check(&s, Duration::from_secs(1));
+        eprintln!("keeper signalled {fault}: the writer waited {waited:?}");
+        wait_for("a new keeper", Duration::from_secs(10), || {
+            keeper_of(s.d.pid()).is_some_and(|k| k != keeper)
+        });
+        assert!(!alive(keeper) || fault == libc::SIGSTOP && !alive(keeper));
+        assert!(
+            s.d.metric("replicad_invalidations_total{reason=\"keeper_lost\"}") >= 1.0,
+            "{}",
+            s.d.log()
+        );
+    }
+}
