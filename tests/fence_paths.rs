@@ -337,3 +337,62 @@ fn overlay_writes_to_either_layer_meet_the_fence() {
     );
     w.write_all(&[7u8; 4096]).unwrap();
 }
+
+/// One inode, two sources: a lower file replicated by its own path and
+/// through an overlay share one inotify watch. Evicting the overlay source
+/// must leave the other's watch, and an O_TRUNC of the lower file must
+/// still revoke it.
+#[test]
+fn a_watch_shared_by_two_sources_outlives_either() {
+    if !root_or_skip("a_watch_shared_by_two_sources_outlives_either") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("shared-watch");
+    let p = |n: &str| dir.path().join(n);
+    for n in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir(p(n)).unwrap();
+    }
+    std::fs::write(p("lower/f"), vec![1u8; 64 * 1024]).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p("lower").display(),
+        p("upper").display(),
+        p("work").display()
+    );
+    let ok = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(p("merged"))
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        skip(
+            "a_watch_shared_by_two_sources_outlives_either",
+            "no overlayfs here",
+        );
+        return;
+    }
+    let _m = Mount(&p("merged"));
+    d.ctl_ok(&["replicate", p("lower/f").to_str().unwrap()]);
+    d.ctl_ok(&["replicate", p("merged/f").to_str().unwrap()]);
+    d.ctl_ok(&["evict", p("merged/f").to_str().unwrap()]);
+    let st = d.status();
+    assert_eq!(st.sources.len(), 1, "{st:?}");
+    let replica = std::fs::File::open(&st.sources[0].replicas[0].file).unwrap();
+    drop(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_TRUNC)
+            .open(p("lower/f"))
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while replica.metadata().unwrap().len() != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the direct source's watch went with the evicted overlay source"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}

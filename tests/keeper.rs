@@ -185,3 +185,35 @@ fn a_killed_or_stopped_keeper_is_replaced_and_the_daemon_still_fences() {
         );
     }
 }
+
+/// Both processes killed at once (two faults): the leases die with them
+/// and a writer goes straight in, while the reader still maps the replica.
+/// A restarted daemon truncates what they left in the store, so from then
+/// on the reader reads the file's current bytes.
+#[test]
+fn after_both_are_killed_a_restart_truncates_what_they_left_mapped() {
+    if !root_or_skip("after_both_are_killed_a_restart_truncates_what_they_left_mapped") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = setup("keeper-both");
+    let keeper = keeper_of(s.d.pid()).unwrap();
+    // SAFETY: a signal to the keeper this test's daemon started.
+    unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
+    s.d.crash();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.file)
+        .unwrap();
+    w.write_all(&vec![2u8; 64 * 4096]).unwrap();
+    drop(w);
+    // SAFETY: a read of one byte inside a live mapping.
+    let before = unsafe { std::ptr::read_volatile(s.reader.as_ptr()) };
+    assert_eq!(
+        before, 1,
+        "with both processes gone nothing revoked (the known double fault)"
+    );
+    s.d.restart();
+    let stale = s.reader.as_slice().iter().filter(|&&b| b != 2).count();
+    assert_eq!(stale, 0, "stale bytes after the restart");
+}

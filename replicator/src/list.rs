@@ -116,8 +116,8 @@ pub struct ReplicaList {
     sources: BTreeMap<SourceKey, Source>,
     /// Lease fd -> source, for the fence thread.
     by_fd: HashMap<RawFd, SourceKey>,
-    /// Modify watch -> source.
-    by_watch: HashMap<WatchDescriptor, SourceKey>,
+    /// Modify watch -> the sources on that inode (several can share one).
+    by_watch: HashMap<WatchDescriptor, BTreeSet<SourceKey>>,
 }
 
 impl ReplicaList {
@@ -125,7 +125,7 @@ impl ReplicaList {
     pub fn insert(&mut self, source: Source) {
         self.by_fd.insert(source.fd.as_raw_fd(), source.key);
         if let Some(wd) = source.watch {
-            self.by_watch.insert(wd, source.key);
+            self.by_watch.entry(wd).or_default().insert(source.key);
         }
         self.index_layers(source.key, &source.layers);
         self.sources.insert(source.key, source);
@@ -135,15 +135,24 @@ impl ReplicaList {
         for l in layers {
             self.by_fd.insert(l.fd.as_raw_fd(), key);
             if let Some(wd) = l.watch {
-                self.by_watch.insert(wd, key);
+                self.by_watch.entry(wd).or_default().insert(key);
             }
         }
     }
 
-    fn unindex_layers(&mut self, layers: &[Layer]) {
+    fn unindex_layers(&mut self, key: SourceKey, layers: &[Layer]) {
         for l in layers {
             self.by_fd.remove(&l.fd.as_raw_fd());
             if let Some(wd) = l.watch {
+                self.unwatch_index(wd, key);
+            }
+        }
+    }
+
+    fn unwatch_index(&mut self, wd: WatchDescriptor, key: SourceKey) {
+        if let Some(keys) = self.by_watch.get_mut(&wd) {
+            keys.remove(&key);
+            if keys.is_empty() {
                 self.by_watch.remove(&wd);
             }
         }
@@ -158,7 +167,7 @@ impl ReplicaList {
         else {
             return layers;
         };
-        self.unindex_layers(&old);
+        self.unindex_layers(key, &old);
         self.index_layers(key, &layers);
         if let Some(s) = self.sources.get_mut(&key) {
             s.layers = layers;
@@ -171,9 +180,9 @@ impl ReplicaList {
         let source = self.sources.remove(&key)?;
         self.by_fd.remove(&source.fd.as_raw_fd());
         if let Some(wd) = source.watch {
-            self.by_watch.remove(&wd);
+            self.unwatch_index(wd, key);
         }
-        self.unindex_layers(&source.layers);
+        self.unindex_layers(key, &source.layers);
         Some(source)
     }
 
@@ -185,9 +194,12 @@ impl ReplicaList {
         self.sources.get_mut(&key)
     }
 
-    /// The source a modify watch is on.
-    pub fn by_watch(&self, wd: WatchDescriptor) -> Option<SourceKey> {
-        self.by_watch.get(&wd).copied()
+    /// The sources a modify watch is on.
+    pub fn by_watch(&self, wd: WatchDescriptor) -> Vec<SourceKey> {
+        self.by_watch
+            .get(&wd)
+            .map(|k| k.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The source whose lease sits on `fd`.

@@ -484,7 +484,9 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let origin = if is_dir { None } else { leftover_origin(&path) };
-        if !is_dir {
+        // Only what is surely a replica of ours: a regular file with our
+        // (root-only, trusted.*) identity xattr and no other link.
+        if origin.is_some() {
             // Processes may still map it (its daemon was killed, and its
             // fence with it): truncate, so their next touch falls back to
             // the file, not only unlink, which would leave them the old
@@ -521,11 +523,17 @@ fn remove_leftovers(dir: &Path) -> Result<usize> {
 /// Cut a leftover replica to nothing: the kernel unmaps it from every
 /// process. Replicas are sealed read-only (mode 0400); root opens them.
 fn truncate_leftover(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let before = fs::symlink_metadata(path)?;
+    if !before.file_type().is_file() || before.nlink() != 1 {
+        return Ok(());
+    }
     let file = fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.file_type().is_file() {
+    let meta = file.metadata()?;
+    if (meta.dev(), meta.ino()) != (before.dev(), before.ino()) || !meta.file_type().is_file() {
         return Ok(());
     }
     file.set_len(0)
@@ -534,7 +542,14 @@ fn truncate_leftover(path: &Path) -> io::Result<()> {
 /// What a leftover replica's xattrs say it was a copy of: " of <source>
 /// (dev:ino, generation g)", or `None` without readable xattrs.
 fn leftover_origin(path: &Path) -> Option<String> {
-    let file = fs::File::open(path).ok()?;
+    if !fs::symlink_metadata(path).ok()?.file_type().is_file() {
+        return None;
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
     let text = |name| {
         sys::get_xattr(file.as_fd(), name)
             .ok()

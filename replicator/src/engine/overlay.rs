@@ -42,6 +42,20 @@ impl Inner {
         paths: &[PathBuf],
     ) -> Result<Vec<Layer>, (PathBuf, io::Error)> {
         let mut layers = Vec::with_capacity(paths.len());
+        let taken = self.fence_each(paths, &mut layers);
+        if let Err(e) = taken {
+            // Leases go with the drop; the watches taken so far are given back.
+            self.unwatch(&layers);
+            return Err(e);
+        }
+        Ok(layers)
+    }
+
+    fn fence_each(
+        &self,
+        paths: &[PathBuf],
+        layers: &mut Vec<Layer>,
+    ) -> Result<(), (PathBuf, io::Error)> {
         for p in paths {
             let file = OpenOptions::new()
                 .read(true)
@@ -61,7 +75,7 @@ impl Inner {
                 watch,
             });
         }
-        Ok(layers)
+        Ok(())
     }
 
     /// The error for a layer file that could not be fenced (named outside

@@ -84,12 +84,28 @@ impl Inner {
                 }
             } else {
                 let fd = Arc::new(OwnedFd::from(file));
+                // The watch first: a change between it and the generation
+                // read below is then seen.
+                let watch = match (fence_kind, &self.watch) {
+                    (FenceKind::Lease, Some(w)) => {
+                        Some(w.add(fd.as_fd()).map_err(|e| Error::io(path, e))?)
+                    }
+                    _ => None,
+                };
+                let unwatch = |w: Option<nix::sys::inotify::WatchDescriptor>| {
+                    if let (Some(wd), Some(mw)) = (w, &self.watch) {
+                        mw.remove(wd);
+                    }
+                };
                 let lease = if fence_kind == FenceKind::Lease {
                     match Lease::take(fd.clone(), self.ops.clone()) {
                         Ok(lease) => Some(lease),
                         // Named outside the lock: finding the writers
                         // reads all of /proc.
-                        Err(e) => return Err(self.lease_refused(list, path, key, e)),
+                        Err(e) => {
+                            unwatch(watch);
+                            return Err(self.lease_refused(list, path, key, e));
+                        }
                     }
                 } else {
                     None
@@ -97,15 +113,18 @@ impl Inner {
                 let layers = match self.fence_layers(&layer_paths) {
                     Ok(layers) => layers,
                     Err((layer, e)) => {
+                        unwatch(watch);
                         drop(lease);
                         return Err(self.layer_refused(list, &layer, e));
                     }
                 };
-                let generation = self.read_generation(fd.as_fd(), path, 1)?;
-                // A leased source is watched for writes no break announces.
-                let watch = match (&lease, &self.watch) {
-                    (Some(_), Some(w)) => Some(w.add(fd.as_fd()).map_err(|e| Error::io(path, e))?),
-                    _ => None,
+                let generation = match self.read_generation(fd.as_fd(), path, 1) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        unwatch(watch);
+                        self.unwatch(&layers);
+                        return Err(e);
+                    }
                 };
                 list.insert(Source {
                     key,

@@ -169,7 +169,8 @@ impl Inner {
     /// break announced) from the fence thread.
     pub(super) fn on_fence_event(&self, ev: FenceEvent) {
         let (fds, at) = match ev {
-            FenceEvent::Modified { wd, at } => return self.on_modified(wd, at),
+            FenceEvent::Modified { wd, at } => return self.on_modified(Some(wd), at),
+            FenceEvent::ModifiedUnknown { at } => return self.on_modified(None, at),
             FenceEvent::Break { fd, at } => (vec![fd], at),
             FenceEvent::Overflow { at } => {
                 // Unknown fd: every held lease with a break pending.
@@ -211,42 +212,48 @@ impl Inner {
         }
     }
 
-    /// A watched source changed. With its lease still held, no writer was
-    /// let in, so the change came without a break (`open(O_RDONLY |
-    /// O_TRUNC)`): revoke at once. A change the current generation already
-    /// holds (a late event of a writer that came through the fence) is
-    /// left alone.
-    fn on_modified(&self, wd: nix::sys::inotify::WatchDescriptor, at: Instant) {
-        let list = lock(&self.list);
-        let Some(key) = list.by_watch(wd) else {
-            return;
+    /// A watched inode changed (`None`: the watch's queue overflowed, so
+    /// any may have). A source whose lease is still held let no writer in,
+    /// so the change came without a break (`open(O_RDONLY | O_TRUNC)`):
+    /// revoke at once. A change the current generation already holds (a
+    /// late event of a writer that came through the fence) is left alone.
+    fn on_modified(&self, wd: Option<nix::sys::inotify::WatchDescriptor>, at: Instant) {
+        let keys = {
+            let list = lock(&self.list);
+            match wd {
+                Some(wd) => list.by_watch(wd),
+                None => list.keys(),
+            }
         };
-        let Some(src) = list.get(key) else {
-            return;
-        };
-        if src.lease.is_none() {
-            return;
+        for key in keys {
+            let list = lock(&self.list);
+            let Some(src) = list.get(key) else {
+                continue;
+            };
+            if src.lease.is_none() {
+                continue;
+            }
+            let g = src.generation;
+            let same = self.ops.stat(src.fd.as_fd()).is_ok_and(|st| {
+                (st.size, st.mtime_ns, st.ctime_ns) == (g.size, g.mtime_ns, g.ctime_ns)
+            });
+            if same {
+                continue;
+            }
+            let (mut list, n) = self.revoke(list, key, Reason::Modified, Some(at));
+            if let Some(src) = list.get_mut(key) {
+                src.broken_at = Some(Instant::now());
+                src.retries = 0;
+                crate::warn_limited!(
+                    "{}: changed without a lease break (open with O_RDONLY|O_TRUNC?); {n} \
+                     replicas revoked {:?} after the change was seen",
+                    src.path.display(),
+                    at.elapsed()
+                );
+            }
+            drop(list);
+            self.jobs(Job::Refence(Instant::now() + self.cfg.settle, key));
         }
-        let g = src.generation;
-        let same = self.ops.stat(src.fd.as_fd()).is_ok_and(|st| {
-            (st.size, st.mtime_ns, st.ctime_ns) == (g.size, g.mtime_ns, g.ctime_ns)
-        });
-        if same {
-            return;
-        }
-        let (mut list, n) = self.revoke(list, key, Reason::Modified, Some(at));
-        if let Some(src) = list.get_mut(key) {
-            src.broken_at = Some(Instant::now());
-            src.retries = 0;
-            crate::warn_limited!(
-                "{}: changed without a lease break (open with O_RDONLY|O_TRUNC?); {n} replicas \
-                 revoked {:?} after the change was seen",
-                src.path.display(),
-                at.elapsed()
-            );
-        }
-        drop(list);
-        self.jobs(Job::Refence(Instant::now() + self.cfg.settle, key));
     }
 
     /// Try to take the fence of `key` back and copy a new generation.

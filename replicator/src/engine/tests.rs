@@ -233,14 +233,15 @@ impl Rig {
 
     /// Deliver what the modify watch saw, as the fence thread would.
     fn deliver_modifications(&self) -> usize {
-        let wds = self.watch.modified().unwrap();
-        for wd in &wds {
-            self.engine.inner.on_fence_event(FenceEvent::Modified {
-                wd: *wd,
-                at: Instant::now(),
+        let seen = self.watch.modified().unwrap();
+        for s in &seen {
+            let at = Instant::now();
+            self.engine.inner.on_fence_event(match s {
+                crate::fence::Seen::Modified(wd) => FenceEvent::Modified { wd: *wd, at },
+                crate::fence::Seen::Overflow => FenceEvent::ModifiedUnknown { at },
             });
         }
-        wds.len()
+        seen.len()
     }
 
     /// A fixture process: `<root>/<pid>/stat` (start time `start`) and

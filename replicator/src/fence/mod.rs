@@ -40,7 +40,7 @@ pub use keeper::KeeperLink;
 pub use lease::Lease;
 pub use ops::{FenceOps, FileStat, KernelOps};
 pub use thread::{fence_signal, prepare, prepared, FenceEvent, FenceThread};
-pub use watch::ModifyWatch;
+pub use watch::{ModifyWatch, Seen};
 
 use crate::model::FenceKind;
 use crate::{sys, Error, Result};

@@ -51,13 +51,22 @@ pub fn layer_files(proc: &ProcReader, path: &Path, dev: u64) -> Vec<PathBuf> {
 fn layers(m: &MountInfo) -> (Option<PathBuf>, Vec<PathBuf>) {
     let mut upper = None;
     let mut lowers = Vec::new();
+    // mountinfo escapes paths in octal (`\040` a space); an empty
+    // lower element starts the data-only layers (`l1::d1`), which hold
+    // file data for metacopy files, not the files themselves.
+    let path = |p: &str| PathBuf::from(replicad_procfs::unescape_octal(p));
     for opt in split_options(&m.super_options) {
         if let Some(u) = opt.strip_prefix("upperdir=") {
-            upper = Some(PathBuf::from(u));
+            upper = Some(path(u));
         } else if let Some(l) = opt.strip_prefix("lowerdir=") {
-            lowers.extend(split_unescaped(l, ':').into_iter().map(PathBuf::from));
+            lowers.extend(
+                split_unescaped(l, ':')
+                    .into_iter()
+                    .take_while(|p| !p.is_empty())
+                    .map(|p| path(&p)),
+            );
         } else if let Some(l) = opt.strip_prefix("lowerdir+=") {
-            lowers.push(PathBuf::from(l));
+            lowers.push(path(l));
         }
     }
     (upper, lowers)
@@ -116,6 +125,13 @@ mod tests {
         let (u, l) = layers(&m);
         assert_eq!(u, Some(PathBuf::from("/u")));
         assert_eq!(l, [PathBuf::from("/l1"), PathBuf::from("/l:2")]);
+        // As mountinfo really shows them: octal escapes, and data-only
+        // layers after an empty element.
+        let (u, l) = layers(&mount(
+            "rw,lowerdir=/tmp/l\\040b:/tmp/l::/data,upperdir=/u\\040x",
+        ));
+        assert_eq!(u, Some(PathBuf::from("/u x")));
+        assert_eq!(l, [PathBuf::from("/tmp/l b"), PathBuf::from("/tmp/l")]);
         let (u, l) = layers(&mount("ro,lowerdir=/a:/b"));
         assert_eq!(u, None);
         assert_eq!(l.len(), 2);

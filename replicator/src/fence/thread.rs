@@ -40,6 +40,8 @@ pub enum FenceEvent {
     Overflow { at: Instant },
     /// A watched source changed without a break (see [`ModifyWatch`]).
     Modified { wd: WatchDescriptor, at: Instant },
+    /// The modify watch's queue overflowed: check every leased source.
+    ModifiedUnknown { at: Instant },
 }
 
 /// The running fence thread.
@@ -123,10 +125,13 @@ fn run<F: Fn(FenceEvent)>(
         }
         if let Some(w) = &watch {
             match w.modified() {
-                Ok(wds) => {
+                Ok(seen) => {
                     let at = Instant::now();
-                    for wd in wds {
-                        on_event(FenceEvent::Modified { wd, at });
+                    for s in seen {
+                        on_event(match s {
+                            super::Seen::Modified(wd) => FenceEvent::Modified { wd, at },
+                            super::Seen::Overflow => FenceEvent::ModifiedUnknown { at },
+                        });
                     }
                 }
                 Err(e) => crate::warn_limited!("reading the modify watch failed: {e}"),

@@ -7,46 +7,93 @@
 //! engine then revokes at once. The gap between the truncation and the
 //! revoke is the kernel's, measured in `tests/fence_paths.rs`.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Mutex;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use replicad_procfs::ProcReader;
 
-/// One inotify instance holding a modify watch per leased source.
+/// One inotify instance holding a modify watch per leased inode. inotify
+/// gives one watch per inode per instance, and two sources can share an
+/// inode (an overlay's lower file replicated through two overlays, or
+/// also by its own path): each watch is counted, and removed with its
+/// last user.
 #[derive(Debug)]
 pub struct ModifyWatch {
     inotify: Inotify,
     proc: ProcReader,
+    users: Mutex<HashMap<WatchDescriptor, usize>>,
+}
+
+/// What the watch saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    Modified(WatchDescriptor),
+    /// The kernel's event queue overflowed: some modification may be lost.
+    Overflow,
 }
 
 impl ModifyWatch {
     pub fn new(proc: ProcReader) -> io::Result<ModifyWatch> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        Ok(ModifyWatch { inotify, proc })
+        Ok(ModifyWatch {
+            inotify,
+            proc,
+            users: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Watch the inode behind `fd` (the source's own fd, so a rename or an
     /// unlink of its path changes nothing).
     pub fn add(&self, fd: BorrowedFd<'_>) -> io::Result<WatchDescriptor> {
         let path = self.proc.self_fd_path(fd.as_raw_fd());
-        Ok(self.inotify.add_watch(&path, AddWatchFlags::IN_MODIFY)?)
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let wd = self
+            .inotify
+            .add_watch(&path, AddWatchFlags::IN_MODIFY)
+            .map_err(|e| {
+                if e == nix::errno::Errno::ENOSPC {
+                    io::Error::other(
+                        "no inotify watch left for the modify watch: raise \
+                     fs.inotify.max_user_watches",
+                    )
+                } else {
+                    io::Error::from(e)
+                }
+            })?;
+        *users.entry(wd).or_insert(0) += 1;
+        Ok(wd)
     }
 
-    /// Stop watching (the source left the list). A watch the kernel
-    /// dropped already (the inode is gone) is no error.
+    /// One user of `wd` is done with it; the last removes the watch. A
+    /// watch the kernel dropped already (the inode is gone) is no error.
     pub fn remove(&self, wd: WatchDescriptor) {
-        let _ = self.inotify.rm_watch(wd);
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        match users.get_mut(&wd) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                users.remove(&wd);
+                let _ = self.inotify.rm_watch(wd);
+            }
+        }
     }
 
-    /// The watches that saw a modification since the last call (empty when
-    /// none is pending).
-    pub fn modified(&self) -> io::Result<Vec<WatchDescriptor>> {
+    /// What was seen since the last call (empty when nothing is pending).
+    pub fn modified(&self) -> io::Result<Vec<Seen>> {
         match self.inotify.read_events() {
             Ok(events) => Ok(events
                 .into_iter()
-                .filter(|e| e.mask.contains(AddWatchFlags::IN_MODIFY))
-                .map(|e| e.wd)
+                .filter_map(|e| {
+                    if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        Some(Seen::Overflow)
+                    } else if e.mask.contains(AddWatchFlags::IN_MODIFY) {
+                        Some(Seen::Modified(e.wd))
+                    } else {
+                        None
+                    }
+                })
                 .collect()),
             Err(nix::errno::Errno::EAGAIN) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
