@@ -41,6 +41,28 @@ impl Drop for Mount<'_> {
     }
 }
 
+/// An overlay at `<dir>/merged` over `lower` (holding `f`, 64 KiB of 1s),
+/// `upper` and `work`; false if this kernel cannot mount one here.
+fn overlay(dir: &Path) -> bool {
+    let p = |n: &str| dir.join(n);
+    for n in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir(p(n)).unwrap();
+    }
+    std::fs::write(p("lower/f"), vec![1u8; 64 * 1024]).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p("lower").display(),
+        p("upper").display(),
+        p("work").display()
+    );
+    Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(p("merged"))
+        .status()
+        .unwrap()
+        .success()
+}
+
 /// Replicate `seen` (the path the daemon is given) and check it is leased;
 /// then write new bytes through `written` (the same inode, another way in)
 /// and check the fence held: the replica the reader had is truncated by
@@ -276,23 +298,7 @@ fn overlay_writes_to_either_layer_meet_the_fence() {
     let d = Daemon::start("");
     let dir = scratch("overlay");
     let p = |n: &str| dir.path().join(n);
-    for n in ["lower", "upper", "work", "merged"] {
-        std::fs::create_dir(p(n)).unwrap();
-    }
-    std::fs::write(p("lower/f"), vec![1u8; 64 * 1024]).unwrap();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        p("lower").display(),
-        p("upper").display(),
-        p("work").display()
-    );
-    let ok = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(p("merged"))
-        .status()
-        .unwrap()
-        .success();
-    if !ok {
+    if !overlay(dir.path()) {
         skip(
             "overlay_writes_to_either_layer_meet_the_fence",
             "this kernel cannot mount overlayfs here",
@@ -350,23 +356,7 @@ fn a_watch_shared_by_two_sources_outlives_either() {
     let d = Daemon::start("");
     let dir = scratch("shared-watch");
     let p = |n: &str| dir.path().join(n);
-    for n in ["lower", "upper", "work", "merged"] {
-        std::fs::create_dir(p(n)).unwrap();
-    }
-    std::fs::write(p("lower/f"), vec![1u8; 64 * 1024]).unwrap();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        p("lower").display(),
-        p("upper").display(),
-        p("work").display()
-    );
-    let ok = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(p("merged"))
-        .status()
-        .unwrap()
-        .success();
-    if !ok {
+    if !overlay(dir.path()) {
         skip(
             "a_watch_shared_by_two_sources_outlives_either",
             "no overlayfs here",

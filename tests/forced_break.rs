@@ -14,25 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
-
-/// Sets lease-break-time for the test, and puts the old value back.
-struct BreakTime(String);
-
-impl BreakTime {
-    fn set(secs: u32) -> BreakTime {
-        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
-        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
-        BreakTime(old)
-    }
-}
-
-impl Drop for BreakTime {
-    fn drop(&mut self) {
-        let _ = std::fs::write(LEASE_BREAK_TIME, self.0.trim());
-    }
-}
-
 #[test]
 fn a_forced_break_is_seen_counted_and_revoked_when_replicad_runs_again() {
     if !root_or_skip("a_forced_break_is_seen_counted_and_revoked_when_replicad_runs_again") {

@@ -16,24 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-struct BreakTime(String);
-
-impl BreakTime {
-    fn set(secs: u32) -> BreakTime {
-        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
-        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
-        BreakTime(old)
-    }
-}
-
-impl Drop for BreakTime {
-    fn drop(&mut self) {
-        let _ = std::fs::write(LEASE_BREAK_TIME, self.0.trim());
-    }
-}
 
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();

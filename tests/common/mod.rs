@@ -398,3 +398,23 @@ pub fn keeper_of(daemon: u32) -> Option<u32> {
     }
     None
 }
+
+/// Sets `/proc/sys/fs/lease-break-time` (a global setting) for a test,
+/// and puts the old value back on drop.
+pub struct BreakTime(String);
+
+const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
+
+impl BreakTime {
+    pub fn set(secs: u32) -> BreakTime {
+        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
+        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
+        BreakTime(old)
+    }
+}
+
+impl Drop for BreakTime {
+    fn drop(&mut self) {
+        let _ = std::fs::write(LEASE_BREAK_TIME, self.0.trim());
+    }
+}
