@@ -864,8 +864,10 @@ fn sighup_reload() {
     assert!(d.log().contains("no longer configured"), "{}", d.log());
 }
 
-/// A crashed daemon's replicas are removed at the next start, before
-/// anything else; SIGTERM invalidates everything and unmounts.
+/// A crashed daemon's replicas are taken over from its fence keeper at the
+/// next start (copied again: never); with the keeper gone too they are
+/// removed before anything else; SIGTERM invalidates everything and
+/// unmounts.
 #[test]
 fn restart_and_shutdown() {
     if !root_or_skip("restart_and_shutdown") {
@@ -878,8 +880,35 @@ fn restart_and_shutdown() {
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
     let store = d.run_dir.path().join("node0");
     assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
+    let replica = std::fs::read_dir(&store)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&replica);
+
+    // The daemon alone: its keeper fences on, and the next daemon adopts.
     d.crash();
-    // The lease died with the process; the leftover replica is stale.
+    d.restart();
+    let st = d.status();
+    assert_eq!(st.sources.len(), 1, "{st:?}\n{}", d.log());
+    assert_eq!(st.sources[0].generation, 1, "{st:?}");
+    assert_eq!(inode(&replica), before, "the replica was copied again");
+    assert_eq!(d.metric("replicad_adopted_replicas_total"), 1.0);
+    assert_eq!(
+        d.metric("replicad_copied_bytes_total{target=\"node0\"}"),
+        0.0
+    );
+    assert_eq!(d.metric("replicad_leftovers_removed_total"), 0.0);
+
+    // Both processes: the lease died with them; the leftover is stale.
+    let keeper = keeper_in(d.run_dir.path()).unwrap();
+    // SAFETY: a signal to the keeper of the daemon this test started.
+    unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
+    d.crash();
     assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
     d.restart();
     assert_eq!(

@@ -123,11 +123,17 @@ fn every_metric_is_moved_by_a_test() {
         big.to_str().unwrap(),
     );
 
-    // A crash leaves a replica; the restarted daemon removes it first.
-    d.ctl_ok(&["replicate", "--nodes", "0", a_s]);
+    // A crash of the daemon alone: its fence keeper fences on. A writer
+    // comes meanwhile: the keeper revokes that replica (it stays in the
+    // store, cut to nothing). The restarted daemon takes the other over
+    // and removes the revoked one as a leftover.
+    d.ctl_ok(&["replicate", "--nodes", "0", a_s, b_s]);
     d.crash();
+    std::fs::OpenOptions::new().write(true).open(&b).unwrap();
     d.restart();
-    assert!(d.status().sources.is_empty());
+    assert_eq!(d.status().sources.len(), 1, "{}", d.log());
+    assert_eq!(d.metric("replicad_adopted_replicas_total"), 1.0);
+    assert_eq!(d.metric("replicad_leftovers_removed_total"), 1.0);
 
     let registered: BTreeSet<String> = replicad_replicator::Metrics::new()
         .unwrap()

@@ -228,7 +228,7 @@ fn run() -> io::Result<()> {
             force_memfd: memfd,
             copy_threads: 2,
         };
-        let store = Store::open(&cfg, &[0]).map_err(io::Error::other)?;
+        let store = Store::open(&cfg, &[0], &Default::default()).map_err(io::Error::other)?;
         let want = if memfd {
             StoreKind::Memfd
         } else {

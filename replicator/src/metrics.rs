@@ -73,6 +73,8 @@ pub struct Metrics {
     pub replication_failures: IntCounterVec,
     /// Leftover replicas of an earlier run removed at start.
     pub leftovers_removed: IntCounter,
+    /// Replicas a restarted daemon took over from the fence keeper.
+    pub adopted_replicas: IntCounter,
     /// Leases the kernel broke by force (`lease-break-time` passed first).
     pub forced_breaks: IntCounter,
     /// Always 1; the `version` label carries the version.
@@ -190,6 +192,11 @@ impl Metrics {
         register(Box::new(misplaced_pages.clone()))?;
         register(Box::new(replication_failures.clone()))?;
         register(Box::new(leftovers_removed.clone()))?;
+        let adopted_replicas = IntCounter::new(
+            "replicad_adopted_replicas_total",
+            "Replicas taken over from the fence keeper of a daemon that died (served again, not copied)",
+        )?;
+        register(Box::new(adopted_replicas.clone()))?;
         register(Box::new(forced_breaks.clone()))?;
         register(Box::new(build_info.clone()))?;
         Ok(Metrics {
@@ -207,6 +214,7 @@ impl Metrics {
             misplaced_pages,
             replication_failures,
             leftovers_removed,
+            adopted_replicas,
             forced_breaks,
         })
     }

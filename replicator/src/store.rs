@@ -23,7 +23,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +44,9 @@ pub const XATTR_SOURCE: &str = "trusted.replicad.source";
 pub const XATTR_GENERATION: &str = "trusted.replicad.generation";
 /// xattr holding the source path's bytes.
 pub const XATTR_PATH: &str = "trusted.replicad.path";
+/// xattr naming the node the replica is for (decimal), so that a daemon
+/// that adopts it from the fence keeper knows its target.
+pub const XATTR_NODE: &str = "trusted.replicad.node";
 /// Pages queried per `move_pages` call by [`ReplicaFile::placement`].
 const PLACEMENT_BATCH: usize = 4096;
 /// The longest memfd name the kernel takes (`NAME_MAX` less `"memfd:"`).
@@ -122,6 +125,48 @@ impl ReplicaIdent {
             self.generation, self.size, self.mtime_ns, self.ctime_ns
         )
     }
+
+    /// The identity and node a replica's xattrs give (see
+    /// [`Store::adopt`]); `Err` names what is missing or malformed.
+    pub fn from_xattrs(fd: BorrowedFd<'_>) -> std::result::Result<(ReplicaIdent, u32), String> {
+        let text = |name: &str| -> std::result::Result<Vec<u8>, String> {
+            match sys::get_xattr(fd, name) {
+                Ok(Some(v)) => Ok(v),
+                Ok(None) => Err(format!("no {name} xattr")),
+                Err(e) => Err(format!("cannot read its {name} xattr: {e}")),
+            }
+        };
+        let numbers = |name: &str, want: usize| -> std::result::Result<Vec<i128>, String> {
+            let v = text(name)?;
+            let nums: Option<Vec<i128>> = std::str::from_utf8(&v)
+                .ok()
+                .map(|s| {
+                    s.split(':')
+                        .map(|n| n.parse().ok())
+                        .collect::<Option<Vec<_>>>()
+                })
+                .and_then(|n| n)
+                .filter(|n| n.len() == want);
+            nums.ok_or_else(|| format!("a malformed {name} xattr"))
+        };
+        let source = numbers(XATTR_SOURCE, 2)?;
+        let generation = numbers(XATTR_GENERATION, 4)?;
+        let node = numbers(XATTR_NODE, 1)?;
+        let path = PathBuf::from(OsStr::from_bytes(&text(XATTR_PATH)?));
+        let u64_of = |v: i128| u64::try_from(v).map_err(|_| "an xattr out of range".to_string());
+        let i64_of = |v: i128| i64::try_from(v).map_err(|_| "an xattr out of range".to_string());
+        let ident = ReplicaIdent {
+            path,
+            dev: u64_of(source[0])?,
+            ino: u64_of(source[1])?,
+            generation: u64_of(generation[0])?,
+            size: u64_of(generation[1])?,
+            mtime_ns: i64_of(generation[2])?,
+            ctime_ns: i64_of(generation[3])?,
+        };
+        let node = u32::try_from(node[0]).map_err(|_| "an xattr out of range".to_string())?;
+        Ok((ident, node))
+    }
 }
 
 /// Where pages of a replica sit.
@@ -167,13 +212,18 @@ pub struct Store {
 
 impl Store {
     /// Open (mount) the node stores and remove every replica an earlier run
-    /// left behind.
+    /// left behind, except the files in `keep` (`(dev, ino)`: replicas
+    /// adopted from the fence keeper, which fenced them all along).
     ///
     /// A node dir that is already a tmpfs mountpoint (a crashed earlier run)
     /// is adopted: reused, and unmounted by [`Store::close`] like one this
     /// store mounted. A node whose tmpfs cannot be mounted (or every node
     /// with `force_memfd`) uses memfd + `mbind`, with a warning.
-    pub fn open(cfg: &StoreConfig, nodes: &[u32]) -> Result<Store> {
+    pub fn open(
+        cfg: &StoreConfig,
+        nodes: &[u32],
+        keep: &std::collections::BTreeSet<(u64, u64)>,
+    ) -> Result<Store> {
         let mut store = Store {
             cfg: cfg.clone(),
             nodes: BTreeMap::new(),
@@ -181,8 +231,8 @@ impl Store {
             method: CopyMethod::DEFAULT,
             closed: AtomicBool::new(false),
         };
-        // Replicas of an earlier run: their fence is not ours, so they may
-        // be stale. Remove them before anything else.
+        // Replicas of an earlier run that nobody fenced since: they may be
+        // stale. Remove them before anything else.
         let unique: std::collections::BTreeSet<u32> = nodes.iter().copied().collect();
         let mut dirs = Vec::with_capacity(unique.len());
         for node in unique {
@@ -192,7 +242,7 @@ impl Store {
                 .mode(0o700)
                 .create(&dir)
                 .map_err(|e| Error::io(&dir, e))?;
-            store.leftovers += remove_leftovers(&dir)?;
+            store.leftovers += remove_leftovers(&dir, keep)?;
             dirs.push((node, dir));
         }
         for (node, dir) in dirs {
@@ -359,7 +409,9 @@ impl Store {
             .open(&path)
             .map_err(|e| self.create_error(node, ns, ident, &path, e))?;
         let fd = OwnedFd::from(file);
-        if let Err(e) = set_xattrs(fd.as_fd(), ident) {
+        if let Err(e) =
+            set_xattrs(fd.as_fd(), ident).and_then(|()| set_node_xattr(fd.as_fd(), node))
+        {
             let _ = fs::remove_file(&path);
             return Err(self.create_error(node, ns, ident, &path, e));
         }
@@ -382,7 +434,9 @@ impl Store {
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .map_err(|e| self.create_error(node, ns, ident, &label, e.into()))?;
-        if let Err(e) = set_xattrs(fd.as_fd(), ident) {
+        if let Err(e) =
+            set_xattrs(fd.as_fd(), ident).and_then(|()| set_node_xattr(fd.as_fd(), node))
+        {
             tracing::debug!(replica = %label.display(), error = %e, "memfd replica without xattrs");
         }
         Ok(ReplicaFile {
@@ -413,6 +467,70 @@ impl Store {
         } else {
             Error::io(path, e)
         }
+    }
+
+    /// Take over a replica file a fence keeper held through a daemon's
+    /// death: its identity and node from its xattrs, where it lives from
+    /// `/proc/self/fd`. `Err` says why it cannot be served (then the caller
+    /// truncates it): no readable identity, a node this store does not
+    /// serve, unlinked (revoked), or cut short.
+    pub fn adopt(
+        &self,
+        fd: OwnedFd,
+    ) -> std::result::Result<(ReplicaFile, ReplicaIdent), (OwnedFd, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let (ident, node) = match ReplicaIdent::from_xattrs(fd.as_fd()) {
+            Ok(x) => x,
+            Err(why) => return Err((fd, why)),
+        };
+        let Some(ns) = self.nodes.get(&node) else {
+            return Err((
+                fd,
+                format!("it is for node {node}, which this store does not serve"),
+            ));
+        };
+        let st = match nix::sys::stat::fstat(&fd) {
+            Ok(st) => st,
+            Err(e) => return Err((fd, format!("fstat: {e}"))),
+        };
+        if st.st_size as u64 != ident.size {
+            let why = format!(
+                "{} bytes where its generation has {}",
+                st.st_size, ident.size
+            );
+            return Err((fd, why));
+        }
+        let link = match fs::read_link(ProcReader::default().self_fd_path(fd.as_raw_fd())) {
+            Ok(l) => l.into_os_string().into_vec(),
+            Err(e) => return Err((fd, format!("cannot name it: {e}"))),
+        };
+        let backing = if let Some(name) = link.strip_prefix(b"/memfd:") {
+            let name = name.strip_suffix(b" (deleted)").unwrap_or(name);
+            Backing::Memfd(String::from_utf8_lossy(name).into_owned())
+        } else {
+            let path = PathBuf::from(OsStr::from_bytes(&link));
+            let here = fs::symlink_metadata(&path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (st.st_dev, st.st_ino));
+            if !here || path.parent() != Some(ns.dir.as_path()) {
+                return Err((
+                    fd,
+                    format!("{} is no longer in the node {node} store", path.display()),
+                ));
+            }
+            Backing::Tmpfs(path)
+        };
+        Ok((
+            ReplicaFile {
+                fd,
+                node,
+                dir: ns.dir.clone(),
+                backing,
+                method: self.method,
+                threads: self.cfg.copy_threads,
+                readonly: std::sync::OnceLock::new(),
+            },
+            ident,
+        ))
     }
 
     /// Unmount every node store (replicas must be gone first).
@@ -457,6 +575,10 @@ fn set_xattrs(fd: BorrowedFd<'_>, ident: &ReplicaIdent) -> io::Result<()> {
     sys::set_xattr(fd, XATTR_PATH, ident.path.as_os_str().as_bytes())
 }
 
+fn set_node_xattr(fd: BorrowedFd<'_>, node: u32) -> io::Result<()> {
+    sys::set_xattr(fd, XATTR_NODE, node.to_string().as_bytes())
+}
+
 /// `replicad:<basename>:g<generation>`, cut to what memfd_create takes, with
 /// no NUL.
 fn memfd_name(ident: &ReplicaIdent) -> String {
@@ -477,11 +599,15 @@ fn memfd_name(ident: &ReplicaIdent) -> String {
 
 /// Remove everything in `dir` (replicas of an earlier run); returns how
 /// many entries went.
-fn remove_leftovers(dir: &Path) -> Result<usize> {
+fn remove_leftovers(dir: &Path, keep: &std::collections::BTreeSet<(u64, u64)>) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt;
     let mut removed = 0;
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
+        if fs::symlink_metadata(&path).is_ok_and(|m| keep.contains(&(m.dev(), m.ino()))) {
+            continue;
+        }
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let origin = if is_dir { None } else { leftover_origin(&path) };
         // Only what is surely a replica of ours: a regular file with our
@@ -981,7 +1107,7 @@ mod tests {
             skip(test, "mounting tmpfs needs root");
             return None;
         }
-        let store = Store::open(&rd.cfg(kind, size), &[0]).unwrap();
+        let store = Store::open(&rd.cfg(kind, size), &[0], &Default::default()).unwrap();
         assert_eq!(
             store.kind(0),
             Some(kind),
@@ -1213,7 +1339,7 @@ mod tests {
         let rd = RunDir::new();
         let mut cfg = rd.cfg(StoreKind::Tmpfs, Some("64m"));
         cfg.huge_pages = true;
-        let store = Store::open(&cfg, &[0]).unwrap();
+        let store = Store::open(&cfg, &[0], &Default::default()).unwrap();
         assert_eq!(
             store.kind(0),
             Some(StoreKind::Tmpfs),
@@ -1409,7 +1535,8 @@ mod tests {
         assert_eq!(dir_entries(&dir), 2);
         // A crash: nothing is closed or unmounted.
         std::mem::forget(first);
-        let second = Store::open(&rd.cfg(StoreKind::Tmpfs, None), &[0]).unwrap();
+        let second =
+            Store::open(&rd.cfg(StoreKind::Tmpfs, None), &[0], &Default::default()).unwrap();
         assert_eq!(
             second.kind(0),
             Some(StoreKind::Tmpfs),
@@ -1432,7 +1559,8 @@ mod tests {
         let dir = rd.dir.path().join("node0");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("1-2-g3"), b"stale").unwrap();
-        let store = Store::open(&rd.cfg(StoreKind::Memfd, None), &[0]).unwrap();
+        let store =
+            Store::open(&rd.cfg(StoreKind::Memfd, None), &[0], &Default::default()).unwrap();
         assert_eq!(store.kind(0), Some(StoreKind::Memfd));
         assert_eq!(store.leftovers_removed(), 1);
         assert_eq!(dir_entries(&dir), 0);
@@ -1520,7 +1648,8 @@ mod tests {
     #[test]
     fn store_unknown_node_is_no_such_node() {
         let rd = RunDir::new();
-        let store = Store::open(&rd.cfg(StoreKind::Memfd, None), &[0]).unwrap();
+        let store =
+            Store::open(&rd.cfg(StoreKind::Memfd, None), &[0], &Default::default()).unwrap();
         let src = source(b"x");
         match store.create(3, &ident(&src, 1)) {
             Err(Error::NoSuchNode { node: 3, have }) => assert_eq!(have, "0"),

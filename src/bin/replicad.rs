@@ -53,7 +53,8 @@ fn main() -> ExitCode {
             eprintln!("replicad: the fence keeper needs its socket's fd number");
             return ExitCode::from(2);
         };
-        return ExitCode::from(replicad_replicator::fence::keeper::run(fd) as u8);
+        let run_dir = argv.next().map(PathBuf::from);
+        return ExitCode::from(replicad_replicator::fence::keeper::run(fd, run_dir) as u8);
     }
     // First, before any thread exists: lease-break signals must be blocked
     // in every thread so that only the fence thread's signalfd sees them.

@@ -339,6 +339,22 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Its fence keeper outlives it (that is its job): told to stop, it
+        // revokes what it holds and exits.
+        if let Some(k) = keeper_in(self.run_dir.path()) {
+            // SAFETY: signals to the keeper of this test's daemon.
+            unsafe { libc::kill(k as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            let running =
+                || std::fs::read(format!("/proc/{k}/cmdline")).is_ok_and(|c| !c.is_empty());
+            while running() && t0.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if running() {
+                // SAFETY: as above; a keeper still there after 2 s is killed.
+                unsafe { libc::kill(k as i32, libc::SIGKILL) };
+            }
+        }
         for m in mounts_under(self.run_dir.path()) {
             let c = std::ffi::CString::new(m).unwrap();
             // SAFETY: unmounting a test mount by path.
@@ -393,6 +409,25 @@ pub fn keeper_of(daemon: u32) -> Option<u32> {
             .and_then(|(_, r)| r.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("--fence-keeper") {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The fence keeper fencing `run_dir`, the daemon's child or one a dead
+/// daemon left and the next one adopted (its argv: `replicad
+/// --fence-keeper <fd> <run_dir>`).
+pub fn keeper_in(run_dir: &Path) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.get(1) == Some(&&b"--fence-keeper"[..])
+            && args.get(3) == Some(&run_dir.as_os_str().as_encoded_bytes())
+        {
             return Some(pid);
         }
     }

@@ -29,7 +29,15 @@ impl Inner {
         if replicas.is_empty() {
             return;
         }
-        if let Err(e) = k.hold(src.key, src.fd.as_fd(), &replicas) {
+        let leases: Vec<BorrowedFd<'_>> = std::iter::once(src.fd.as_fd())
+            .chain(
+                src.layers
+                    .iter()
+                    .filter(|l| l.lease.is_some())
+                    .map(|l| l.fd.as_fd()),
+            )
+            .collect();
+        if let Err(e) = k.hold(src.key, &leases, &replicas) {
             crate::warn_limited!(
                 "{}: the fence keeper did not take it: {e}",
                 src.path.display()

@@ -42,6 +42,7 @@ use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, T
 use crate::store::{Store, StoreConfig};
 use crate::{Error, Metrics, Result, Topology};
 
+mod adopt;
 mod attach;
 mod hello;
 mod keeper;
@@ -55,6 +56,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
+pub use adopt::Adopted;
 pub use attach::Attach;
 pub use hello::{Hello, HelloRange, HomeNode, ProcessAttach, SourceFds, MAX_SOURCES};
 
@@ -256,7 +258,35 @@ impl Replicator {
         }
         let home_nodes = cfg.home_nodes.clone();
         let nodes: Vec<u32> = topology.nodes.iter().map(|n| n.id).collect();
-        let store = Store::open(&cfg.store, &nodes)?;
+        // A keeper a dead daemon left fencing on this run dir: take it over
+        // with everything it holds, before the store removes leftovers
+        // (what it holds is not left over).
+        let run_dir = cfg.store.run_dir.clone();
+        let (keeper, handed) = match wiring.keeper {
+            Some(exe) => {
+                let (link, handed) = match KeeperLink::adopt(exe.clone(), run_dir.clone()) {
+                    Ok(Some((link, handed))) => (link, handed),
+                    Ok(None) => (Self::new_keeper(exe, run_dir)?, Vec::new()),
+                    Err(e) => {
+                        tracing::warn!(
+                            run_dir = %run_dir.display(),
+                            "cannot take over the fence keeper left there: {e}; it was told \
+                             to revoke everything, and a new keeper starts"
+                        );
+                        (Self::new_keeper(exe, run_dir)?, Vec::new())
+                    }
+                };
+                (Some(link), handed)
+            }
+            None => (None, Vec::new()),
+        };
+        let keep: BTreeSet<(u64, u64)> = handed
+            .iter()
+            .flat_map(|h| h.replicas.iter())
+            .filter_map(|fd| nix::sys::stat::fstat(fd).ok())
+            .map(|st| (st.st_dev, st.st_ino))
+            .collect();
+        let store = Store::open(&cfg.store, &nodes, &keep)?;
         if store.leftovers_removed() > 0 {
             tracing::info!(
                 "removed {} leftover replicas of an earlier run (their fence was not held)",
@@ -269,13 +299,6 @@ impl Replicator {
         for n in &nodes {
             metrics.add_target(&Target::Node(*n).to_string());
         }
-        let keeper = match wiring.keeper {
-            Some(exe) => Some(KeeperLink::start(exe).map_err(|source| Error::Thread {
-                what: "fence keeper",
-                source,
-            })?),
-            None => None,
-        };
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             cfg,
@@ -342,7 +365,15 @@ impl Replicator {
             t.worker = Some(worker);
             t.keeper = keeper;
         }
+        inner.adopt(handed);
         Ok(Replicator { inner })
+    }
+
+    fn new_keeper(exe: std::path::PathBuf, run_dir: std::path::PathBuf) -> Result<KeeperLink> {
+        KeeperLink::start(exe, run_dir).map_err(|source| Error::Thread {
+            what: "fence keeper",
+            source,
+        })
     }
 
     pub fn topology(&self) -> &Topology {

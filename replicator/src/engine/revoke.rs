@@ -168,11 +168,15 @@ impl Inner {
     /// A lease break (or a signal-queue overflow, or a modification no
     /// break announced) from the fence thread.
     pub(super) fn on_fence_event(&self, ev: FenceEvent) {
+        let known = |fd| lock(&self.list).by_fence_fd(fd).is_some();
         let (fds, at) = match ev {
             FenceEvent::Modified { wd, at } => return self.on_modified(Some(wd), at),
             FenceEvent::ModifiedUnknown { at } => return self.on_modified(None, at),
-            FenceEvent::Break { fd, at } => (vec![fd], at),
-            FenceEvent::Overflow { at } => {
+            FenceEvent::Break { fd, at } if known(fd) => (vec![fd], at),
+            // A break naming no lease of ours (a late one for a source gone
+            // from the list, or an fd number the kernel kept from the
+            // process that leased it first): check every lease.
+            FenceEvent::Break { at, .. } | FenceEvent::Overflow { at } => {
                 // Unknown fd: every held lease with a break pending.
                 let list = lock(&self.list);
                 let fds = list

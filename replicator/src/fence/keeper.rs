@@ -5,15 +5,24 @@
 //!
 //! ```text
 //!  daemon ── socketpair (SOCK_SEQPACKET) ── keeper (re-exec of replicad,
-//!    │  Hold{source} + [lease fd, replica fds]    no threads, no runtime,
-//!    │  Drop{source}                               SCHED_FIFO, mlocked,
-//!    │  Ping every PING                            oom_score_adj -1000)
+//!    │  Hold{source, leases} + [lease fds,         no threads, no runtime,
+//!    │        replica fds]                          SCHED_FIFO, mlocked,
+//!    │  Drop{source}                                oom_score_adj -1000)
+//!    │  Ping every PING
 //!    │
-//!  daemon killed (EOF), or silent for longer than its deadline (stopped,
-//!  hung), or the keeper told to stop (SIGTERM, SIGINT):
-//!    keeper: truncate every replica it holds (the kernel unmaps them from
-//!    every process: readers fall back to the file), then release every
-//!    lease (any duplicate of the open file description may), then exit.
+//!  daemon killed (EOF): the keeper fences alone (orphaned)
+//!    take every lease over (F_SETLEASE again: breaks now signal the keeper;
+//!    EAGAIN means a writer is already waiting), watch every source for
+//!    changes no break announces, listen on <run_dir>/keeper.sock;
+//!    a break, a change: truncate that source's replicas, release its leases;
+//!    a new daemon connects, says Adopt: every lease and replica is handed
+//!    over (Hold messages, then Done); the keeper is that daemon's keeper.
+//!    Nothing left to hold: exit.
+//!  daemon silent longer than its deadline (stopped, hung), or the keeper
+//!  told to stop (SIGTERM, SIGINT):
+//!    truncate every replica it holds (the kernel unmaps them from every
+//!    process: readers fall back to the file), then release every lease
+//!    (any duplicate of the open file description may), then exit.
 //! ```
 //!
 //! A lease belongs to the open file description, so while the keeper holds
@@ -23,13 +32,19 @@
 //! daemon revokes everything (the keeper may have) and starts a new one.
 //! The deadline is a third of `/proc/sys/fs/lease-break-time`, between
 //! 0.5 and 5 s: the keeper acts before the kernel would break by force.
+//! Truncating before releasing is what makes it safe for the keeper and a
+//! daemon to act on the same source at once: whoever releases, the
+//! replicas were cut first.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::socket::{self as socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use crate::model::SourceKey;
 use crate::sys;
@@ -38,22 +53,33 @@ use crate::sys;
 pub const KEEPER_ARG: &str = "--fence-keeper";
 /// How often the daemon says it is alive.
 pub const PING: Duration = Duration::from_millis(200);
+/// The orphaned keeper's socket in the run directory.
+pub const SOCKET_NAME: &str = "keeper.sock";
+/// How long a handover may take, each message.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an orphaned keeper checks every lease, besides the signals.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
 
 const HOLD: u8 = 1;
 const DROP: u8 = 2;
 const PINGED: u8 = 3;
 const PONG: u8 = 4;
+const ADOPT: u8 = 5;
+const DONE: u8 = 6;
 const MESSAGE_LEN: usize = 24;
 
-fn message(kind: u8, key: SourceKey) -> [u8; MESSAGE_LEN] {
+/// A message: its kind, a small count (`Hold`: how many of its fds are
+/// leases), a source.
+fn message(kind: u8, count: u8, key: SourceKey) -> [u8; MESSAGE_LEN] {
     let mut m = [0u8; MESSAGE_LEN];
     m[0] = kind;
+    m[1] = count;
     m[8..16].copy_from_slice(&key.dev.to_le_bytes());
     m[16..24].copy_from_slice(&key.ino.to_le_bytes());
     m
 }
 
-fn parse(m: &[u8]) -> Option<(u8, SourceKey)> {
+fn parse(m: &[u8]) -> Option<(u8, u8, SourceKey)> {
     if m.len() != MESSAGE_LEN {
         return None;
     }
@@ -64,6 +90,7 @@ fn parse(m: &[u8]) -> Option<(u8, SourceKey)> {
     };
     Some((
         m[0],
+        m[1],
         SourceKey {
             dev: word(8..16)?,
             ino: word(16..24)?,
@@ -80,17 +107,233 @@ pub fn deadline(proc: &replicad_procfs::ProcReader) -> Duration {
         .clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
-/// What the keeper holds for one source: the lease fd, then its replicas.
-struct Held {
-    key: SourceKey,
-    fds: Vec<OwnedFd>,
+/// What the keeper holds for one source, and what a daemon that adopts it
+/// is handed: the lease fds (the source's, then its overlay layers'), then
+/// its valid replicas (read-write fds).
+#[derive(Debug)]
+pub struct Handed {
+    pub key: SourceKey,
+    pub leases: Vec<OwnedFd>,
+    pub replicas: Vec<OwnedFd>,
 }
 
-/// The keeper process's whole life. `sock` is its end of the socketpair.
-/// Returns the exit code.
-pub fn run(sock: RawFd) -> i32 {
+impl Handed {
+    fn from_message(key: SourceKey, leases: u8, mut fds: Vec<OwnedFd>) -> Option<Handed> {
+        let n = usize::from(leases);
+        if n == 0 || fds.len() <= n {
+            return None;
+        }
+        let replicas = fds.split_off(n);
+        Some(Handed {
+            key,
+            leases: fds,
+            replicas,
+        })
+    }
+
+    /// Cut every replica to nothing, then release every lease: only then
+    /// may a writer go on.
+    pub fn revoke(&self) {
+        for r in &self.replicas {
+            let _ = sys::truncate_to_zero(r.as_fd());
+        }
+        for l in &self.leases {
+            let _ = sys::release_lease(l.as_fd());
+        }
+    }
+
+    /// Take every lease over: breaks signal this process from now on.
+    /// `Err`: a writer holds or waits for the file (or the lease is gone).
+    pub fn take_over(&self) -> io::Result<()> {
+        for l in &self.leases {
+            sys::set_lease_signal(l.as_fd(), super::fence_signal())?;
+            sys::set_read_lease(l.as_fd())?;
+            sys::set_owner(l.as_fd())?;
+        }
+        Ok(())
+    }
+
+    fn broken(&self) -> bool {
+        self.leases
+            .iter()
+            .any(|l| sys::get_lease(l.as_fd()).ok() != Some(libc::F_RDLCK))
+    }
+}
+
+/// An orphaned keeper's extras: the socket a new daemon connects to, and
+/// the modify watch the daemon kept before.
+struct Orphan {
+    listener: Option<OwnedFd>,
+    path: Option<PathBuf>,
+    inotify: Option<Inotify>,
+    watches: Vec<(WatchDescriptor, SourceKey)>,
+    scanned: Instant,
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+struct Keeper {
+    proc: replicad_procfs::ProcReader,
+    run_dir: Option<PathBuf>,
+    held: Vec<Handed>,
+    revoked: usize,
+}
+
+impl Keeper {
+    fn revoke_where(&mut self, why: &str, mut pred: impl FnMut(&Handed) -> bool) {
+        let mut i = 0;
+        while i < self.held.len() {
+            if pred(&self.held[i]) {
+                let h = self.held.swap_remove(i);
+                h.revoke();
+                self.revoked += 1;
+                eprintln!(
+                    "replicad fence keeper: source {}:{}: {why}: {} replicas revoked, its lease \
+                     released",
+                    h.key.dev,
+                    h.key.ino,
+                    h.replicas.len()
+                );
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The daemon is gone: fence alone, and wait for a new one.
+    fn orphan(&mut self) -> Orphan {
+        self.revoke_where("a writer was already there", |h| h.take_over().is_err());
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok();
+        let mut watches = Vec::new();
+        if let Some(ino) = &inotify {
+            for h in &self.held {
+                if let Some(l) = h.leases.first() {
+                    let path = self.proc.self_fd_path(l.as_raw_fd());
+                    if let Ok(wd) = ino.add_watch(&path, AddWatchFlags::IN_MODIFY) {
+                        watches.push((wd, h.key));
+                    }
+                }
+            }
+        }
+        let (listener, path) = match self.run_dir.as_deref().map(listen) {
+            Some(Ok((fd, path))) => (Some(fd), Some(path)),
+            Some(Err(e)) => {
+                eprintln!("replicad fence keeper: no socket for a new daemon: {e}");
+                (None, None)
+            }
+            None => (None, None),
+        };
+        if !self.held.is_empty() {
+            eprintln!(
+                "replicad fence keeper: the daemon is gone: fencing {} sources alone until a \
+                 new replicad on {} takes them over",
+                self.held.len(),
+                self.run_dir
+                    .as_deref()
+                    .map_or_else(|| "?".into(), |d| d.display().to_string())
+            );
+        }
+        // A break signalled to the dead daemon before the take-over is
+        // caught by the first scan.
+        self.revoke_where("a writer broke in", Handed::broken);
+        Orphan {
+            listener,
+            path,
+            inotify,
+            watches,
+            scanned: Instant::now(),
+        }
+    }
+
+    /// Hand everything to the daemon on `conn`; `true` when it took it.
+    fn hand_over(&mut self, conn: &OwnedFd) -> bool {
+        let t = nix::sys::time::TimeVal::new(HANDOVER_TIMEOUT.as_secs() as i64, 0);
+        if socket::setsockopt(conn, sockopt::ReceiveTimeout, &t).is_err()
+            || socket::setsockopt(conn, sockopt::SendTimeout, &t).is_err()
+        {
+            return false;
+        }
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        match socket::getsockopt(conn, sockopt::PeerCredentials) {
+            Ok(c) if c.uid() == me => {}
+            _ => return false,
+        }
+        let mut buf = [0u8; MESSAGE_LEN];
+        match sys::recv_with_fds(conn.as_fd(), &mut buf) {
+            Ok(Some((n, _))) if buf.get(..n).and_then(parse).is_some_and(|m| m.0 == ADOPT) => {}
+            _ => return false,
+        }
+        for h in &self.held {
+            let fds: Vec<BorrowedFd<'_>> = h
+                .leases
+                .iter()
+                .chain(&h.replicas)
+                .map(|f| f.as_fd())
+                .collect();
+            let m = message(HOLD, h.leases.len() as u8, h.key);
+            if sys::send_with_fds(conn.as_fd(), &m, &fds).is_err() {
+                return false;
+            }
+        }
+        let done = message(
+            DONE,
+            0,
+            SourceKey {
+                dev: self.held.len() as u64,
+                ino: 0,
+            },
+        );
+        sys::send_with_fds(conn.as_fd(), &done, &[]).is_ok()
+            && nix::fcntl::fcntl(
+                conn,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .is_ok()
+    }
+}
+
+/// Listen on `<run_dir>/keeper.sock` (root-only: the run dir is 0700, the
+/// socket 0600, and a peer of another uid is refused).
+fn listen(run_dir: &Path) -> io::Result<(OwnedFd, PathBuf)> {
+    let path = run_dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(&path)?;
+    socket::bind(fd.as_raw_fd(), &addr)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    socket::listen(
+        &fd,
+        socket::Backlog::new(4).unwrap_or(socket::Backlog::MAXCONN),
+    )?;
+    Ok((fd, path))
+}
+
+/// The keeper process's whole life. `sock` is its end of the socketpair,
+/// `run_dir` the daemon's run directory (where an orphaned keeper listens
+/// for the next daemon). Returns the exit code.
+pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
     // SAFETY: the daemon passed this fd to us at exec, for us alone.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // Every message waiting is read in one go, until it would block.
+    if let Err(e) = nix::fcntl::fcntl(
+        &sock,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    ) {
+        eprintln!("replicad fence keeper: cannot make its socket non-blocking: {e}");
+        return 1;
+    }
     let proc = replicad_procfs::ProcReader::default();
     let failed = sys::harden_self(&proc.self_path(""));
     if !failed.is_empty() {
@@ -100,85 +343,249 @@ pub fn run(sock: RawFd) -> i32 {
         );
     }
     // SIGTERM and SIGINT (systemd stopping the unit, a shell) come through
-    // a signalfd: revoke everything before going.
-    let stop = match sys::block_signals(&[libc::SIGTERM, libc::SIGINT])
-        .and_then(|()| sys::signalfd(&[libc::SIGTERM, libc::SIGINT]))
-    {
+    // a signalfd: revoke everything before going. So do lease breaks once
+    // the keeper fences alone.
+    let stops = [libc::SIGTERM, libc::SIGINT];
+    let all = [
+        libc::SIGTERM,
+        libc::SIGINT,
+        super::fence_signal(),
+        libc::SIGIO,
+    ];
+    let signals = match sys::block_signals(&all).and_then(|()| sys::signalfd(&all)) {
         Ok(fd) => Some(fd),
         Err(e) => {
-            eprintln!("replicad fence keeper: no signalfd ({e}): SIGTERM kills without a revoke");
+            eprintln!(
+                "replicad fence keeper: no signalfd ({e}): SIGTERM kills without a revoke, and \
+                 alone it finds breaks only by checking every lease each second"
+            );
             None
         }
     };
-    let mut held: Vec<Held> = Vec::new();
+    let mut k = Keeper {
+        proc,
+        run_dir,
+        held: Vec::new(),
+        revoked: 0,
+    };
+    let mut link = Some(sock);
+    let mut orphan: Option<Orphan> = None;
     let mut last = Instant::now();
     let mut buf = [0u8; 64];
-    let why = loop {
-        let limit = deadline(&proc);
-        let ready = match &stop {
-            Some(s) => sys::wait_readable_any(&[sock.as_fd(), s.as_fd()], 100),
-            None => sys::wait_readable_any(&[sock.as_fd()], 100),
-        };
-        if let Some(s) = &stop {
-            if ready > 0 && matches!(sys::read_signal(s.as_fd()), Ok(Some(_))) {
-                break "told to stop";
+    let why = 'life: loop {
+        // Signals: a stop always; breaks only matter when alone.
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(4);
+        if let Some(s) = &signals {
+            fds.push(s.as_fd());
+        }
+        if let Some(l) = &link {
+            fds.push(l.as_fd());
+        }
+        if let Some(o) = &orphan {
+            if let Some(l) = &o.listener {
+                fds.push(l.as_fd());
+            }
+            if let Some(i) = &o.inotify {
+                fds.push(i.as_fd());
             }
         }
-        if ready > 0 {
-            match sys::recv_with_fds(sock.as_fd(), &mut buf) {
-                Ok(None) => break "the daemon is gone",
-                Ok(Some((n, fds))) => {
-                    last = Instant::now();
-                    match buf.get(..n).and_then(parse) {
-                        Some((HOLD, key)) if !fds.is_empty() => {
-                            held.retain(|h| h.key != key);
-                            held.push(Held { key, fds });
+        sys::wait_readable_any(&fds, 100);
+        drop(fds);
+        let mut breaks = Vec::new();
+        let mut overflow = false;
+        if let Some(s) = &signals {
+            while let Ok(Some(info)) = sys::read_signal(s.as_fd()) {
+                if stops.contains(&info.signo) {
+                    break 'life "told to stop";
+                }
+                if info.signo == libc::SIGIO {
+                    overflow = true;
+                } else {
+                    breaks.push(info.fd);
+                }
+            }
+        }
+        if let Some(l) = &link {
+            loop {
+                match sys::recv_with_fds(l.as_fd(), &mut buf) {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        break
+                    }
+                    // EOF, or ECONNRESET (it died with our answers unread):
+                    // the daemon is gone.
+                    Ok(None) | Err(_) => {
+                        link = None;
+                        let o = k.orphan();
+                        if k.held.is_empty() {
+                            break 'life "the daemon is gone, and nothing is left to fence";
                         }
-                        Some((DROP, key)) => held.retain(|h| h.key != key),
-                        // Answer, so that the daemon sees a stopped keeper.
-                        Some((PINGED, key)) => {
-                            let _ = sys::send_with_fds(sock.as_fd(), &message(PONG, key), &[]);
+                        orphan = Some(o);
+                        break;
+                    }
+                    Ok(Some((n, fds))) => {
+                        last = Instant::now();
+                        match buf.get(..n).and_then(parse) {
+                            Some((HOLD, leases, key)) => {
+                                if let Some(h) = Handed::from_message(key, leases, fds) {
+                                    k.held.retain(|h| h.key != key);
+                                    k.held.push(h);
+                                }
+                            }
+                            Some((DROP, _, key)) => k.held.retain(|h| h.key != key),
+                            // Answer, so that the daemon sees a stopped keeper.
+                            Some((PINGED, _, key)) => {
+                                let _ = sys::send_with_fds(l.as_fd(), &message(PONG, 0, key), &[]);
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break "the daemon's socket failed",
+            }
+            if link.is_some() && last.elapsed() > deadline(&k.proc) {
+                break 'life "the daemon stopped answering";
+            }
+            continue;
+        }
+        let Some(o) = orphan.as_mut() else {
+            break 'life "no daemon";
+        };
+        // Alone: a break or a change revokes that source.
+        let fds: Vec<RawFd> = breaks;
+        let unknown = fds.iter().any(|fd| {
+            !k.held
+                .iter()
+                .any(|h| h.leases.iter().any(|l| l.as_raw_fd() == *fd))
+        });
+        k.revoke_where("a writer broke in", |h| {
+            h.leases.iter().any(|l| fds.contains(&l.as_raw_fd()))
+        });
+        if overflow || unknown || o.scanned.elapsed() > SCAN_EVERY {
+            o.scanned = Instant::now();
+            k.revoke_where("a writer broke in", Handed::broken);
+        }
+        if let Some(ino) = &o.inotify {
+            if let Ok(events) = ino.read_events() {
+                let lost = events
+                    .iter()
+                    .any(|e| e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
+                let changed: Vec<SourceKey> = events
+                    .iter()
+                    .filter_map(|e| o.watches.iter().find(|(wd, _)| *wd == e.wd).map(|w| w.1))
+                    .collect();
+                k.revoke_where("it changed without a lease break", |h| {
+                    lost || changed.contains(&h.key)
+                });
             }
         }
-        if last.elapsed() > limit {
-            break "the daemon stopped answering";
+        if let Some(l) = &o.listener {
+            if let Ok(fd) = socket::accept4(l.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                // SAFETY: accept4 just returned this fd, owned by nobody else.
+                let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+                if k.hand_over(&conn) {
+                    eprintln!(
+                        "replicad fence keeper: a new daemon took over {} sources",
+                        k.held.len()
+                    );
+                    link = Some(conn);
+                    orphan = None;
+                    last = Instant::now();
+                    continue;
+                }
+                eprintln!("replicad fence keeper: a connection that did not take over was closed");
+            }
+        }
+        if k.held.is_empty() {
+            break 'life "nothing is left to fence";
         }
     };
-    let replicas: usize = held.iter().map(|h| h.fds.len().saturating_sub(1)).sum();
+    drop(orphan);
+    let replicas: usize = k.held.iter().map(|h| h.replicas.len()).sum();
     // Every replica first: only then may any writer go on.
-    for h in &held {
-        for r in h.fds.iter().skip(1) {
+    for h in &k.held {
+        for r in &h.replicas {
             let _ = sys::truncate_to_zero(r.as_fd());
         }
     }
-    for h in &held {
-        if let Some(lease) = h.fds.first() {
-            let _ = sys::release_lease(lease.as_fd());
+    for h in &k.held {
+        for l in &h.leases {
+            let _ = sys::release_lease(l.as_fd());
         }
     }
-    if !held.is_empty() {
+    if !k.held.is_empty() || k.revoked > 0 {
         eprintln!(
             "replicad fence keeper: {why}: {replicas} replicas of {} sources revoked, \
-             their leases released",
-            held.len()
+             their leases released; exiting",
+            k.held.len()
         );
     }
     0
+}
+
+/// The keeper process behind a link: one this daemon started, or one it
+/// adopted from a daemon that died (not our child: known by its pid).
+#[derive(Debug)]
+enum Peer {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Peer {
+    fn pid(&self) -> u32 {
+        match self {
+            Peer::Child(c) => c.id(),
+            Peer::Adopted(pid) => *pid,
+        }
+    }
+
+    fn kill(self) {
+        match self {
+            Peer::Child(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Peer::Adopted(pid) => {
+                if is_keeper(pid) {
+                    // SAFETY: a signal to the keeper process we were linked to.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// Whether `pid` runs a fence keeper (its argv[1]), not a recycled pid.
+fn is_keeper(pid: u32) -> bool {
+    let cmdline = replicad_procfs::ProcReader::default()
+        .pid_dir(pid)
+        .join("cmdline");
+    std::fs::read(cmdline).is_ok_and(|c| {
+        c.split(|&b| b == 0)
+            .nth(1)
+            .is_some_and(|a| a == KEEPER_ARG.as_bytes())
+    })
+}
+
+/// Whether the other end of `sock` closed (the keeper exited).
+fn hung_up(sock: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 /// The daemon's side: the keeper process and the socket to it.
 #[derive(Debug)]
 pub struct KeeperLink {
     exe: PathBuf,
-    state: Mutex<Option<(OwnedFd, Child)>>,
+    run_dir: PathBuf,
+    state: Mutex<Option<(OwnedFd, Peer)>>,
     /// A message did not reach it: what it holds may be incomplete.
     broken: std::sync::atomic::AtomicBool,
     /// When it last answered a ping.
@@ -186,30 +593,128 @@ pub struct KeeperLink {
 }
 
 impl KeeperLink {
-    /// Start a keeper: `exe` (replicad itself) run with [`KEEPER_ARG`].
-    pub fn start(exe: PathBuf) -> io::Result<KeeperLink> {
-        let link = KeeperLink {
+    fn new(exe: PathBuf, run_dir: PathBuf, state: Option<(OwnedFd, Peer)>) -> KeeperLink {
+        KeeperLink {
             exe,
-            state: Mutex::new(None),
+            run_dir,
+            state: Mutex::new(state),
             broken: std::sync::atomic::AtomicBool::new(false),
             answered: Mutex::new(Instant::now()),
-        };
+        }
+    }
+
+    /// Start a keeper: `exe` (replicad itself) run with [`KEEPER_ARG`].
+    pub fn start(exe: PathBuf, run_dir: PathBuf) -> io::Result<KeeperLink> {
+        let link = KeeperLink::new(exe, run_dir, None);
         link.respawn()?;
         Ok(link)
     }
 
-    /// Start a new keeper (the old one, if any, is killed and reaped).
+    /// Take over the keeper a dead daemon left fencing on `run_dir`, with
+    /// everything it holds. `Ok(None)`: there is none (no socket, or
+    /// nobody listening: a stale socket is removed).
+    pub fn adopt(exe: PathBuf, run_dir: PathBuf) -> io::Result<Option<(KeeperLink, Vec<Handed>)>> {
+        let path = run_dir.join(SOCKET_NAME);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match socket::connect(fd.as_raw_fd(), &UnixAddr::new(&path)?) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => {
+                let _ = std::fs::remove_file(&path);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let creds = socket::getsockopt(&fd, sockopt::PeerCredentials)?;
+        // SAFETY: geteuid cannot fail.
+        if creds.uid() != unsafe { libc::geteuid() } {
+            return Err(io::Error::other(format!(
+                "{} is held by uid {}, not by us: not a keeper of ours",
+                path.display(),
+                creds.uid()
+            )));
+        }
+        let pid = creds.pid() as u32;
+        match Self::take_over(&fd) {
+            Ok(handed) => Ok(Some((
+                KeeperLink::new(exe, run_dir, Some((fd, Peer::Adopted(pid)))),
+                handed,
+            ))),
+            Err(e) => {
+                // What it holds cannot be taken over: have it revoke
+                // everything (truncate, then release) and go.
+                if is_keeper(pid) {
+                    // SAFETY: a signal to the keeper we just talked to.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Ask the keeper on `fd` for everything, and take it.
+    fn take_over(fd: &OwnedFd) -> io::Result<Vec<Handed>> {
+        let t = nix::sys::time::TimeVal::new(HANDOVER_TIMEOUT.as_secs() as i64, 0);
+        socket::setsockopt(fd, sockopt::ReceiveTimeout, &t)?;
+        sys::send_with_fds(
+            fd.as_fd(),
+            &message(ADOPT, 0, SourceKey { dev: 0, ino: 0 }),
+            &[],
+        )?;
+        let mut handed = Vec::new();
+        let mut buf = [0u8; MESSAGE_LEN];
+        loop {
+            let Some((n, fds)) = sys::recv_with_fds(fd.as_fd(), &mut buf)? else {
+                return Err(io::Error::other(
+                    "the keeper closed the socket mid-handover",
+                ));
+            };
+            match buf.get(..n).and_then(parse) {
+                Some((HOLD, leases, key)) => {
+                    if let Some(h) = Handed::from_message(key, leases, fds) {
+                        handed.push(h);
+                    }
+                }
+                Some((DONE, _, count)) => {
+                    if count.dev != handed.len() as u64 {
+                        return Err(io::Error::other(format!(
+                            "the keeper said {} sources and handed {}",
+                            count.dev,
+                            handed.len()
+                        )));
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        Ok(handed)
+    }
+
+    /// Start a new keeper (the old one, if any, is killed, and reaped if
+    /// it is our child).
     pub fn respawn(&self) -> io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, mut child)) = state.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some((sock, peer)) = state.take() {
+            drop(sock);
+            peer.kill();
         }
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
+        let (ours, theirs) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
             None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            SockFlag::SOCK_CLOEXEC,
         )?;
         sys::inheritable(theirs.as_fd())?;
         // Ours never blocks: a stopped keeper must not stall the daemon (a
@@ -221,10 +726,11 @@ impl KeeperLink {
         let child = Command::new(&self.exe)
             .arg(KEEPER_ARG)
             .arg(theirs.as_raw_fd().to_string())
+            .arg(&self.run_dir)
             .stdin(std::process::Stdio::null())
             .spawn()?;
         drop(theirs);
-        *state = Some((ours, child));
+        *state = Some((ours, Peer::Child(child)));
         self.broken
             .store(false, std::sync::atomic::Ordering::SeqCst);
         *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -235,9 +741,11 @@ impl KeeperLink {
     /// everything it held).
     pub fn exited(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state
-            .as_mut()
-            .is_none_or(|(_, c)| !matches!(c.try_wait(), Ok(None)))
+        match state.as_mut() {
+            None => true,
+            Some((_, Peer::Child(c))) => !matches!(c.try_wait(), Ok(None)),
+            Some((sock, Peer::Adopted(_))) => hung_up(sock.as_fd()),
+        }
     }
 
     /// The keeper's pid, while it runs.
@@ -246,7 +754,7 @@ impl KeeperLink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|(_, c)| c.id())
+            .map(|(_, p)| p.pid())
     }
 
     fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -261,23 +769,27 @@ impl KeeperLink {
         sent
     }
 
-    /// Hold these fds of `key`: the lease fd first, then every valid
-    /// replica (replacing what the keeper held for it).
+    /// Hold these fds of `key`: its lease fds (the source's first, then its
+    /// overlay layers'), then every valid replica (replacing what the
+    /// keeper held for it).
     pub fn hold(
         &self,
         key: SourceKey,
-        lease: BorrowedFd<'_>,
+        leases: &[BorrowedFd<'_>],
         replicas: &[BorrowedFd<'_>],
     ) -> io::Result<()> {
-        let mut fds = Vec::with_capacity(1 + replicas.len());
-        fds.push(lease);
+        if leases.is_empty() || leases.len() > usize::from(u8::MAX) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut fds = Vec::with_capacity(leases.len() + replicas.len());
+        fds.extend_from_slice(leases);
         fds.extend_from_slice(replicas);
-        self.send(&message(HOLD, key), &fds)
+        self.send(&message(HOLD, leases.len() as u8, key), &fds)
     }
 
     /// Stop holding `key` (revoked, or gone from the list).
     pub fn release(&self, key: SourceKey) -> io::Result<()> {
-        self.send(&message(DROP, key), &[])
+        self.send(&message(DROP, 0, key), &[])
     }
 
     /// Say the daemon lives, and check the keeper does: `Err` when it
@@ -287,20 +799,31 @@ impl KeeperLink {
         if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(io::Error::other("a message to it was not delivered"));
         }
-        self.send(&message(PINGED, SourceKey { dev: 0, ino: 0 }), &[])?;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((sock, child)) = state.as_mut() else {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        };
-        if !matches!(child.try_wait(), Ok(None)) {
+        self.send(&message(PINGED, 0, SourceKey { dev: 0, ino: 0 }), &[])?;
+        if self.exited() {
             return Err(io::Error::other("it exited"));
         }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((sock, _)) = state.as_ref() else {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        };
         let mut buf = [0u8; MESSAGE_LEN];
-        while let Ok(Some((n, _))) = sys::recv_with_fds(sock.as_fd(), &mut buf) {
-            if buf.get(..n).and_then(parse).is_some_and(|(k, _)| k == PONG) {
-                *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        loop {
+            match sys::recv_with_fds(sock.as_fd(), &mut buf) {
+                Ok(Some((n, _))) => {
+                    if buf
+                        .get(..n)
+                        .and_then(parse)
+                        .is_some_and(|(k, _, _)| k == PONG)
+                    {
+                        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    }
+                }
+                Ok(None) => return Err(io::Error::other("it closed its socket")),
+                Err(_) => break,
             }
         }
+        drop(state);
         let quiet = self
             .answered
             .lock()
@@ -315,20 +838,24 @@ impl KeeperLink {
     }
 
     /// Stop the keeper without a revoke of its own (the daemon revoked and
-    /// released everything already): close the socket and reap it.
+    /// released everything already): close the socket (the keeper, holding
+    /// nothing, exits) and reap it.
     pub fn stop(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((sock, mut child)) = state.take() {
+        if let Some((sock, mut peer)) = state.take() {
             drop(sock);
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(2) {
-                if let Ok(Some(_)) = child.try_wait() {
+                let gone = match &mut peer {
+                    Peer::Child(c) => matches!(c.try_wait(), Ok(Some(_))),
+                    Peer::Adopted(pid) => !is_keeper(*pid),
+                };
+                if gone {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            peer.kill();
         }
     }
 }
@@ -343,7 +870,7 @@ mod tests {
             dev: 7,
             ino: 1 << 40,
         };
-        assert_eq!(parse(&message(HOLD, key)), Some((HOLD, key)));
+        assert_eq!(parse(&message(HOLD, 3, key)), Some((HOLD, 3, key)));
         assert_eq!(parse(&[1, 2, 3]), None);
         let d = deadline(&replicad_procfs::ProcReader::new("/nonexistent"));
         assert_eq!(d, Duration::from_secs(5));

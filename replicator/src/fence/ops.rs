@@ -23,7 +23,8 @@ pub struct FileStat {
 /// The kernel, as the fence and the engine's revoke, refence and attach
 /// paths use it.
 pub trait FenceOps: Send + Sync + 'static {
-    /// `F_SETSIG` to the fence signal, then `F_SETLEASE F_RDLCK`.
+    /// `F_SETSIG` to the fence signal, `F_SETLEASE F_RDLCK`, then
+    /// `F_SETOWN` to this process (a lease taken over from the keeper).
     /// `EAGAIN`: the file is open for writing.
     fn take_lease(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
     /// `F_SETLEASE F_UNLCK`: a writer waiting on the break goes on.
@@ -44,7 +45,8 @@ pub struct KernelOps;
 impl FenceOps for KernelOps {
     fn take_lease(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         sys::set_lease_signal(fd, fence_signal())?;
-        sys::set_read_lease(fd)
+        sys::set_read_lease(fd)?;
+        sys::set_owner(fd)
     }
 
     fn release_lease(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
