@@ -769,6 +769,7 @@ fn metrics_and_status_api() {
     std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     assert!(d.metric("replicad_invalidations_total{reason=\"write\"}") >= 1.0);
     assert!(d.metric("replicad_invalidation_seconds_count") >= 1.0);
+    assert!(d.metric("replicad_writer_wait_seconds_count") >= 1.0);
     let status: serde_json::Value = serde_json::from_str(&d.http_get("/status")).unwrap();
     assert_eq!(status["sources"][0]["path"], file.to_str().unwrap());
     assert_eq!(d.http_get("/healthz"), "ok\n");

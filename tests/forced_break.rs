@@ -57,5 +57,10 @@ fn a_forced_break_is_seen_counted_and_revoked_when_replicad_runs_again() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(d.log().contains("broke the lease by force"), "{}", d.log());
+    assert!(d.log().contains("the writer waited 1 s"), "{}", d.log());
+    // The writer-wait histogram holds the kernel's wait (lease-break-time,
+    // 1 s), not the revoke's few µs after SIGCONT.
+    assert_eq!(d.metric("replicad_writer_wait_seconds_count"), 1.0);
+    assert!(d.metric("replicad_writer_wait_seconds_sum") >= 1.0);
     eprintln!("writer let in by the kernel after {waited:?}; revoked {revoked:?} after SIGCONT");
 }

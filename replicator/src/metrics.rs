@@ -63,6 +63,9 @@ pub struct Metrics {
     pub invalidations: IntCounterVec,
     /// Seconds from a lease-break signal to the lease's release.
     pub invalidation_seconds: Histogram,
+    /// A writer's whole wait (signal to release; lease-break-time when
+    /// the kernel broke the lease by force).
+    pub writer_wait_seconds: Histogram,
     /// Files that could not be fenced, by reason.
     pub fence_failures: IntCounterVec,
     /// Map requests by result (`replica`, `original`, `refused`).
@@ -116,9 +119,18 @@ impl Metrics {
         let invalidation_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "replicad_invalidation_seconds",
-                "Time from a lease-break signal to the lease's release (the writer's wait)",
+                "Time from a lease-break signal (or a change seen without one) to the \
+                 replicas' revoke and the lease's release by replicad",
             )
             .buckets(prometheus::exponential_buckets(0.00001, 2.5, 14)?),
+        )?;
+        let writer_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "replicad_writer_wait_seconds",
+                "A writer's wait on a replicated file: from its break signal to the lease's \
+                 release; for a break the kernel forced, lease-break-time (the kernel's own wait)",
+            )
+            .buckets(prometheus::exponential_buckets(0.00001, 2.5, 18)?),
         )?;
         let fence_failures = IntCounterVec::new(
             Opts::new(
@@ -187,6 +199,7 @@ impl Metrics {
         register(Box::new(copy_seconds.clone()))?;
         register(Box::new(invalidations.clone()))?;
         register(Box::new(invalidation_seconds.clone()))?;
+        register(Box::new(writer_wait_seconds.clone()))?;
         register(Box::new(fence_failures.clone()))?;
         register(Box::new(attaches.clone()))?;
         register(Box::new(misplaced_pages.clone()))?;
@@ -209,6 +222,7 @@ impl Metrics {
             copy_seconds,
             invalidations,
             invalidation_seconds,
+            writer_wait_seconds,
             fence_failures,
             attaches,
             misplaced_pages,

@@ -99,9 +99,18 @@ impl Inner {
                 .invalidation_seconds
                 .observe(at.elapsed().as_secs_f64());
         }
+        // A writer waits only on a break (a change seen without one let
+        // nobody wait).
+        let writer = signalled.filter(|_| reason == Reason::Write);
         if let Some(lease) = src.lease.take() {
             match lease.release() {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(at) = writer {
+                        self.metrics
+                            .writer_wait_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                    }
+                }
                 // No lease left to release: the kernel broke it by force,
                 // and the writer got in while the replicas were mapped.
                 // A keeper that took the daemon for dead revoked and
@@ -112,14 +121,15 @@ impl Inner {
                         && self.keeper.as_ref().is_some_and(|k| k.exited()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     self.metrics.forced_breaks.inc();
-                    let limit = self
-                        .proc
-                        .lease_break_time()
-                        .map_or_else(|| "?".to_string(), |s| s.to_string());
+                    let limit = self.proc.lease_break_time();
+                    if let Some(secs) = limit {
+                        self.metrics.writer_wait_seconds.observe(secs as f64);
+                    }
+                    let limit = limit.map_or_else(|| "?".to_string(), |s| s.to_string());
                     crate::error_limited!(
                         "{}: the kernel broke the lease by force (lease-break-time, {limit} s, \
-                         passed before replicad released it{}): the writer got in while {n} \
-                         replicas were still mapped; revoked now",
+                         passed before replicad released it{}): the writer waited {limit} s and \
+                         got in while {n} replicas were still mapped; revoked now",
                         src.path.display(),
                         signalled.map_or_else(String::new, |at| format!(
                             "; the break was seen {:?} ago",
