@@ -188,13 +188,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
 
 /// Tell systemd (Type=notify) about our state, if it is listening.
 fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let _ = sock.send_to(state.as_bytes(), PathBuf::from(path));
+    if let Some(store) = replicad_replicator::fence::fdstore::FdStore::from_env() {
+        let _ = store.notify(state, &[]);
+    }
 }
 
 /// Block the fence signals; must be the first thing `main` does.

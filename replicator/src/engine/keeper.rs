@@ -17,9 +17,9 @@ impl Inner {
     /// locked: before any client can be handed one). A failure is the link
     /// thread's to notice.
     pub(super) fn keep(&self, src: &Source) {
-        let (Some(k), Some(_)) = (&self.keeper, &src.lease) else {
+        if src.lease.is_none() || (self.keeper.is_none() && self.fd_store.is_none()) {
             return;
-        };
+        }
         let replicas: Vec<BorrowedFd<'_>> = src
             .replicas
             .iter()
@@ -37,11 +37,22 @@ impl Inner {
                     .map(|l| l.fd.as_fd()),
             )
             .collect();
-        if let Err(e) = k.hold(src.key, &leases, &replicas) {
-            crate::warn_limited!(
-                "{}: the fence keeper did not take it: {e}",
-                src.path.display()
-            );
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.hold(src.key, &leases, &replicas) {
+                crate::warn_limited!(
+                    "{}: the fence keeper did not take it: {e}",
+                    src.path.display()
+                );
+            }
+        }
+        if let Some(store) = &self.fd_store {
+            if let Err(e) = store.store(src.key, &leases, &replicas) {
+                crate::warn_limited!(
+                    "{}: systemd's fd store did not take it: {e} (is FileDescriptorStoreMax= \
+                     set in the unit?)",
+                    src.path.display()
+                );
+            }
         }
     }
 
@@ -49,6 +60,9 @@ impl Inner {
     pub(super) fn unkeep(&self, key: crate::model::SourceKey) {
         if let Some(k) = &self.keeper {
             let _ = k.release(key);
+        }
+        if let Some(store) = &self.fd_store {
+            store.remove(key);
         }
     }
 

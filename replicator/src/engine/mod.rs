@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
 
+use crate::fence::fdstore::{self, FdStore};
 use crate::fence::{self, FenceOps, FenceThread, KeeperLink, KernelOps, ModifyWatch};
 use crate::list::ReplicaList;
 use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, Target};
@@ -102,6 +103,9 @@ pub struct Wiring {
     /// Start a fence keeper by running this program (replicad itself)
     /// with [`fence::keeper::KEEPER_ARG`].
     pub keeper: Option<std::path::PathBuf>,
+    /// systemd's fd store (`NOTIFY_SOCKET`): every kept lease and replica
+    /// goes there too, and comes back at the next start (`LISTEN_FDS`).
+    pub fd_store: Option<FdStore>,
 }
 
 impl Wiring {
@@ -122,6 +126,7 @@ impl Wiring {
                 what: "fence keeper (cannot find replicad's own executable)",
                 source,
             })?),
+            fd_store: FdStore::from_env(),
         })
     }
 }
@@ -142,6 +147,8 @@ struct Inner {
     watch: Option<Arc<ModifyWatch>>,
     /// The fence keeper, which holds every lease and valid replica too.
     keeper: Option<KeeperLink>,
+    /// systemd's fd store, which holds them too under systemd.
+    fd_store: Option<FdStore>,
     list: Mutex<ReplicaList>,
     /// Signalled whenever a copy finishes.
     copies_done: Condvar,
@@ -280,6 +287,18 @@ impl Replicator {
             }
             None => (None, Vec::new()),
         };
+        // What systemd kept for us: taken over when no keeper survived (the
+        // daemon and its keeper died together); else the keeper's own.
+        let stored = fdstore::take_listen_fds();
+        let handed = if handed.is_empty() && !stored.is_empty() {
+            tracing::info!(
+                sources = stored.len(),
+                "taking over the leases and replicas systemd's fd store kept"
+            );
+            stored
+        } else {
+            handed
+        };
         let keep: BTreeSet<(u64, u64)> = handed
             .iter()
             .flat_map(|h| h.replicas.iter())
@@ -309,6 +328,7 @@ impl Replicator {
             proc: wiring.proc,
             watch: wiring.watch.clone(),
             keeper,
+            fd_store: wiring.fd_store,
             list: Mutex::new(ReplicaList::default()),
             copies_done: Condvar::new(),
             jobs: Mutex::new(Some(tx)),

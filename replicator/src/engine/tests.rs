@@ -181,6 +181,7 @@ fn rig() -> Rig {
         fence_thread: false,
         watch: Some(watch.clone()),
         keeper: None,
+        fd_store: None,
     };
     let engine = Replicator::start_with(cfg, topology, Metrics::new().unwrap(), wiring).unwrap();
     Rig {

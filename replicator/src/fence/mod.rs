@@ -25,6 +25,7 @@
 //! [`prepare`] runs first thing in `main`, before any thread starts.
 
 mod failure;
+pub mod fdstore;
 pub mod keeper;
 mod lease;
 mod ops;

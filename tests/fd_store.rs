@@ -1,0 +1,199 @@
+//! systemd's fd store (issue 9): under systemd (`NOTIFY_SOCKET`) every
+//! kept lease and replica also goes to the store (`FDSTORE=1`), so that the
+//! leases outlive the daemon and its keeper killed together, and the
+//! restarted daemon takes them back from `LISTEN_FDS`. This test plays
+//! systemd's part with the same protocol: it binds the notify socket,
+//! keeps every fd it is sent (dropping those `FDSTOREREMOVE=1` names), and
+//! starts the new daemon with them at fds 3.. and `LISTEN_PID`,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES` set, as systemd does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What systemd would hold: fds by name, in arrival order.
+#[derive(Default)]
+struct Store {
+    fds: BTreeMap<String, Vec<OwnedFd>>,
+}
+
+impl Store {
+    fn drain(&mut self, sock: &UnixDatagram) {
+        let mut buf = [0u8; 4096];
+        while let Ok(Some((n, fds))) =
+            replicad_replicator::sys::recv_with_fds(sock.as_fd(), &mut buf)
+        {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_string();
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                self.fds.entry(name).or_default().extend(fds);
+            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                self.fds.remove(&name);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
+    if !root_or_skip("the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together") {
+        return;
+    }
+    let _t = BreakTime::set(10);
+    let notify_dir = scratch("fdstore-notify");
+    let notify = notify_dir.path().join("notify");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    // The only test in this binary: no other thread reads the environment.
+    std::env::set_var("NOTIFY_SOCKET", &notify);
+    let mut d = Daemon::start("");
+    std::env::remove_var("NOTIFY_SOCKET");
+
+    let dir = scratch("fdstore");
+    let (written, kept) = (dir.path().join("written"), dir.path().join("kept"));
+    make_file(&written, 64 * 4096, 1);
+    make_file(&kept, 64 * 4096, 2);
+    d.ctl_ok(&[
+        "replicate",
+        written.to_str().unwrap(),
+        kept.to_str().unwrap(),
+    ]);
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let reader = replicad_client::map_with(&kept, &opts).unwrap();
+    assert!(reader.on_replica(), "{:?}", reader.backing());
+    let want = std::fs::read(&kept).unwrap();
+
+    let mut store = Store::default();
+    let t0 = Instant::now();
+    while store.fds.len() < 4 && t0.elapsed() < Duration::from_secs(5) {
+        store.drain(&sock);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let names: Vec<&String> = store.fds.keys().collect();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("src-")).count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("rep-")).count(),
+        2,
+        "{names:?}"
+    );
+
+    // Both processes die together: only the store holds the leases now.
+    let keeper = keeper_in(d.run_dir.path()).unwrap();
+    // SAFETY: a signal to the keeper of the daemon this test started.
+    unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
+    d.crash();
+    // A writer comes, and waits: the lease lives in the store.
+    let w = written.clone();
+    let writer = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&w).unwrap();
+        let waited = t0.elapsed();
+        f.write_all(&vec![9u8; 64 * 4096]).unwrap();
+        waited
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "the writer went through with no fence"
+    );
+
+    // systemd starts the daemon again with what it kept.
+    let mut names = Vec::new();
+    let mut fds = Vec::new();
+    for (name, list) in std::mem::take(&mut store.fds) {
+        for fd in list {
+            names.push(name.clone());
+            fds.push(fd);
+        }
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&d.log)
+        .unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(REPLICAD)
+        .arg("--config")
+        .arg(&d.config)
+        .env("LISTEN_FDS", raw.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec:
+    // the stored fds moved out of the way, then to 3, 4, ...
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = Vec::with_capacity(raw.len());
+            for &fd in &raw {
+                let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000);
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(h);
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    d.child = Some(cmd.spawn().unwrap());
+    drop(fds);
+    let t0 = Instant::now();
+    while d.request(&replicad_client::proto::Request::Status).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The writer was let in by the adoption (a writer waiting: revoked),
+    // not by the kernel's 10 s.
+    let waited = writer.join().unwrap();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the writer waited {waited:?}"
+    );
+    eprintln!("both killed, restarted from the fd store: the writer waited {waited:?}");
+    // The untouched source was taken over, not copied, and its reader is
+    // still on the same replica, reading the right bytes.
+    let st = d.status();
+    let src = st.sources.iter().find(|s| s.path == kept).unwrap();
+    assert_eq!(src.generation, 1, "{st:?}");
+    assert!(
+        d.metric("replicad_adopted_replicas_total") >= 1.0,
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        d.metric("replicad_copied_bytes_total{target=\"node0\"}"),
+        0.0
+    );
+    assert!(reader.on_replica());
+    assert_eq!(reader.as_slice(), &want[..]);
+    assert!(d.log().contains("fd store kept"), "{}", d.log());
+}
