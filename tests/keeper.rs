@@ -10,6 +10,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -199,4 +200,37 @@ fn after_both_are_killed_a_restart_truncates_what_they_left_mapped() {
     s.d.restart();
     let stale = s.reader.as_slice().iter().filter(|&&b| b != 2).count();
     assert_eq!(stale, 0, "stale bytes after the restart");
+}
+
+/// With the daemon killed, the keeper fences alone: a change that breaks
+/// no lease (`open(O_RDONLY|O_TRUNC)`) revokes too, through its own modify
+/// watch, and a daemon started again adopts nothing stale.
+#[test]
+fn an_orphaned_keeper_revokes_on_a_truncating_read_only_open() {
+    if !root_or_skip("an_orphaned_keeper_revokes_on_a_truncating_read_only_open") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = setup("keeper-trunc");
+    let st = s.d.status();
+    let replica = std::fs::File::open(&st.sources[0].replicas[0].file).unwrap();
+    assert!(replica.metadata().unwrap().len() > 0);
+    s.d.crash();
+    let t0 = Instant::now();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(&s.file)
+        .unwrap();
+    drop(f);
+    // The keeper cut the replica: the kernel unmapped it from the reader,
+    // whose next touch falls back to the (now empty) file. Its watch sees
+    // the change at once (its once-a-second stamp check would be late).
+    wait_for("the keeper's revoke", Duration::from_millis(500), || {
+        replica.metadata().unwrap().len() == 0
+    });
+    eprintln!("orphaned keeper: O_TRUNC revoked within {:?}", t0.elapsed());
+    s.d.restart();
+    assert!(s.d.status().sources.is_empty(), "{:?}", s.d.status());
+    assert_eq!(s.d.metric("replicad_adopted_replicas_total"), 0.0);
 }

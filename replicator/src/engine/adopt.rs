@@ -87,6 +87,7 @@ impl Inner {
             key,
             leases,
             replicas,
+            ..
         } = h;
         let release = |leases: &[Arc<OwnedFd>]| {
             for l in leases {

@@ -38,7 +38,13 @@ impl Inner {
             )
             .collect();
         if let Some(k) = &self.keeper {
-            if let Err(e) = k.hold(src.key, &leases, &replicas) {
+            let g = src.generation;
+            if let Err(e) = k.hold(
+                src.key,
+                (g.size, g.mtime_ns, g.ctime_ns),
+                &leases,
+                &replicas,
+            ) {
                 crate::warn_limited!(
                     "{}: the fence keeper did not take it: {e}",
                     src.path.display()

@@ -171,6 +171,7 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
                 key,
                 leases,
                 replicas: p.replicas,
+                stamp: None,
             })
         })
         .collect()

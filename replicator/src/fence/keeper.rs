@@ -67,9 +67,24 @@ const PONG: u8 = 4;
 const ADOPT: u8 = 5;
 const DONE: u8 = 6;
 const MESSAGE_LEN: usize = 24;
+/// A `Hold` also carries the generation the daemon read under the lease.
+const HOLD_LEN: usize = MESSAGE_LEN + 24;
 
-/// A message: its kind, a small count (`Hold`: how many of its fds are
-/// leases), a source.
+/// What a source's `fstat` said when its replicas were copied: size,
+/// mtime and ctime (ns). A file whose stamp moved has changed.
+pub type Stamp = (u64, i64, i64);
+
+/// A parsed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Msg {
+    kind: u8,
+    /// `Hold`: how many of its fds are leases.
+    count: u8,
+    key: SourceKey,
+    stamp: Option<Stamp>,
+}
+
+/// A message: its kind, a small count, a source.
 fn message(kind: u8, count: u8, key: SourceKey) -> [u8; MESSAGE_LEN] {
     let mut m = [0u8; MESSAGE_LEN];
     m[0] = kind;
@@ -79,23 +94,43 @@ fn message(kind: u8, count: u8, key: SourceKey) -> [u8; MESSAGE_LEN] {
     m
 }
 
-fn parse(m: &[u8]) -> Option<(u8, u8, SourceKey)> {
-    if m.len() != MESSAGE_LEN {
+/// A `Hold` of `key` whose first `leases` fds are leases, at `stamp`.
+fn hold_message(leases: u8, key: SourceKey, stamp: Stamp) -> [u8; HOLD_LEN] {
+    let mut m = [0u8; HOLD_LEN];
+    m[..MESSAGE_LEN].copy_from_slice(&message(HOLD, leases, key));
+    m[24..32].copy_from_slice(&stamp.0.to_le_bytes());
+    m[32..40].copy_from_slice(&stamp.1.to_le_bytes());
+    m[40..48].copy_from_slice(&stamp.2.to_le_bytes());
+    m
+}
+
+fn parse(m: &[u8]) -> Option<Msg> {
+    if m.len() != MESSAGE_LEN && m.len() != HOLD_LEN {
         return None;
     }
-    let word = |r: std::ops::Range<usize>| {
+    let word = |at: usize| {
         let mut b = [0u8; 8];
-        b.copy_from_slice(m.get(r)?);
-        Some(u64::from_le_bytes(b))
+        b.copy_from_slice(m.get(at..at + 8)?);
+        Some(b)
     };
-    Some((
-        m[0],
-        m[1],
-        SourceKey {
-            dev: word(8..16)?,
-            ino: word(16..24)?,
+    let stamp = if m.len() == HOLD_LEN {
+        Some((
+            u64::from_le_bytes(word(24)?),
+            i64::from_le_bytes(word(32)?),
+            i64::from_le_bytes(word(40)?),
+        ))
+    } else {
+        None
+    };
+    Some(Msg {
+        kind: m[0],
+        count: m[1],
+        key: SourceKey {
+            dev: u64::from_le_bytes(word(8)?),
+            ino: u64::from_le_bytes(word(16)?),
         },
-    ))
+        stamp,
+    })
 }
 
 /// How long the keeper waits for a word from the daemon before it takes
@@ -115,19 +150,38 @@ pub struct Handed {
     pub key: SourceKey,
     pub leases: Vec<OwnedFd>,
     pub replicas: Vec<OwnedFd>,
+    /// The source's stamp when its replicas were copied, if known.
+    pub stamp: Option<Stamp>,
 }
 
 impl Handed {
-    fn from_message(key: SourceKey, leases: u8, mut fds: Vec<OwnedFd>) -> Option<Handed> {
-        let n = usize::from(leases);
-        if n == 0 || fds.len() <= n {
+    fn from_message(m: Msg, mut fds: Vec<OwnedFd>) -> Option<Handed> {
+        let n = usize::from(m.count);
+        if m.kind != HOLD || n == 0 || fds.len() <= n {
             return None;
         }
         let replicas = fds.split_off(n);
         Some(Handed {
-            key,
+            key: m.key,
             leases: fds,
             replicas,
+            stamp: m.stamp,
+        })
+    }
+
+    /// Whether the source is no longer what its replicas copy (a change no
+    /// break announced: `O_RDONLY|O_TRUNC`).
+    fn changed(&self) -> bool {
+        let (Some(stamp), Some(l)) = (self.stamp, self.leases.first()) else {
+            return false;
+        };
+        nix::sys::stat::fstat(l).is_ok_and(|st| {
+            let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+            (
+                st.st_size as u64,
+                ns(st.st_mtime, st.st_mtime_nsec),
+                ns(st.st_ctime, st.st_ctime_nsec),
+            ) != stamp
         })
     }
 
@@ -239,9 +293,10 @@ impl Keeper {
                     .map_or_else(|| "?".into(), |d| d.display().to_string())
             );
         }
-        // A break signalled to the dead daemon before the take-over is
-        // caught by the first scan.
+        // A break signalled to the dead daemon before the take-over, or a
+        // change made before the watch, is caught here.
         self.revoke_where("a writer broke in", Handed::broken);
+        self.revoke_where("it changed without a lease break", Handed::changed);
         Orphan {
             listener,
             path,
@@ -267,7 +322,11 @@ impl Keeper {
         }
         let mut buf = [0u8; MESSAGE_LEN];
         match sys::recv_with_fds(conn.as_fd(), &mut buf) {
-            Ok(Some((n, _))) if buf.get(..n).and_then(parse).is_some_and(|m| m.0 == ADOPT) => {}
+            Ok(Some((n, _)))
+                if buf
+                    .get(..n)
+                    .and_then(parse)
+                    .is_some_and(|m| m.kind == ADOPT) => {}
             _ => return false,
         }
         for h in &self.held {
@@ -277,8 +336,13 @@ impl Keeper {
                 .chain(&h.replicas)
                 .map(|f| f.as_fd())
                 .collect();
-            let m = message(HOLD, h.leases.len() as u8, h.key);
-            if sys::send_with_fds(conn.as_fd(), &m, &fds).is_err() {
+            let m = hold_message(h.leases.len() as u8, h.key, h.stamp.unwrap_or_default());
+            let sent = if h.stamp.is_some() {
+                sys::send_with_fds(conn.as_fd(), &m, &fds)
+            } else {
+                sys::send_with_fds(conn.as_fd(), &m[..MESSAGE_LEN], &fds)
+            };
+            if sent.is_err() {
                 return false;
             }
         }
@@ -428,16 +492,17 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                     Ok(Some((n, fds))) => {
                         last = Instant::now();
                         match buf.get(..n).and_then(parse) {
-                            Some((HOLD, leases, key)) => {
-                                if let Some(h) = Handed::from_message(key, leases, fds) {
-                                    k.held.retain(|h| h.key != key);
+                            Some(m) if m.kind == HOLD => {
+                                if let Some(h) = Handed::from_message(m, fds) {
+                                    k.held.retain(|h| h.key != m.key);
                                     k.held.push(h);
                                 }
                             }
-                            Some((DROP, _, key)) => k.held.retain(|h| h.key != key),
+                            Some(m) if m.kind == DROP => k.held.retain(|h| h.key != m.key),
                             // Answer, so that the daemon sees a stopped keeper.
-                            Some((PINGED, _, key)) => {
-                                let _ = sys::send_with_fds(l.as_fd(), &message(PONG, 0, key), &[]);
+                            Some(m) if m.kind == PINGED => {
+                                let _ =
+                                    sys::send_with_fds(l.as_fd(), &message(PONG, 0, m.key), &[]);
                             }
                             _ => {}
                         }
@@ -465,6 +530,7 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
         if overflow || unknown || o.scanned.elapsed() > SCAN_EVERY {
             o.scanned = Instant::now();
             k.revoke_where("a writer broke in", Handed::broken);
+            k.revoke_where("it changed without a lease break", Handed::changed);
         }
         if let Some(ino) = &o.inotify {
             if let Ok(events) = ino.read_events() {
@@ -669,7 +735,7 @@ impl KeeperLink {
             &[],
         )?;
         let mut handed = Vec::new();
-        let mut buf = [0u8; MESSAGE_LEN];
+        let mut buf = [0u8; HOLD_LEN];
         loop {
             let Some((n, fds)) = sys::recv_with_fds(fd.as_fd(), &mut buf)? else {
                 return Err(io::Error::other(
@@ -677,16 +743,16 @@ impl KeeperLink {
                 ));
             };
             match buf.get(..n).and_then(parse) {
-                Some((HOLD, leases, key)) => {
-                    if let Some(h) = Handed::from_message(key, leases, fds) {
+                Some(m) if m.kind == HOLD => {
+                    if let Some(h) = Handed::from_message(m, fds) {
                         handed.push(h);
                     }
                 }
-                Some((DONE, _, count)) => {
-                    if count.dev != handed.len() as u64 {
+                Some(m) if m.kind == DONE => {
+                    if m.key.dev != handed.len() as u64 {
                         return Err(io::Error::other(format!(
                             "the keeper said {} sources and handed {}",
-                            count.dev,
+                            m.key.dev,
                             handed.len()
                         )));
                     }
@@ -769,12 +835,13 @@ impl KeeperLink {
         sent
     }
 
-    /// Hold these fds of `key`: its lease fds (the source's first, then its
-    /// overlay layers'), then every valid replica (replacing what the
-    /// keeper held for it).
+    /// Hold these fds of `key`, whose replicas copy the file at `stamp`:
+    /// its lease fds (the source's first, then its overlay layers'), then
+    /// every valid replica (replacing what the keeper held for it).
     pub fn hold(
         &self,
         key: SourceKey,
+        stamp: Stamp,
         leases: &[BorrowedFd<'_>],
         replicas: &[BorrowedFd<'_>],
     ) -> io::Result<()> {
@@ -784,7 +851,7 @@ impl KeeperLink {
         let mut fds = Vec::with_capacity(leases.len() + replicas.len());
         fds.extend_from_slice(leases);
         fds.extend_from_slice(replicas);
-        self.send(&message(HOLD, leases.len() as u8, key), &fds)
+        self.send(&hold_message(leases.len() as u8, key, stamp), &fds)
     }
 
     /// Stop holding `key` (revoked, or gone from the list).
@@ -811,11 +878,7 @@ impl KeeperLink {
         loop {
             match sys::recv_with_fds(sock.as_fd(), &mut buf) {
                 Ok(Some((n, _))) => {
-                    if buf
-                        .get(..n)
-                        .and_then(parse)
-                        .is_some_and(|(k, _, _)| k == PONG)
-                    {
+                    if buf.get(..n).and_then(parse).is_some_and(|m| m.kind == PONG) {
                         *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                     }
                 }
@@ -870,7 +933,14 @@ mod tests {
             dev: 7,
             ino: 1 << 40,
         };
-        assert_eq!(parse(&message(HOLD, 3, key)), Some((HOLD, 3, key)));
+        let m = parse(&message(DROP, 0, key)).unwrap();
+        assert_eq!((m.kind, m.count, m.key, m.stamp), (DROP, 0, key, None));
+        let m = parse(&hold_message(3, key, (1 << 20, -5, i64::MAX))).unwrap();
+        assert_eq!(
+            (m.kind, m.count, m.key, m.stamp),
+            (HOLD, 3, key, Some((1 << 20, -5, i64::MAX)))
+        );
+        assert_eq!(parse(&[0u8; 47]), None);
         assert_eq!(parse(&[1, 2, 3]), None);
         let d = deadline(&replicad_procfs::ProcReader::new("/nonexistent"));
         assert_eq!(d, Duration::from_secs(5));
