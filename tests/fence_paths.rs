@@ -386,3 +386,54 @@ fn a_watch_shared_by_two_sources_outlives_either() {
         std::thread::sleep(Duration::from_micros(100));
     }
 }
+
+/// A layer's lease broken by force (the daemon and its keeper stopped for
+/// longer than lease-break-time while a writer opened the lower file
+/// directly) is counted and logged as a forced break, as the source's is.
+#[test]
+fn a_forced_break_on_an_overlay_layer_is_counted() {
+    if !root_or_skip("a_forced_break_on_an_overlay_layer_is_counted") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("overlay-forced");
+    let p = |n: &str| dir.path().join(n);
+    if !overlay(dir.path()) {
+        skip(
+            "a_forced_break_on_an_overlay_layer_is_counted",
+            "this kernel cannot mount overlayfs here",
+        );
+        return;
+    }
+    let _m = Mount(&p("merged"));
+    d.ctl_ok(&["replicate", p("merged/f").to_str().unwrap()]);
+    let _t = BreakTime::set(1);
+    let keeper = keeper_of(d.pid()).expect("a fence keeper");
+    // SAFETY: signals to the keeper of the daemon this test started.
+    unsafe { libc::kill(keeper as i32, libc::SIGSTOP) };
+    d.signal(libc::SIGSTOP);
+    let t0 = std::time::Instant::now();
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p("lower/f"))
+        .unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "{waited:?}"
+    );
+    d.signal(libc::SIGCONT);
+    // SAFETY: as above.
+    unsafe { libc::kill(keeper as i32, libc::SIGCONT) };
+    let t1 = std::time::Instant::now();
+    while d.metric("replicad_forced_breaks_total") < 1.0 {
+        assert!(
+            t1.elapsed() < std::time::Duration::from_secs(5),
+            "{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(w);
+    assert!(d.log().contains("on this layer"), "{}", d.log());
+}

@@ -140,10 +140,27 @@ impl Inner {
                 Err(e) => crate::warn_limited!("{}: releasing the lease: {e}", src.path.display()),
             }
         }
+        let keeper_exited = self.keeper.as_ref().is_some_and(|k| k.exited());
         for layer in &mut src.layers {
             if let Some(lease) = layer.lease.take() {
-                if let Err(e) = lease.release() {
-                    crate::warn_limited!("{}: releasing the lease: {e}", layer.path.display());
+                match lease.release() {
+                    Ok(()) => {}
+                    // As for the source: gone by force, unless the keeper
+                    // released it before it exited.
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && keeper_exited => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        self.metrics.forced_breaks.inc();
+                        crate::error_limited!(
+                            "{}: the kernel broke the lease on this layer of {} by force \
+                             (lease-break-time passed before replicad released it): a writer \
+                             of the layer got in while {n} replicas were still mapped; revoked now",
+                            layer.path.display(),
+                            src.path.display()
+                        );
+                    }
+                    Err(e) => {
+                        crate::warn_limited!("{}: releasing the lease: {e}", layer.path.display())
+                    }
                 }
             }
         }
