@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -436,4 +436,50 @@ fn a_forced_break_on_an_overlay_layer_is_counted() {
     }
     drop(w);
     assert!(d.log().contains("on this layer"), "{}", d.log());
+}
+
+/// A copy-up no write announces: `chmod` of the merged file copies it up
+/// (the overlay's lease sees no break), which makes an upper file a writer
+/// can reach directly. The metadata change revokes, the new generation
+/// fences the upper file too, and a direct write to it meets the fence.
+#[test]
+fn a_copy_up_by_chmod_fences_the_new_upper_file() {
+    if !root_or_skip("a_copy_up_by_chmod_fences_the_new_upper_file") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("overlay-chmod");
+    let p = |n: &str| dir.path().join(n);
+    if !overlay(dir.path()) {
+        skip(
+            "a_copy_up_by_chmod_fences_the_new_upper_file",
+            "this kernel cannot mount overlayfs here",
+        );
+        return;
+    }
+    let _m = Mount(&p("merged"));
+    let merged = p("merged/f");
+    write_meets_the_fence(&d, &merged, &p("upper/f"), || {
+        std::fs::set_permissions(&merged, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(p("upper/f").is_file(), "no copy-up");
+        // The copy-up's new generation, fenced on the upper file as well.
+        let t0 = Instant::now();
+        loop {
+            let st = d.status();
+            let s = &st.sources[0];
+            if s.generation >= 2
+                && s.replicas.iter().any(|r| {
+                    r.generation == s.generation
+                        && r.state == replicad_client::proto::ReplicaState::Valid
+                })
+            {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the chmod's copy-up never made a new generation: {st:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
 }

@@ -269,7 +269,7 @@ impl Keeper {
             for h in &self.held {
                 if let Some(l) = h.leases.first() {
                     let path = self.proc.self_fd_path(l.as_raw_fd());
-                    if let Ok(wd) = ino.add_watch(&path, AddWatchFlags::IN_MODIFY) {
+                    if let Ok(wd) = ino.add_watch(&path, super::watch::WATCHED) {
                         watches.push((wd, h.key));
                     }
                 }

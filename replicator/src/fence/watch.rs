@@ -6,6 +6,12 @@
 //! raises for every size change) on every leased source catches it; the
 //! engine then revokes at once. The gap between the truncation and the
 //! revoke is the kernel's, measured in `tests/fence_paths.rs`.
+//!
+//! The watch also takes `IN_ATTRIB`: a metadata change (`chmod`, `chown`,
+//! `setxattr`, `utime`) moves the generation's ctime, and on overlayfs it
+//! copies the file up without any lease break, making an upper file a
+//! writer can reach directly. The engine revokes, and the refence finds
+//! and fences the new layer file.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +32,9 @@ pub struct ModifyWatch {
     proc: ProcReader,
     users: Mutex<HashMap<WatchDescriptor, usize>>,
 }
+
+/// What a modify watch is on: content and metadata changes.
+pub const WATCHED: AddWatchFlags = AddWatchFlags::IN_MODIFY.union(AddWatchFlags::IN_ATTRIB);
 
 /// What the watch saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,19 +59,16 @@ impl ModifyWatch {
     pub fn add(&self, fd: BorrowedFd<'_>) -> io::Result<WatchDescriptor> {
         let path = self.proc.self_fd_path(fd.as_raw_fd());
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        let wd = self
-            .inotify
-            .add_watch(&path, AddWatchFlags::IN_MODIFY)
-            .map_err(|e| {
-                if e == nix::errno::Errno::ENOSPC {
-                    io::Error::other(
-                        "no inotify watch left for the modify watch: raise \
+        let wd = self.inotify.add_watch(&path, WATCHED).map_err(|e| {
+            if e == nix::errno::Errno::ENOSPC {
+                io::Error::other(
+                    "no inotify watch left for the modify watch: raise \
                      fs.inotify.max_user_watches",
-                    )
-                } else {
-                    io::Error::from(e)
-                }
-            })?;
+                )
+            } else {
+                io::Error::from(e)
+            }
+        })?;
         *users.entry(wd).or_insert(0) += 1;
         Ok(wd)
     }
@@ -88,7 +94,7 @@ impl ModifyWatch {
                 .filter_map(|e| {
                     if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                         Some(Seen::Overflow)
-                    } else if e.mask.contains(AddWatchFlags::IN_MODIFY) {
+                    } else if e.mask.intersects(WATCHED) {
                         Some(Seen::Modified(e.wd))
                     } else {
                         None
