@@ -483,3 +483,33 @@ fn a_copy_up_by_chmod_fences_the_new_upper_file() {
         }
     });
 }
+
+/// A source on overlayfs whose layers cannot be found (here: the lower
+/// directory renamed after the mount, so mountinfo names a path that is
+/// gone) is refused, not fenced on the merged file alone: a write to the
+/// layer's own file would go unfenced.
+#[test]
+fn an_overlay_source_with_unknown_layers_is_refused() {
+    if !root_or_skip("an_overlay_source_with_unknown_layers_is_refused") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("overlay-unknown");
+    let p = |n: &str| dir.path().join(n);
+    if !overlay(dir.path()) {
+        skip(
+            "an_overlay_source_with_unknown_layers_is_refused",
+            "this kernel cannot mount overlayfs here",
+        );
+        return;
+    }
+    let _m = Mount(&p("merged"));
+    std::fs::rename(p("lower"), p("lower-moved")).unwrap();
+    let e = d.ctl_err(&["replicate", p("merged/f").to_str().unwrap()]);
+    assert!(e.contains("overlayfs"), "{e}");
+    assert!(d.status().sources.is_empty());
+    assert_eq!(
+        d.metric("replicad_fence_failures_total{reason=\"overlay_layers\"}"),
+        1.0
+    );
+}

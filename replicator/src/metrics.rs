@@ -32,7 +32,7 @@ pub const INVALIDATION_REASONS: [&str; 7] = [
 /// `replicad_fence_failures_total` reasons: one per [`FenceFailure`] kind.
 ///
 /// [`FenceFailure`]: crate::fence::FenceFailure
-pub const FENCE_FAILURE_REASONS: [&str; 3] = crate::fence::FenceFailure::LABELS;
+pub const FENCE_FAILURE_REASONS: [&str; 4] = crate::fence::FenceFailure::LABELS;
 /// `replicad_attach_total` results.
 pub const ATTACH_RESULTS: [&str; 3] = ["replica", "original", "refused"];
 /// `replicad_replication_failures_total` reasons.

@@ -16,22 +16,21 @@ use crate::list::{Layer, ReplicaList};
 use crate::{sys, Error};
 
 impl Inner {
-    /// The layer files behind a source, if it is on overlayfs. Reads
-    /// mountinfo: call without the list lock.
-    pub(super) fn layer_paths(&self, fd: BorrowedFd<'_>, path: &Path, dev: u64) -> Vec<PathBuf> {
+    /// The layer files behind a source, if it is on overlayfs (else none).
+    /// `None`: on overlayfs, but its layers were not found, so it cannot
+    /// be fenced whole. Reads mountinfo: call without the list lock.
+    pub(super) fn layer_paths(
+        &self,
+        fd: BorrowedFd<'_>,
+        path: &Path,
+        dev: u64,
+    ) -> Option<Vec<PathBuf>> {
         match sys::fs_info(fd) {
             Ok(fs) if fs.magic == OVERLAYFS_MAGIC => {
                 let files = layer_files(&self.proc, path, dev);
-                if files.is_empty() {
-                    crate::warn_limited!(
-                        "{}: on overlayfs, but its layers were not found in mountinfo: only \\
-                         writes through the overlay are fenced",
-                        path.display()
-                    );
-                }
-                files
+                (!files.is_empty()).then_some(files)
             }
-            _ => Vec::new(),
+            _ => Some(Vec::new()),
         }
     }
 

@@ -67,7 +67,17 @@ impl Inner {
         let fence_kind =
             fence::fence_kind(file.as_fd(), path).inspect_err(|e| self.note_fence_failure(e))?;
         let layer_paths = if fence_kind == FenceKind::Lease {
-            self.layer_paths(file.as_fd(), path, key.dev)
+            match self.layer_paths(file.as_fd(), path, key.dev) {
+                Some(paths) => paths,
+                None => {
+                    let e = Error::Unfenceable {
+                        path: path.to_path_buf(),
+                        why: FenceFailure::OverlayLayers,
+                    };
+                    self.note_fence_failure(&e);
+                    return Err(e);
+                }
+            }
         } else {
             Vec::new()
         };

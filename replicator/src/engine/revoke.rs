@@ -302,7 +302,20 @@ impl Inner {
             }
         }
         .map(|(fd, path)| self.layer_paths(fd.as_fd(), &path, key.dev))
-        .unwrap_or_default();
+        .unwrap_or(Some(Vec::new()));
+        let Some(layer_paths) = layer_paths else {
+            // Its layers are no longer found: it cannot be fenced whole, so
+            // no new generation is served until they are.
+            if let Some(src) = lock(&self.list).get_mut(key) {
+                src.retries += 1;
+                crate::warn_limited!(
+                    "{}: {}; retrying",
+                    src.path.display(),
+                    crate::fence::FenceFailure::OverlayLayers
+                );
+            }
+            return Some(self.cfg.retry_max);
+        };
         {
             let mut list = lock(&self.list);
             let src = list.get_mut(key)?;

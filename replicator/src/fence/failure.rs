@@ -23,6 +23,15 @@ pub enum FenceFailure {
          on read), so no lease can fence it"
     )]
     Filesystem { name: &'static str },
+    /// On overlayfs, but the files of its layers could not be found (its
+    /// mount is not in our mountinfo, or the file is not in any layer we
+    /// can read): a write to a layer's own file would go unfenced.
+    #[error(
+        "it is on overlayfs and its layers' own files were not found in /proc/self/mountinfo, \
+         so a write to them directly could not be fenced; replicate it where its overlay \
+         mount is visible to replicad (the same mount namespace)"
+    )]
+    OverlayLayers,
 }
 
 fn who(writers: &[(u32, String)]) -> String {
@@ -43,11 +52,17 @@ impl FenceFailure {
             FenceFailure::OpenForWrite { .. } => "open_for_write",
             FenceFailure::LeaseRefused(_) => "lease_refused",
             FenceFailure::Filesystem { .. } => "filesystem",
+            FenceFailure::OverlayLayers => "overlay_layers",
         }
     }
 
     /// Every label, for metrics that exist at zero from the start.
-    pub const LABELS: [&'static str; 3] = ["open_for_write", "lease_refused", "filesystem"];
+    pub const LABELS: [&'static str; 4] = [
+        "open_for_write",
+        "lease_refused",
+        "filesystem",
+        "overlay_layers",
+    ];
 }
 
 #[cfg(test)]
@@ -68,6 +83,7 @@ mod tests {
                 "lease_refused",
             ),
             (FenceFailure::Filesystem { name: "nfs" }, "filesystem"),
+            (FenceFailure::OverlayLayers, "overlay_layers"),
         ];
         for (f, label) in &cases {
             assert_eq!(f.label(), *label, "{f}");
