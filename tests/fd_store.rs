@@ -47,17 +47,78 @@ impl Store {
     }
 }
 
+/// Start the daemon again as systemd would, with what `store` kept at fds
+/// 3.. and `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES` set.
+fn restart_from(d: &mut Daemon, store: &mut Store) {
+    let mut names = Vec::new();
+    let mut fds = Vec::new();
+    for (name, list) in std::mem::take(&mut store.fds) {
+        for fd in list {
+            names.push(name.clone());
+            fds.push(fd);
+        }
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&d.log)
+        .unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(REPLICAD)
+        .arg("--config")
+        .arg(&d.config)
+        .env("LISTEN_FDS", raw.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec:
+    // the stored fds moved out of the way, then to 3, 4, ...
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = Vec::with_capacity(raw.len());
+            for &fd in &raw {
+                let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000);
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(h);
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    d.child = Some(cmd.spawn().unwrap());
+    drop(fds);
+    let t0 = Instant::now();
+    while d.request(&replicad_client::proto::Request::Status).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
     if !root_or_skip("the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let _t = BreakTime::set(10);
     let notify_dir = scratch("fdstore-notify");
     let notify = notify_dir.path().join("notify");
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_nonblocking(true).unwrap();
-    // The only test in this binary: no other thread reads the environment.
+    // One test at a time: no other thread of this binary reads the
+    // environment or starts a process meanwhile.
     std::env::set_var("NOTIFY_SOCKET", &notify);
     let mut d = Daemon::start("");
     std::env::remove_var("NOTIFY_SOCKET");
@@ -119,58 +180,7 @@ fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
     );
 
     // systemd starts the daemon again with what it kept.
-    let mut names = Vec::new();
-    let mut fds = Vec::new();
-    for (name, list) in std::mem::take(&mut store.fds) {
-        for fd in list {
-            names.push(name.clone());
-            fds.push(fd);
-        }
-    }
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&d.log)
-        .unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(REPLICAD)
-        .arg("--config")
-        .arg(&d.config)
-        .env("LISTEN_FDS", raw.len().to_string())
-        .env("LISTEN_FDNAMES", names.join(":"))
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec:
-    // the stored fds moved out of the way, then to 3, 4, ...
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut high = Vec::with_capacity(raw.len());
-            for &fd in &raw {
-                let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000);
-                if h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                high.push(h);
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    d.child = Some(cmd.spawn().unwrap());
-    drop(fds);
-    let t0 = Instant::now();
-    while d.request(&replicad_client::proto::Request::Status).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    restart_from(&mut d, &mut store);
     // The writer was let in by the adoption (a writer waiting: revoked),
     // not by the kernel's 10 s.
     let waited = writer.join().unwrap();
@@ -196,4 +206,90 @@ fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
     assert!(reader.on_replica());
     assert_eq!(reader.as_slice(), &want[..]);
     assert!(d.log().contains("fd store kept"), "{}", d.log());
+}
+
+/// The daemon killed alone under systemd, its keeper orphaned and then
+/// stopped, so that it can neither hand over nor exit. The stored fds are
+/// the same open file descriptions the keeper holds: a daemon that served
+/// them while that keeper lived could have its lease released under it
+/// the moment the keeper ran again. So the restarted daemon ends the keeper
+/// first (it revokes everything); a later generation is then fenced by
+/// nobody but the daemon.
+#[test]
+fn a_keeper_that_cannot_hand_over_is_ended_before_the_store_is_used() {
+    if !root_or_skip("a_keeper_that_cannot_hand_over_is_ended_before_the_store_is_used") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _t = BreakTime::set(3);
+    let notify_dir = scratch("fdstore-notify2");
+    let notify = notify_dir.path().join("notify");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &notify);
+    let mut d = Daemon::start("");
+    std::env::remove_var("NOTIFY_SOCKET");
+    let dir = scratch("fdstore2");
+    let file = dir.path().join("f");
+    make_file(&file, 64 * 4096, 1);
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let mut store = Store::default();
+    let t0 = Instant::now();
+    while store.fds.len() < 2 && t0.elapsed() < Duration::from_secs(5) {
+        store.drain(&sock);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(store.fds.len(), 2, "{:?}", store.fds.keys());
+
+    let keeper = keeper_in(d.run_dir.path()).unwrap();
+    d.crash();
+    let t0 = Instant::now();
+    while !d.run_dir.path().join("keeper.sock").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the keeper never listened"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: a signal to the keeper of the daemon this test started.
+    unsafe { libc::kill(keeper as i32, libc::SIGSTOP) };
+    restart_from(&mut d, &mut store);
+    let gone =
+        |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty());
+    assert!(
+        gone(keeper),
+        "the old keeper lives beside the new daemon:\n{}",
+        d.log()
+    );
+
+    // A write, and the next generation, fenced by the new daemon alone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_all(&vec![2u8; 64 * 4096])
+        .unwrap();
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let reader = replicad_client::map_with(&file, &opts).unwrap();
+    assert!(reader.on_replica(), "{:?}", reader.backing());
+    // Had the old keeper lived, it would run now, and release.
+    if !gone(keeper) {
+        // SAFETY: as above.
+        unsafe { libc::kill(keeper as i32, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t0 = Instant::now();
+    let mut w = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    let waited = t0.elapsed();
+    w.write_all(&vec![3u8; 64 * 4096]).unwrap();
+    let stale = reader.as_slice().iter().filter(|&&b| b != 3).count();
+    assert_eq!(
+        stale, 0,
+        "the reader read {stale} stale bytes (writer waited {waited:?})"
+    );
 }

@@ -234,3 +234,44 @@ fn an_orphaned_keeper_revokes_on_a_truncating_read_only_open() {
     assert!(s.d.status().sources.is_empty(), "{:?}", s.d.status());
     assert_eq!(s.d.metric("replicad_adopted_replicas_total"), 0.0);
 }
+
+/// A file's owner may date it anywhere (`touch -d 2300-01-01`, past the
+/// end of i64 nanoseconds): an orphaned keeper checking the file's stamp
+/// must not fail on it (a keeper that dies drops every lease with it).
+#[test]
+fn an_orphaned_keeper_survives_a_file_dated_past_2262() {
+    if !root_or_skip("an_orphaned_keeper_survives_a_file_dated_past_2262") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut d = Daemon::start("");
+    let dir = scratch("keeper-2300");
+    let file = dir.path().join("f");
+    std::fs::write(&file, vec![1u8; 64 * 4096]).unwrap();
+    let st = std::process::Command::new("touch")
+        .args(["-d", "2300-01-01"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let reader = replicad_client::map_with(&file, &opts).unwrap();
+    assert!(reader.on_replica());
+    let keeper = keeper_in(d.run_dir.path()).unwrap();
+    d.crash();
+    // Past a stamp check or two of the orphaned keeper.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(alive(keeper), "the orphaned keeper died:\n{}", d.log());
+    let t0 = Instant::now();
+    let mut w = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    w.write_all(&vec![2u8; 64 * 4096]).unwrap();
+    drop(w);
+    let stale = reader.as_slice().iter().filter(|&&b| b != 2).count();
+    assert_eq!(stale, 0, "the reader read {stale} stale bytes");
+}

@@ -108,8 +108,8 @@ impl ReplicaIdent {
             ino: md.ino(),
             generation,
             size: md.size(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            mtime_ns: sys::nanos(md.mtime(), md.mtime_nsec()),
+            ctime_ns: sys::nanos(md.ctime(), md.ctime_nsec()),
         }
     }
 

@@ -8,6 +8,12 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+/// A timestamp in ns since the epoch, saturating (a file's owner may set
+/// any time with `utimensat`; i64 ns end in 2262).
+pub fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// `F_SETSIG` (libc lacks it).
 const F_SETSIG: libc::c_int = linux_raw_sys::general::F_SETSIG as libc::c_int;
 

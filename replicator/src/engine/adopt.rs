@@ -43,6 +43,9 @@ impl Inner {
         let mut done = Adopted::default();
         for h in handed {
             let key = h.key;
+            if let Some(k) = &self.keeper {
+                k.nudge();
+            }
             match self.adopt_one(h) {
                 Ok((replicas, bytes)) => {
                     done.sources += 1;
@@ -51,6 +54,8 @@ impl Inner {
                 }
                 Err(why) => {
                     done.revoked += 1;
+                    // Neither the keeper nor systemd's store keeps it.
+                    self.unkeep(key);
                     crate::warn_limited!(
                         "source {}:{} held by the fence keeper: {why}; its replicas revoked, \
                          its lease released",
@@ -191,6 +196,9 @@ impl Inner {
         let same = self.ops.stat(source.as_fd()).is_ok_and(|st| {
             (st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns)
                 == (key.dev, key.ino, first.size, first.mtime_ns, first.ctime_ns)
+        }) && files.iter().all(|(f, _)| {
+            // Still whole: a keeper that gave up meanwhile cut it.
+            nix::sys::stat::fstat(f.as_fd()).is_ok_and(|st| st.st_size as u64 == first.size)
         });
         if !same || taken.iter().any(Lease::break_pending) {
             drop(list);

@@ -271,17 +271,16 @@ impl Replicator {
         let run_dir = cfg.store.run_dir.clone();
         let (keeper, handed) = match wiring.keeper {
             Some(exe) => {
-                let (link, handed) = match KeeperLink::adopt(exe.clone(), run_dir.clone()) {
-                    Ok(Some((link, handed))) => (link, handed),
-                    Ok(None) => (Self::new_keeper(exe, run_dir)?, Vec::new()),
-                    Err(e) => {
-                        tracing::warn!(
-                            run_dir = %run_dir.display(),
-                            "cannot take over the fence keeper left there: {e}; it was told \
-                             to revoke everything, and a new keeper starts"
-                        );
-                        (Self::new_keeper(exe, run_dir)?, Vec::new())
-                    }
+                let adopted =
+                    KeeperLink::adopt(exe.clone(), run_dir.clone()).map_err(|source| {
+                        Error::Thread {
+                            what: "fence keeper (the one left on this run directory)",
+                            source,
+                        }
+                    })?;
+                let (link, handed) = match adopted {
+                    Some((link, handed)) => (link, handed),
+                    None => (Self::new_keeper(exe, run_dir)?, Vec::new()),
                 };
                 (Some(link), handed)
             }
@@ -289,7 +288,7 @@ impl Replicator {
         };
         // What systemd kept for us: taken over when no keeper survived (the
         // daemon and its keeper died together); else the keeper's own.
-        let stored = fdstore::take_listen_fds();
+        let stored = fdstore::take_captured();
         let handed = if handed.is_empty() && !stored.is_empty() {
             tracing::info!(
                 sources = stored.len(),
@@ -297,6 +296,13 @@ impl Replicator {
             );
             stored
         } else {
+            // The keeper's are the live ones: what the store kept besides
+            // goes (its fds close here; systemd forgets the names).
+            if let Some(store) = &wiring.fd_store {
+                for h in &stored {
+                    store.remove(h.key);
+                }
+            }
             handed
         };
         let keep: BTreeSet<(u64, u64)> = handed
@@ -386,6 +392,9 @@ impl Replicator {
             t.keeper = keeper;
         }
         inner.adopt(handed);
+        if let Some(k) = &inner.keeper {
+            k.adopted();
+        }
         Ok(Replicator { inner })
     }
 

@@ -9,7 +9,8 @@
 //!                 FDSTORE=1 FDNAME=lay-<dev>-<ino>  [its layers' lease fds]
 //!                 FDSTORE=1 FDNAME=rep-<dev>-<ino>  [its replicas]
 //!  unkeep(source) FDSTOREREMOVE=1 FDNAME=... each
-//!  start          LISTEN_PID = us: fds 3.. named by LISTEN_FDNAMES
+//!  main (first)   LISTEN_PID = us: fds 3.. named by LISTEN_FDNAMES taken
+//!  engine start   adopted when no keeper survived
 //! ```
 //!
 //! systemd keeps one copy of a descriptor passed again, and needs
@@ -106,36 +107,66 @@ fn entry(verb: &str, kind: &str, key: SourceKey) -> String {
     format!("{verb}\nFDNAME={kind}-{}-{}", key.dev, key.ino)
 }
 
-/// The fds systemd passed us from the store (`LISTEN_PID` is us), grouped
-/// into what a keeper would have handed: each source's lease fds, then its
-/// replicas. Every fd is made close-on-exec; names not ours are closed.
-pub fn take_listen_fds() -> Vec<Handed> {
+/// What [`capture`] took from systemd, until the engine starts.
+static CAPTURED: std::sync::Mutex<Vec<Handed>> = std::sync::Mutex::new(Vec::new());
+
+/// The most fds taken from `LISTEN_FDS` (systemd's own default store
+/// limit is far lower; more means a garbage count).
+const MAX_LISTEN_FDS: usize = 1 << 16;
+
+/// Take the fds systemd passed us from the store (`LISTEN_PID` is us), at
+/// the very start of `main`, before any thread or fd of ours exists: each
+/// is checked to be open, made close-on-exec (no child inherits them), and
+/// grouped as a keeper would have handed them; the `LISTEN_*` variables
+/// are removed. [`take_captured`] hands them to the engine.
+pub fn capture() {
     let pid_ok = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         == Some(std::process::id());
-    let n: RawFd = std::env::var("LISTEN_FDS")
+    let n: usize = std::env::var("LISTEN_FDS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    if !pid_ok || n <= 0 {
-        return Vec::new();
-    }
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // Single-threaded still (the first thing main does).
+        std::env::remove_var(var);
+    }
+    if !pid_ok || n == 0 {
+        return;
+    }
     let names: Vec<&str> = names.split(':').collect();
-    let mut fds = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let fd = LISTEN_FDS_START + i;
+    // A count beyond the names given is garbage: only named fds are ours.
+    let n = n.min(names.len()).min(MAX_LISTEN_FDS);
+    let mut fds = Vec::with_capacity(n);
+    for (i, name) in names.iter().enumerate().take(n) {
+        let Some(fd) = RawFd::try_from(i)
+            .ok()
+            .and_then(|i| LISTEN_FDS_START.checked_add(i))
+        else {
+            break;
+        };
+        // SAFETY: F_GETFD on any number only asks whether it is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            continue;
+        }
         // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process, for
-        // it alone; nothing else in it took them.
+        // it alone; it is open (above), and nothing of ours exists yet.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let _ = nix::fcntl::fcntl(
             &owned,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
-        fds.push((names.get(i as usize).copied().unwrap_or(""), owned));
+        fds.push((*name, owned));
     }
-    group(fds)
+    let handed = group(fds);
+    *CAPTURED.lock().unwrap_or_else(|p| p.into_inner()) = handed;
+}
+
+/// What [`capture`] took (once; empty after).
+pub fn take_captured() -> Vec<Handed> {
+    std::mem::take(&mut *CAPTURED.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Group named fds (`src-`, `lay-`, `rep-<dev>-<ino>`) by source; sources
@@ -146,6 +177,7 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
         src: Option<OwnedFd>,
         layers: Vec<OwnedFd>,
         replicas: Vec<OwnedFd>,
+        duplicate: bool,
     }
     let mut by: BTreeMap<SourceKey, Parts> = BTreeMap::new();
     for (name, fd) in fds {
@@ -154,6 +186,11 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
         };
         let p = by.entry(key).or_default();
         match kind {
+            // Two lease fds for one source: an entry left from an earlier
+            // fence. Which one holds the lease is not known here, so the
+            // source is not adopted (its replicas are truncated as
+            // leftovers, and their lease fds close).
+            "src" if p.src.is_some() => p.duplicate = true,
             "src" => p.src = Some(fd),
             "lay" => p.layers.push(fd),
             _ => p.replicas.push(fd),
@@ -162,7 +199,7 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
     by.into_iter()
         .filter_map(|(key, p)| {
             let src = p.src?;
-            if p.replicas.is_empty() {
+            if p.replicas.is_empty() || p.duplicate {
                 return None;
             }
             let mut leases = vec![src];
@@ -205,6 +242,9 @@ mod tests {
             ("lay-1-2", fd()),
             ("rep-1-2", fd()),
             ("src-3-4", fd()), // no replica: dropped
+            ("src-7-8", fd()), // two lease fds: dropped
+            ("src-7-8", fd()),
+            ("rep-7-8", fd()),
             ("rep-5-6", fd()), // no lease: dropped
             ("other", fd()),
             ("src-x-1", fd()),

@@ -38,6 +38,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Mutex;
@@ -66,6 +67,12 @@ const PINGED: u8 = 3;
 const PONG: u8 = 4;
 const ADOPT: u8 = 5;
 const DONE: u8 = 6;
+/// The daemon took over every handed source (the keeper's own watch can
+/// go).
+const ADOPTED: u8 = 7;
+/// The keeper's lock in the run directory, held (`flock`) while it lives:
+/// a daemon that finds it held knows a keeper still fences there.
+pub const LOCK_NAME: &str = "keeper.lock";
 const MESSAGE_LEN: usize = 24;
 /// A `Hold` also carries the generation the daemon read under the lease.
 const HOLD_LEN: usize = MESSAGE_LEN + 24;
@@ -176,7 +183,7 @@ impl Handed {
             return false;
         };
         nix::sys::stat::fstat(l).is_ok_and(|st| {
-            let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+            let ns = sys::nanos;
             (
                 st.st_size as u64,
                 ns(st.st_mtime, st.st_mtime_nsec),
@@ -237,6 +244,9 @@ struct Keeper {
     run_dir: Option<PathBuf>,
     held: Vec<Handed>,
     revoked: usize,
+    /// systemd's fd store, when the daemon ran under systemd: what the
+    /// keeper revokes alone leaves it too.
+    store: Option<super::fdstore::FdStore>,
 }
 
 impl Keeper {
@@ -246,6 +256,9 @@ impl Keeper {
             if pred(&self.held[i]) {
                 let h = self.held.swap_remove(i);
                 h.revoke();
+                if let Some(store) = &self.store {
+                    store.remove(h.key);
+                }
                 self.revoked += 1;
                 eprintln!(
                     "replicad fence keeper: source {}:{}: {why}: {} replicas revoked, its lease \
@@ -265,16 +278,25 @@ impl Keeper {
         self.revoke_where("a writer was already there", |h| h.take_over().is_err());
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok();
         let mut watches = Vec::new();
-        if let Some(ino) = &inotify {
-            for h in &self.held {
-                if let Some(l) = h.leases.first() {
-                    let path = self.proc.self_fd_path(l.as_raw_fd());
-                    if let Ok(wd) = ino.add_watch(&path, super::watch::WATCHED) {
-                        watches.push((wd, h.key));
-                    }
+        let mut unwatched = Vec::new();
+        for h in &self.held {
+            // Every lease fd: the source's, and its overlay layers' (a
+            // layer written directly raises nothing on the overlay inode).
+            for l in &h.leases {
+                let path = self.proc.self_fd_path(l.as_raw_fd());
+                match inotify
+                    .as_ref()
+                    .map(|i| i.add_watch(&path, super::watch::WATCHED))
+                {
+                    Some(Ok(wd)) => watches.push((wd, h.key)),
+                    _ => unwatched.push(h.key),
                 }
             }
         }
+        // A source the watch cannot cover is not served alone.
+        self.revoke_where("no modify watch could be set on it", |h| {
+            unwatched.contains(&h.key)
+        });
         let (listener, path) = match self.run_dir.as_deref().map(listen) {
             Some(Ok((fd, path))) => (Some(fd), Some(path)),
             Some(Err(e)) => {
@@ -308,7 +330,10 @@ impl Keeper {
 
     /// Hand everything to the daemon on `conn`; `true` when it took it.
     fn hand_over(&mut self, conn: &OwnedFd) -> bool {
-        let t = nix::sys::time::TimeVal::new(HANDOVER_TIMEOUT.as_secs() as i64, 0);
+        // Breaks wait while this runs: bounded well inside lease-break-time.
+        let limit = HANDOVER_TIMEOUT.min(deadline(&self.proc) / 2);
+        let t =
+            nix::sys::time::TimeVal::new(limit.as_secs() as i64, i64::from(limit.subsec_micros()));
         if socket::setsockopt(conn, sockopt::ReceiveTimeout, &t).is_err()
             || socket::setsockopt(conn, sockopt::SendTimeout, &t).is_err()
         {
@@ -363,6 +388,65 @@ impl Keeper {
     }
 }
 
+/// Close every fd from 3 up but `keep` (what the daemon may have leaked
+/// across exec).
+fn close_all_but(keep: RawFd) {
+    let close = |first: RawFd, last: libc::c_uint| {
+        if let Ok(first) = libc::c_uint::try_from(first) {
+            if first <= last {
+                // SAFETY: close_range closes fds in the range; none of ours
+                // is used but `keep`, which is outside it.
+                unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+            }
+        }
+    };
+    close(3, libc::c_uint::try_from(keep - 1).unwrap_or(0));
+    close(keep + 1, libc::c_uint::MAX);
+}
+
+/// Take `<run_dir>/keeper.lock` for this process's life (retrying for 2 s:
+/// a keeper being replaced may still be exiting).
+fn take_lock(run_dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = run_dir.join(LOCK_NAME);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)?;
+    let t0 = Instant::now();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if t0.elapsed() < Duration::from_secs(2) => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((_, e)) => {
+                return Err(io::Error::other(format!(
+                    "another fence keeper holds {} ({e}); stop it first",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
+/// Whether a keeper holds `<run_dir>/keeper.lock` now.
+fn lock_held(run_dir: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = std::fs::File::open(run_dir.join(LOCK_NAME)) else {
+        return false;
+    };
+    // Taken and dropped at once: only whether someone else holds it.
+    matches!(
+        Flock::lock(file, FlockArg::LockExclusiveNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
 /// Listen on `<run_dir>/keeper.sock` (root-only: the run dir is 0700, the
 /// socket 0600, and a peer of another uid is refused).
 fn listen(run_dir: &Path) -> io::Result<(OwnedFd, PathBuf)> {
@@ -398,7 +482,19 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
         eprintln!("replicad fence keeper: cannot make its socket non-blocking: {e}");
         return 1;
     }
+    // Nothing else of the daemon's is ours to keep open (fds it leaked
+    // across exec would hold open file descriptions we do not manage).
+    close_all_but(sock.as_raw_fd());
     let proc = replicad_procfs::ProcReader::default();
+    // One keeper per run directory, and a daemon can tell one lives.
+    let _lock = match run_dir.as_deref().map(take_lock) {
+        Some(Err(e)) => {
+            eprintln!("replicad fence keeper: {e}");
+            return 1;
+        }
+        Some(Ok(lock)) => Some(lock),
+        None => None,
+    };
     let failed = sys::harden_self(&proc.self_path(""));
     if !failed.is_empty() {
         eprintln!(
@@ -431,6 +527,7 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
         run_dir,
         held: Vec::new(),
         revoked: 0,
+        store: super::fdstore::FdStore::from_env(),
     };
     let mut link = Some(sock);
     let mut orphan: Option<Orphan> = None;
@@ -482,6 +579,7 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                     // the daemon is gone.
                     Ok(None) | Err(_) => {
                         link = None;
+                        orphan = None;
                         let o = k.orphan();
                         if k.held.is_empty() {
                             break 'life "the daemon is gone, and nothing is left to fence";
@@ -504,6 +602,8 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                                 let _ =
                                     sys::send_with_fds(l.as_fd(), &message(PONG, 0, m.key), &[]);
                             }
+                            // The new daemon watches everything itself now.
+                            Some(m) if m.kind == ADOPTED => orphan = None,
                             _ => {}
                         }
                     }
@@ -512,24 +612,31 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
             if link.is_some() && last.elapsed() > deadline(&k.proc) {
                 break 'life "the daemon stopped answering";
             }
-            continue;
         }
         let Some(o) = orphan.as_mut() else {
-            break 'life "no daemon";
+            continue;
         };
-        // Alone: a break or a change revokes that source.
-        let fds: Vec<RawFd> = breaks;
-        let unknown = fds.iter().any(|fd| {
-            !k.held
-                .iter()
-                .any(|h| h.leases.iter().any(|l| l.as_raw_fd() == *fd))
-        });
-        k.revoke_where("a writer broke in", |h| {
-            h.leases.iter().any(|l| fds.contains(&l.as_raw_fd()))
-        });
-        if overflow || unknown || o.scanned.elapsed() > SCAN_EVERY {
+        let alone = link.is_none();
+        if alone {
+            // A break or a lease gone revokes that source. (While a new
+            // daemon adopts, breaks are its own: it took the leases over.)
+            let fds: Vec<RawFd> = breaks;
+            let unknown = fds.iter().any(|fd| {
+                !k.held
+                    .iter()
+                    .any(|h| h.leases.iter().any(|l| l.as_raw_fd() == *fd))
+            });
+            k.revoke_where("a writer broke in", |h| {
+                h.leases.iter().any(|l| fds.contains(&l.as_raw_fd()))
+            });
+            if overflow || unknown || o.scanned.elapsed() > SCAN_EVERY {
+                k.revoke_where("a writer broke in", Handed::broken);
+            }
+        }
+        // A change no break announces, alone and until the new daemon's
+        // own watch is on (it says Adopted).
+        if o.scanned.elapsed() > SCAN_EVERY {
             o.scanned = Instant::now();
-            k.revoke_where("a writer broke in", Handed::broken);
             k.revoke_where("it changed without a lease break", Handed::changed);
         }
         if let Some(ino) = &o.inotify {
@@ -546,7 +653,7 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                 });
             }
         }
-        if let Some(l) = &o.listener {
+        if let Some(l) = o.listener.as_ref().filter(|_| alone) {
             if let Ok(fd) = socket::accept4(l.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 just returned this fd, owned by nobody else.
                 let conn = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -556,14 +663,19 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                         k.held.len()
                     );
                     link = Some(conn);
-                    orphan = None;
+                    // No second daemon: the socket goes; the watch stays
+                    // until the new one says it adopted everything.
+                    o.listener = None;
+                    if let Some(p) = o.path.take() {
+                        let _ = std::fs::remove_file(p);
+                    }
                     last = Instant::now();
                     continue;
                 }
                 eprintln!("replicad fence keeper: a connection that did not take over was closed");
             }
         }
-        if k.held.is_empty() {
+        if alone && k.held.is_empty() {
             break 'life "nothing is left to fence";
         }
     };
@@ -606,14 +718,14 @@ impl Peer {
         }
     }
 
-    fn kill(self) {
+    fn kill(self, run_dir: &Path) {
         match self {
             Peer::Child(mut c) => {
                 let _ = c.kill();
                 let _ = c.wait();
             }
             Peer::Adopted(pid) => {
-                if is_keeper(pid) {
+                if is_keeper(pid, run_dir) {
                     // SAFETY: a signal to the keeper process we were linked to.
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 }
@@ -622,16 +734,99 @@ impl Peer {
     }
 }
 
-/// Whether `pid` runs a fence keeper (its argv[1]), not a recycled pid.
-fn is_keeper(pid: u32) -> bool {
+/// Whether `pid` runs the fence keeper of `run_dir` (its argv[1] and
+/// argv[3]), not a recycled pid or another instance's keeper.
+fn is_keeper(pid: u32, run_dir: &Path) -> bool {
     let cmdline = replicad_procfs::ProcReader::default()
         .pid_dir(pid)
         .join("cmdline");
     std::fs::read(cmdline).is_ok_and(|c| {
-        c.split(|&b| b == 0)
-            .nth(1)
-            .is_some_and(|a| a == KEEPER_ARG.as_bytes())
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        args.get(1) == Some(&KEEPER_ARG.as_bytes())
+            && args.get(3) == Some(&run_dir.as_os_str().as_encoded_bytes())
     })
+}
+
+/// The keepers of `run_dir` running now (one, unless something is wrong).
+fn keepers_of(run_dir: &Path) -> Vec<u32> {
+    replicad_procfs::ProcReader::default()
+        .pids()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&p| is_keeper(p, run_dir))
+        .collect()
+}
+
+/// Wait up to `limit` for the lock of `run_dir` to be free (no keeper).
+fn wait_lock_free(run_dir: &Path, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while lock_held(run_dir) {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// End the keeper of `run_dir` that cannot be taken over: SIGTERM (and
+/// SIGCONT, should it be stopped) has it truncate every replica it holds,
+/// release every lease and exit. One that does not exit within 5 s has its
+/// replicas truncated through `/proc/<pid>/fd` and is killed. `Err`: a
+/// keeper still holds the lock after that.
+fn end_keeper(run_dir: &Path) -> io::Result<()> {
+    for pid in keepers_of(run_dir) {
+        // SAFETY: signals to the keeper of our own run directory.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(pid as libc::pid_t, libc::SIGCONT);
+        }
+    }
+    if wait_lock_free(run_dir, Duration::from_secs(5)) {
+        return Ok(());
+    }
+    for pid in keepers_of(run_dir) {
+        truncate_replicas_of(pid, run_dir);
+        // SAFETY: as above; it ignored SIGTERM for 5 s.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    if wait_lock_free(run_dir, Duration::from_secs(2)) {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "a fence keeper still holds {} and neither answers nor exits; stop it \
+         (pids: {:?}) before starting replicad",
+        run_dir.join(LOCK_NAME).display(),
+        keepers_of(run_dir)
+    )))
+}
+
+/// Truncate every replica `pid` holds open (its fds into the node stores
+/// of `run_dir`, and its replicad memfds), before it is killed: a lease
+/// dies with it, and no replica it fenced may keep its bytes.
+fn truncate_replicas_of(pid: u32, run_dir: &Path) {
+    let proc = replicad_procfs::ProcReader::default();
+    let Ok(Some(fds)) = proc.fds(pid) else {
+        return;
+    };
+    for fd in fds {
+        let path = proc.fd_path(pid, fd);
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
+        let bytes = target.as_os_str().as_encoded_bytes();
+        if target.starts_with(run_dir) || bytes.starts_with(b"/memfd:replicad:") {
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&path)
+            {
+                if f.metadata().is_ok_and(|m| m.is_file()) {
+                    let _ = f.set_len(0);
+                }
+            }
+        }
+    }
 }
 
 /// Whether the other end of `sock` closed (the keeper exited).
@@ -644,6 +839,21 @@ fn hung_up(sock: BorrowedFd<'_>) -> bool {
     // SAFETY: one valid pollfd, no wait.
     let rc = unsafe { libc::poll(&mut p, 1, 0) };
     rc > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+}
+
+/// Connect to the keeper socket at `path`; `None` when nobody listens.
+fn connect(path: &Path) -> io::Result<Option<OwnedFd>> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) => Ok(Some(fd)),
+        Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The daemon's side: the keeper process and the socket to it.
@@ -681,53 +891,79 @@ impl KeeperLink {
     /// nobody listening: a stale socket is removed).
     pub fn adopt(exe: PathBuf, run_dir: PathBuf) -> io::Result<Option<(KeeperLink, Vec<Handed>)>> {
         let path = run_dir.join(SOCKET_NAME);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        match socket::connect(fd.as_raw_fd(), &UnixAddr::new(&path)?) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => {
+        // A keeper that lives (it holds the lock) is adopted, or waited for:
+        // an orphan listens within moments; one still linked to a stopped
+        // daemon gives up after its deadline and exits. Only when no keeper
+        // lives is what systemd stored safe to use (no other process may
+        // release a lease on the same open file descriptions).
+        let wait = deadline(&replicad_procfs::ProcReader::default()) * 2 + Duration::from_secs(1);
+        let t0 = Instant::now();
+        loop {
+            if let Some(fd) = connect(&path)? {
+                return match Self::adopt_on(exe, run_dir.clone(), fd) {
+                    Ok(adopted) => Ok(Some(adopted)),
+                    Err(e) => {
+                        tracing::warn!(
+                            run_dir = %run_dir.display(),
+                            "cannot take over the fence keeper there: {e}; it is told to revoke \
+                             everything and go"
+                        );
+                        end_keeper(&run_dir)?;
+                        Ok(None)
+                    }
+                };
+            }
+            if !lock_held(&run_dir) {
                 let _ = std::fs::remove_file(&path);
                 return Ok(None);
             }
-            Err(e) => return Err(e.into()),
+            if t0.elapsed() > wait {
+                tracing::warn!(
+                    run_dir = %run_dir.display(),
+                    "a fence keeper holds {} but does not hand over; it is told to revoke \
+                     everything and go",
+                    run_dir.join(LOCK_NAME).display()
+                );
+                end_keeper(&run_dir)?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn adopt_on(
+        exe: PathBuf,
+        run_dir: PathBuf,
+        fd: OwnedFd,
+    ) -> io::Result<(KeeperLink, Vec<Handed>)> {
         let creds = socket::getsockopt(&fd, sockopt::PeerCredentials)?;
         // SAFETY: geteuid cannot fail.
         if creds.uid() != unsafe { libc::geteuid() } {
             return Err(io::Error::other(format!(
                 "{} is held by uid {}, not by us: not a keeper of ours",
-                path.display(),
+                run_dir.join(SOCKET_NAME).display(),
                 creds.uid()
             )));
         }
         let pid = creds.pid() as u32;
-        match Self::take_over(&fd) {
-            Ok(handed) => Ok(Some((
-                KeeperLink::new(exe, run_dir, Some((fd, Peer::Adopted(pid)))),
-                handed,
-            ))),
-            Err(e) => {
-                // What it holds cannot be taken over: have it revoke
-                // everything (truncate, then release) and go.
-                if is_keeper(pid) {
-                    // SAFETY: a signal to the keeper we just talked to.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                }
-                Err(e)
-            }
+        if !is_keeper(pid, &run_dir) {
+            return Err(io::Error::other(format!(
+                "pid {pid} on {} is not this run directory's fence keeper",
+                run_dir.join(SOCKET_NAME).display()
+            )));
         }
+        let handed = Self::take_over(&fd)?;
+        Ok((
+            KeeperLink::new(exe, run_dir, Some((fd, Peer::Adopted(pid)))),
+            handed,
+        ))
     }
 
     /// Ask the keeper on `fd` for everything, and take it.
     fn take_over(fd: &OwnedFd) -> io::Result<Vec<Handed>> {
-        let t = nix::sys::time::TimeVal::new(HANDOVER_TIMEOUT.as_secs() as i64, 0);
+        let limit = HANDOVER_TIMEOUT.min(deadline(&replicad_procfs::ProcReader::default()) / 2);
+        let t =
+            nix::sys::time::TimeVal::new(limit.as_secs() as i64, i64::from(limit.subsec_micros()));
         socket::setsockopt(fd, sockopt::ReceiveTimeout, &t)?;
         sys::send_with_fds(
             fd.as_fd(),
@@ -773,8 +1009,10 @@ impl KeeperLink {
     pub fn respawn(&self) -> io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((sock, peer)) = state.take() {
+            // Killed first: seeing EOF, a live keeper would take every lease
+            // over again, on descriptions we already released.
+            peer.kill(&self.run_dir);
             drop(sock);
-            peer.kill();
         }
         let (ours, theirs) = socket::socketpair(
             AddressFamily::Unix,
@@ -911,15 +1149,27 @@ impl KeeperLink {
             while t0.elapsed() < Duration::from_secs(2) {
                 let gone = match &mut peer {
                     Peer::Child(c) => matches!(c.try_wait(), Ok(Some(_))),
-                    Peer::Adopted(pid) => !is_keeper(*pid),
+                    Peer::Adopted(pid) => !is_keeper(*pid, &self.run_dir),
                 };
                 if gone {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            peer.kill();
+            peer.kill(&self.run_dir);
         }
+    }
+
+    /// Tell the keeper every handed source is taken over (its own modify
+    /// watch, kept until now, can go).
+    pub fn adopted(&self) {
+        let _ = self.send(&message(ADOPTED, 0, SourceKey { dev: 0, ino: 0 }), &[]);
+    }
+
+    /// A word to the keeper, so that it does not take a daemon busy adopting
+    /// for a stopped one (the link thread pings only once started).
+    pub fn nudge(&self) {
+        let _ = self.send(&message(PINGED, 0, SourceKey { dev: 0, ino: 0 }), &[]);
     }
 }
 

@@ -63,8 +63,8 @@ impl FenceOps for KernelOps {
             dev: st.st_dev,
             ino: st.st_ino,
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            mtime_ns: sys::nanos(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: sys::nanos(st.st_ctime, st.st_ctime_nsec),
             nlink: st.st_nlink,
         })
     }

@@ -22,7 +22,10 @@ pub fn fence_signal() -> libc::c_int {
 
 /// Block the fence signals in the calling thread; call before starting any
 /// thread, so every thread inherits the mask and breaks reach the signalfd.
+/// Also takes what systemd's fd store passed (see
+/// [`super::fdstore::capture`]), before anything else opens an fd.
 pub fn prepare() -> io::Result<()> {
+    super::fdstore::capture();
     sys::block_signals(&[fence_signal(), libc::SIGIO])
 }
 
