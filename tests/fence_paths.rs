@@ -513,3 +513,57 @@ fn an_overlay_source_with_unknown_layers_is_refused() {
         1.0
     );
 }
+
+/// A lease signals the task that took it (`F_SETLEASE` makes the calling
+/// thread the file's owner), and the kernel finds no task to signal once
+/// that thread has exited. `replicate` runs on a pooled request thread
+/// that exits after a while idle: the break must still reach replicad
+/// (its fence takes the owner over for the whole process), and the
+/// writer's open must meet the revoke, not lease-break-time.
+#[test]
+fn a_break_reaches_replicad_after_the_thread_that_leased_exited() {
+    if !root_or_skip("a_break_reaches_replicad_after_the_thread_that_leased_exited") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("lease-owner");
+    let file = dir.path().join("f");
+    make_file(&file, 256 * 1024, 1);
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    // Until every pooled request thread is gone (the pool keeps an idle
+    // one 10 s): the two async workers stay, named alike.
+    let pooled = || {
+        std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "replicad-io")
+            })
+            .count()
+    };
+    let t0 = Instant::now();
+    while pooled() > 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} request threads still there after 30 s",
+            pooled() - 2
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(1),
+        "the writer waited {waited:?}"
+    );
+    assert_eq!(
+        d.metric("replicad_invalidations_total{reason=\"write\"}"),
+        1.0,
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.metric("replicad_forced_breaks_total"), 0.0);
+    eprintln!("the leasing thread exited: the writer waited {waited:?}");
+}

@@ -32,10 +32,13 @@ pub fn set_lease_signal(fd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<(
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), F_SETSIG, signal) }).map(drop)
 }
 
-/// Send `fd`'s signals (lease breaks) to this process (`F_SETOWN`). A
+/// Send `fd`'s signals (lease breaks) to this process (`F_SETOWN`).
+/// `F_SETLEASE` makes the calling *thread* the owner, and the kernel finds
+/// no task to signal once that thread exits (a pooled request thread):
+/// the break is lost and the writer waits out lease-break-time. And a
 /// lease taken again on an open file description another process leased
-/// (the fence keeper's, adopted) keeps signalling that process until this
-/// is done; `F_SETLEASE` alone does not move it (measured on 6.18).
+/// (the fence keeper's, adopted) keeps signalling that process. Both
+/// measured on 6.18; `tests/fence_paths.rs` shows the first.
 pub fn set_owner(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: fcntl on a valid fd with an integer argument; getpid cannot fail.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid()) }).map(drop)

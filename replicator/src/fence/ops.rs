@@ -24,7 +24,8 @@ pub struct FileStat {
 /// paths use it.
 pub trait FenceOps: Send + Sync + 'static {
     /// `F_SETSIG` to the fence signal, `F_SETLEASE F_RDLCK`, then
-    /// `F_SETOWN` to this process (a lease taken over from the keeper).
+    /// `F_SETOWN` to this process: not the calling thread, which may exit
+    /// (see [`sys::set_owner`]).
     /// `EAGAIN`: the file is open for writing.
     fn take_lease(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
     /// `F_SETLEASE F_UNLCK`: a writer waiting on the break goes on.
