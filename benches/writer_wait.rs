@@ -45,7 +45,10 @@
 //! `REPLICAD_BENCH_HUGE=1` means `huge` and `=0` means `4k`),
 //! `REPLICAD_BENCH_AGAINST` (`replicad,bare,plain`), `REPLICAD_BENCH_OPENS`,
 //! `REPLICAD_BENCH_BATCH`, `REPLICAD_BENCH_MB`, `REPLICAD_BENCH_4K_MB`;
-//! `REPLICAD_BENCH_LOGS=DIR` keeps each replicad's log there. Two knobs
+//! `REPLICAD_BENCH_LOGS=DIR` keeps each replicad's log there.
+//! Right after replicating, the bench opens each replicated file for
+//! writing once (a warm-up, not counted): see `Daemon::warm_up` for why;
+//! `REPLICAD_BENCH_WARMUP=0` leaves it out. Two knobs
 //! change the readers, to find where the time goes (the report says when
 //! they are set): `REPLICAD_BENCH_IDLE_MS` (default 1), an idle reader's
 //! sleep, and `REPLICAD_BENCH_REATTACH_MS` (default 0), how long a reader
@@ -71,7 +74,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
-use replicad_wire::proto::{NodeSelection, Request};
+use replicad_wire::proto::{NodeSelection, ReplicaState, Request, Response};
 
 /// The first argument that makes this binary a reader process.
 const READER_ARG: &str = "__writer_wait_reader";
@@ -449,6 +452,55 @@ impl Daemon {
         )
         .unwrap();
     }
+
+    /// The generation of `path`'s valid replica, if it has one.
+    fn valid_generation(&self, path: &Path) -> Option<u64> {
+        let (resp, _) =
+            replicad_client::request(&self.socket, &Request::Status, &[], Duration::from_secs(5))
+                .ok()?;
+        let Response::Status { report } = resp else {
+            return None;
+        };
+        let src = report.sources.into_iter().find(|s| s.path == path)?;
+        src.replicas
+            .iter()
+            .any(|r| r.state == ReplicaState::Valid && r.generation == src.generation)
+            .then_some(src.generation)
+    }
+
+    /// One write-open right after `replicate`, before any row: its revoke
+    /// makes replicad take the lease again from its long-lived refence
+    /// thread. The first lease was taken by the thread that served the
+    /// request; the kernel signals a lease break to the thread that took
+    /// the lease (F_SETLEASE sets the owner to the calling thread), and a
+    /// thread of the request pool that has since exited gets none: the
+    /// writer then waits out lease-break-time, the kernel breaks the lease
+    /// by force and the replica stays mapped and handed out. `Err` says
+    /// so when this open is not revoked.
+    fn warm_up(&self, path: &Path) -> Result<(), String> {
+        let before = self.invalidations().map_or(0, |(_, n)| n);
+        let gen = self.valid_generation(path);
+        let t = Instant::now();
+        drop(std::fs::OpenOptions::new().write(true).open(path).unwrap());
+        let waited = t.elapsed();
+        let t = Instant::now();
+        while self.valid_generation(path).is_none_or(|g| Some(g) == gen) {
+            if t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let after = self.invalidations().map_or(0, |(_, n)| n);
+        if after > before {
+            Ok(())
+        } else {
+            Err(format!(
+                "BUG: the warm-up write-open of {} waited {waited:?} and was not revoked \
+                 (no lease-break signal reached replicad)",
+                path.display()
+            ))
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -591,6 +643,8 @@ struct Store {
     /// What backs the replica, seen from a reader (filled on the first
     /// replicad visit).
     pages: Option<String>,
+    /// What went wrong at start (the report prints it).
+    notes: Vec<String>,
 }
 
 struct Row {
@@ -966,6 +1020,11 @@ fn main() {
         let (rep, bare, plain) = (file("replicated"), file("bare"), file("plain"));
         let daemon = Daemon::start(huge);
         daemon.replicate(&rep);
+        let notes = if std::env::var("REPLICAD_BENCH_WARMUP").as_deref() == Ok("0") {
+            vec!["no warm-up write-open (REPLICAD_BENCH_WARMUP=0)".to_string()]
+        } else {
+            daemon.warm_up(&rep).err().into_iter().collect()
+        };
         stores.push(Store {
             label,
             mb,
@@ -974,6 +1033,7 @@ fn main() {
             bare,
             plain,
             pages: None,
+            notes,
         });
     }
 
@@ -1152,8 +1212,13 @@ fn report(rows: &mut [Row], stores: &[Store], h: &Header) {
         h.opens, h.batch, h.rounds, h.secs, h.cpus
     );
     println!(
-        "  load average (1, 5, 15 min): {} at the start, {} at the end",
-        h.load_start, h.load_end
+        "  load average (1, 5, 15 min): {} at the start, {} at the end; \
+         /proc/sys/fs/lease-break-time {} s",
+        h.load_start,
+        h.load_end,
+        std::fs::read_to_string("/proc/sys/fs/lease-break-time")
+            .unwrap_or_default()
+            .trim()
     );
     println!(
         "  idle: readers touch every page, then sleep 1 ms; busy: one reader per CPU ({}) \
@@ -1178,6 +1243,9 @@ fn report(rows: &mut [Row], stores: &[Store], h: &Header) {
             s.mb,
             s.pages.as_deref().unwrap_or("not seen")
         );
+        for t in &s.notes {
+            println!("  store {}: NOTE {t}", s.label);
+        }
         for t in s.daemon.log_troubles() {
             println!("  store {}: NOTE replicad's log: {t}", s.label);
         }
@@ -1265,6 +1333,15 @@ fn report(rows: &mut [Row], stores: &[Store], h: &Header) {
                 }
                 if !parts.is_empty() {
                     println!("  {:<27} replicad{}", "", parts.join(", replicad"));
+                }
+                if r.daemon_count < r.writer_count as u64 {
+                    println!(
+                        "  {:<27} NOTE {} of {} opens were not revoked by replicad (a lost \
+                         lease break?)",
+                        "",
+                        r.writer_count as u64 - r.daemon_count,
+                        r.writer_count
+                    );
                 }
                 if r.daemon_count > 0 {
                     println!(
