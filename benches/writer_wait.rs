@@ -717,6 +717,7 @@ impl Bench {
     /// Which readers were not ready, and what they were doing (stderr).
     fn explain_not_ready(&self, label: &str, readers: &Children, base: &[u64]) {
         let proc = ProcReader::default();
+        let mut stuck = Vec::new();
         for (i, pid) in readers.pids().into_iter().enumerate() {
             let now = self.slots.get(i).load(Ordering::SeqCst);
             if i < base.len() && now > base[i] {
@@ -724,9 +725,48 @@ impl Bench {
             }
             let state = proc.stat(pid).ok().flatten().map_or('?', |s| s.state);
             let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            // The kernel stack, frames joined, where root may read it.
+            let stack = std::fs::read_to_string(format!("/proc/{pid}/stack"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect::<Vec<_>>()
+                .join(" < ");
             eprintln!(
-                "{label}: reader {i} (pid {pid}) not ready: slot {now}, state {state}, wchan {wchan}"
+                "{label}: reader {i} (pid {pid}) not ready: slot {now}, state {state}, wchan \
+                 {wchan}, stack {stack}"
             );
+            stuck.push(pid);
+        }
+        // Who has a /proc file of a stuck reader open (maps, pagemap,
+        // cmdline readers hold its mmap_lock), and who else sleeps in D.
+        for other in proc.pids().unwrap_or_default() {
+            let comm = proc.comm(other).ok().flatten().unwrap_or_default();
+            if let Ok(dir) = std::fs::read_dir(format!("/proc/{other}/fd")) {
+                for fd in dir.flatten() {
+                    let Ok(target) = std::fs::read_link(fd.path()) else {
+                        continue;
+                    };
+                    let target = target.to_string_lossy().into_owned();
+                    if stuck
+                        .iter()
+                        .any(|p| target.starts_with(&format!("/proc/{p}/")))
+                    {
+                        eprintln!("{label}:   pid {other} ({comm}) has {target} open");
+                    }
+                }
+            }
+            if !stuck.contains(&other)
+                && proc
+                    .stat(other)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s.state == 'D')
+            {
+                let wchan =
+                    std::fs::read_to_string(format!("/proc/{other}/wchan")).unwrap_or_default();
+                eprintln!("{label}:   pid {other} ({comm}) in D too, wchan {wchan}");
+            }
         }
     }
 
