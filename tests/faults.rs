@@ -29,7 +29,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1487,4 +1487,121 @@ fn lease_on(ino: u64) -> bool {
         .unwrap()
         .lines()
         .any(|l| l.contains("LEASE") && l.split_whitespace().any(|f| f.ends_with(&suffix)))
+}
+
+// ---- a revoked replica handed to a system call -------------------------------------
+
+/// A revoke truncates the replica: the kernel unmaps it, and the next
+/// touch by the program raises SIGBUS, which the client (or the shim)
+/// turns into the file's mapping. A system call that reads the range
+/// (`write(2)` of mapped bytes, a path or a string literal in a replicated
+/// program's rodata) touches it in the kernel, where no SIGBUS is raised:
+/// the call fails with EFAULT instead of reading the file's bytes.
+#[test]
+#[ignore = "known bug: a system call reading a revoked replica's range fails with EFAULT"]
+fn a_revoked_replica_handed_to_a_system_call_reads_the_file() {
+    if !root_or_skip("a_revoked_replica_handed_to_a_system_call_reads_the_file") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let d = Daemon::start("");
+    let dir = scratch("faults-efault");
+    let f = Data::new(dir.path(), "f", 16);
+    d.ctl_ok(&["replicate", f.s()]);
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let m = replicad_client::map_with(&f.path, &opts).unwrap();
+    assert!(m.on_replica(), "{:?}", m.backing());
+    // A writer revokes the replica (nothing in this process touches the
+    // mapping meanwhile).
+    write_next(&f.path, &f.control, f.pages, || {});
+    let sink = tempfile::tempfile().unwrap();
+    // SAFETY: write(2) from our own live mapping of `m.len()` bytes.
+    let n = unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(&sink),
+            m.as_ptr().cast(),
+            m.len(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        n,
+        m.len() as isize,
+        "write(2) of the revoked mapping: {n} ({err}); the program never touched it"
+    );
+    // What it wrote is the file's new version, as from any mapping of it.
+    let mut sink = sink;
+    let mut written = Vec::new();
+    std::io::Seek::rewind(&mut sink).unwrap();
+    sink.read_to_end(&mut written).unwrap();
+    let (bad, first) = stale_words(&written, 2);
+    assert_eq!(
+        bad, 0,
+        "write(2) of the revoked mapping wrote stale bytes: {first}"
+    );
+}
+
+/// The same through the shim: a program whose own file is replicated runs
+/// with its text and rodata on the replica. The keeper is killed, so the
+/// daemon revokes every replica. The program, which slept in `read(2)`
+/// meanwhile, then runs (its text faults and falls back) and `write(2)`s a
+/// string literal from its rodata: the kernel reads the revoked range and
+/// the call fails with EFAULT.
+#[test]
+#[ignore = "known bug: a system call reading a revoked replica's range fails with EFAULT"]
+fn a_program_running_on_a_revoked_replica_of_itself_gets_no_efault() {
+    if !root_or_skip("a_program_running_on_a_revoked_replica_of_itself_gets_no_efault") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let d = Daemon::start("");
+    let dir = scratch("faults-efault-shim");
+    let exe = dir.path().join("fault-reader-copy");
+    std::fs::copy(program("replicad-fault-reader"), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.ctl_ok(&["replicate", exe.to_str().unwrap()]);
+    let mut child = Command::new(&exe)
+        .arg("literal")
+        .env("REPLICAD_SOCKET", &d.socket)
+        .env("LD_PRELOAD", shim_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, exe_replica) = valid_replica(&d.status(), &exe).unwrap();
+    let on_replica = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with(&exe_replica))
+            .count()
+    };
+    wait_for(
+        "the program on its replica",
+        Duration::from_secs(10),
+        || on_replica(child.id()) >= 2,
+    );
+    let keeper = current_keeper(&d).unwrap();
+    signal(keeper, libc::SIGKILL);
+    wait_for("a new keeper", Duration::from_secs(10), || {
+        current_keeper(&d).is_some_and(|k| k != keeper)
+    });
+    assert!(
+        std::fs::metadata(&exe_replica).map_or(true, |m| m.len() == 0),
+        "the replica was not revoked"
+    );
+    child.stdin.take().unwrap().write_all(b"x").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout == b"a string literal from rodata\n",
+        "{}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

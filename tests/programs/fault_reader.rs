@@ -19,6 +19,12 @@
 //! fallback. It is counted as a fault (and the page reads zeros from then
 //! on, so its words count as bad too).
 //!
+//! `replicad-fault-reader literal`: wait for a byte on stdin, then
+//! `write(2)` a string literal (in this program's rodata) to stdout and
+//! exit 0, or exit 1 naming the error. Run from a replicated copy under the
+//! shim, the rodata is on the replica: once that is revoked, the kernel
+//! reads the literal from the revoked range.
+//!
 //! Prints JSON lines: `{"ready":true,...}` once every held mapping is made
 //! and checked, with each one's address (a test reads `/proc/<pid>/maps`
 //! itself); `{"progress":true,...}` about every 100 ms; `{"final":true,...}`
@@ -299,8 +305,28 @@ fn usage() -> ! {
     std::process::exit(2);
 }
 
+/// A literal in rodata, for `literal`.
+static LITERAL: &[u8] = b"a string literal from rodata\n";
+
+fn literal() -> ! {
+    let mut b = [0u8; 1];
+    // SAFETY: a one-byte read into our stack buffer.
+    unsafe { libc::read(0, b.as_mut_ptr().cast(), 1) };
+    // SAFETY: write(2) of a static byte string.
+    let n = unsafe { libc::write(1, LITERAL.as_ptr().cast(), LITERAL.len()) };
+    if n == LITERAL.len() as isize {
+        std::process::exit(0);
+    }
+    let e = std::io::Error::last_os_error();
+    eprintln!("write(2) of a literal: {n} ({e})");
+    std::process::exit(1);
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("literal") {
+        literal();
+    }
     let mut max_rounds = u64::MAX;
     if let Some(i) = args.iter().position(|a| a == "--rounds") {
         max_rounds = args
