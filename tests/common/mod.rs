@@ -426,13 +426,22 @@ fn proc_stat(pid: u32) -> Option<(char, u32, u64)> {
     ))
 }
 
-fn argv_of(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
+/// The argv of `pid` if it runs replicad (its comm, read first: reading
+/// another process's cmdline waits for its mmap lock, which a busy reader
+/// process may hold for seconds).
+fn replicad_argv(pid: u32) -> Option<Vec<String>> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if comm.trim_end() != "replicad" {
+        return None;
+    }
+    Some(
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()?
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
 }
 
 /// Every live fence keeper of the run directory `run_dir`: a process run
@@ -448,16 +457,18 @@ pub fn keepers(run_dir: &Path, daemon: Option<u32>) -> Vec<KeeperProc> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let argv = argv_of(pid);
-        let Some(i) = argv.iter().position(|a| a == "--fence-keeper") else {
-            continue;
-        };
         let Some((state, ppid, start)) = proc_stat(pid) else {
             continue;
         };
         if state == 'Z' {
             continue;
         }
+        let Some(argv) = replicad_argv(pid) else {
+            continue;
+        };
+        let Some(i) = argv.iter().position(|a| a == "--fence-keeper") else {
+            continue;
+        };
         let ours =
             argv.get(i + 2).is_some_and(|a| names_run_dir(a)) || daemon.is_some_and(|d| d == ppid);
         if ours {
@@ -473,7 +484,7 @@ pub fn keepers(run_dir: &Path, daemon: Option<u32>) -> Vec<KeeperProc> {
 pub fn kill_keepers(list: &[KeeperProc]) {
     let same = |k: &KeeperProc| {
         proc_stat(k.pid).is_some_and(|(state, _, start)| start == k.start && state != 'Z')
-            && argv_of(k.pid).iter().any(|a| a == "--fence-keeper")
+            && replicad_argv(k.pid).is_some_and(|a| a.iter().any(|a| a == "--fence-keeper"))
     };
     for k in list.iter().filter(|k| same(k)) {
         // SAFETY: a signal to a fence keeper of this test's daemon, checked
@@ -492,13 +503,11 @@ pub fn keeper_of(daemon: u32) -> Option<u32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("--fence-keeper") {
+        // The parent first: only the daemon's children's argv is read.
+        if proc_stat(pid).is_none_or(|(state, ppid, _)| ppid != daemon || state == 'Z') {
+            continue;
+        }
+        if replicad_argv(pid).is_some_and(|a| a.iter().any(|a| a == "--fence-keeper")) {
             return Some(pid);
         }
     }
