@@ -243,11 +243,90 @@ fn current_keeper(d: &Daemon) -> Option<u32> {
     keeper_of(d.pid()).or_else(|| keepers(d.run_dir.path(), None).first().map(|k| k.pid))
 }
 
+/// Every thread of process `pid`: its name, kernel wait channel and
+/// system call (no ptrace): for a stall's report.
+fn threads(pid: u32) -> String {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        out.push(format!(
+            "  task {} {} wchan {} syscall {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("syscall").split(' ').next().unwrap_or("").trim()
+        ));
+    }
+    out.join("\n")
+}
+
+/// The time of day (UTC) as the daemon's log writes it.
+fn utc_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let s = t.as_secs() % 86400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        t.subsec_millis()
+    )
+}
+
+/// The last `n` lines of the daemon's log.
+fn log_tail(d: &Daemon, n: usize) -> String {
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
+}
+
+/// Who holds `path` open, and the leases on it: for a writer's report.
+fn who_holds(path: &Path) -> String {
+    let ino = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
+    let mut out: Vec<String> = std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|f| f.ends_with(&format!(":{ino}")))
+        })
+        .map(|l| format!("  lock: {l}"))
+        .collect();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let n = fds
+            .flatten()
+            .filter(|f| std::fs::read_link(f.path()).ok().as_deref() == Some(path))
+            .count();
+        if n > 0 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            out.push(format!(
+                "  pid {pid} ({n} fds): {} wchan {wchan}",
+                stat.split(' ').take(4).collect::<Vec<_>>().join(" ")
+            ));
+        }
+    }
+    out.join("\n")
 }
 
 // ---- the readers -------------------------------------------------------------
@@ -979,6 +1058,7 @@ fn daemon_killed_with_a_writer_waiting() {
 
 /// One shim process of the hello loop.
 struct LoopRun {
+    pid: u32,
     started: Instant,
     ended: Instant,
     status: ExitStatus,
@@ -1025,8 +1105,11 @@ fn daemon_killed_mid_hello() {
     let mut rig = Rig::new("faults-hello");
     let exe = program("replicad-fault-reader");
     let stop = Arc::new(AtomicBool::new(false));
+    // The loop's processes running now: pid and start.
+    let running: Arc<Mutex<Vec<(u32, Instant)>>> = Default::default();
     let looping = {
         let stop = stop.clone();
+        let running = running.clone();
         let cmd = {
             let files = [&rig.a, &rig.b];
             let mut c = reader_command(&rig.d, &exe, "private", &files, &["30", "--rounds", "2"]);
@@ -1046,12 +1129,15 @@ fn daemon_killed_mid_hello() {
                     && last.elapsed() >= Duration::from_millis(20)
                 {
                     last = Instant::now();
-                    live.push((last, cmd.spawn().unwrap()));
+                    let c = cmd.spawn().unwrap();
+                    running.lock().unwrap().push((c.id(), last));
+                    live.push((last, c));
                 }
                 let mut i = 0;
                 while i < live.len() {
                     if let Some(status) = live[i].1.try_wait().unwrap() {
                         let (started, mut c) = live.remove(i);
+                        running.lock().unwrap().retain(|(p, _)| *p != c.id());
                         let mut stdout = String::new();
                         let mut stderr = String::new();
                         c.stdout
@@ -1065,6 +1151,7 @@ fn daemon_killed_mid_hello() {
                             .read_to_string(&mut stderr)
                             .unwrap();
                         runs.push(LoopRun {
+                            pid: c.id(),
                             started,
                             ended: Instant::now(),
                             status,
@@ -1081,8 +1168,9 @@ fn daemon_killed_mid_hello() {
         })
     };
     // Hellos answered for a while; then, at a moment of the clock's
-    // choosing (whatever the loop is doing then), the daemon stops, hellos
-    // pile up unanswered for 150 ms, and it is killed.
+    // choosing (whatever the loop is doing then), the daemon stops, and
+    // once a process started since waits for the answer to its hello (its
+    // first request: it sleeps in recvmsg), it is killed.
     let pause = 800
         + std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1091,9 +1179,28 @@ fn daemon_killed_mid_hello() {
             % 400;
     std::thread::sleep(Duration::from_millis(pause));
     rig.d.signal(libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(150));
+    let stopped = Instant::now();
+    let mut caught = None;
+    wait_for(
+        "a shim process waiting for its hello's answer",
+        Duration::from_secs(10),
+        || {
+            caught = running.lock().unwrap().iter().find_map(|&(pid, started)| {
+                let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+                let recvmsg = libc::SYS_recvmsg.to_string();
+                (started > stopped && syscall.split(' ').next() == Some(recvmsg.as_str()))
+                    .then_some(pid)
+            });
+            caught.is_some()
+        },
+    );
+    let caught = caught.unwrap();
     let killed = Instant::now();
     rig.d.crash();
+    eprintln!(
+        "killed mid-hello: stopped {pause} ms into the loop, killed {:?} later, process {caught} waiting for its hello's answer",
+        killed - stopped
+    );
     std::thread::sleep(Duration::from_millis(500));
     rig.write_a("killed mid-hello", WRITER_BOUND);
     std::thread::sleep(Duration::from_millis(300));
@@ -1121,8 +1228,20 @@ fn daemon_killed_mid_hello() {
             r.status,
             r.stderr
         );
+        assert!(
+            (0..2).all(|i| fin["fresh_unmapped_rounds"][i] == 0),
+            "a shim process of the loop could not map a file it reads: {fin}\n{}",
+            r.stderr
+        );
         words += fin["words"].as_u64().unwrap();
         let o = hello_outcome(&r.stderr);
+        if r.pid == caught {
+            assert_eq!(
+                o, "cut",
+                "process {caught}, waiting for its hello's answer at the kill:\n{}",
+                r.stderr
+            );
+        }
         *outcomes.entry(o).or_default() += 1;
         if r.started < killed && r.ended > killed {
             in_flight += 1;
@@ -1132,13 +1251,17 @@ fn daemon_killed_mid_hello() {
         }
     }
     eprintln!(
-        "killed mid-hello ({pause} ms into the loop): {} shim processes, {in_flight} running at the kill ({cut_in_flight} of them \
+        "killed mid-hello: {} shim processes, {in_flight} running at the kill ({cut_in_flight} of them \
          with their hello cut by it), hellos: {outcomes:?}; {words} words checked by them",
         runs.len()
     );
     assert!(
         outcomes.get("attached").is_some_and(|n| *n > 0),
         "no hello was answered before the kill: {outcomes:?}"
+    );
+    assert!(
+        runs.iter().any(|r| r.pid == caught),
+        "process {caught} is not among the loop's"
     );
     assert!(
         cut_in_flight > 0,
@@ -1320,8 +1443,38 @@ fn soak_kills_while_writing() {
         .map(|d| (d.path.clone(), d.control.clone()))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    // An open pending for long: who holds the file then (for the report).
+    let pending: Arc<Mutex<Option<(Instant, PathBuf)>>> = Default::default();
+    let holders: Arc<Mutex<Vec<String>>> = Default::default();
+    let daemon_pid = Arc::new(std::sync::atomic::AtomicU32::new(rig.d.pid()));
+    let watch = {
+        let (stop, pending, holders) = (stop.clone(), pending.clone(), holders.clone());
+        let daemon_pid = daemon_pid.clone();
+        std::thread::spawn(move || {
+            let mut seen = None;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                let p = pending.lock().unwrap().clone();
+                if let Some((t, path)) = p {
+                    if t.elapsed() > Duration::from_millis(500) && seen != Some(t) {
+                        seen = Some(t);
+                        let who = who_holds(&path);
+                        let pid = daemon_pid.load(Ordering::SeqCst);
+                        holders.lock().unwrap().push(format!(
+                            "open of {} pending for {:?} at {}:\n{who}\ndaemon {pid}'s threads:\n{}",
+                            path.display(),
+                            t.elapsed(),
+                            utc_now(),
+                            threads(pid)
+                        ));
+                    }
+                }
+            }
+        })
+    };
     let writer = {
         let stop = stop.clone();
+        let pending = pending.clone();
         let mut wrng = Rng(rng.next() | 1);
         std::thread::spawn(move || {
             let mut waits = Vec::new();
@@ -1329,7 +1482,10 @@ fn soak_kills_while_writing() {
             while !stop.load(Ordering::SeqCst) {
                 let (path, control) = &files[i % files.len()];
                 let t = Instant::now();
-                let (_, waited, _) = write_next(path, control, PAGES, || {});
+                *pending.lock().unwrap() = Some((t, path.clone()));
+                let (_, waited, _) = write_next(path, control, PAGES, || {
+                    *pending.lock().unwrap() = None;
+                });
                 waits.push((t, waited, i % files.len()));
                 i += 1;
                 std::thread::sleep(Duration::from_millis(wrng.range(10, 150)));
@@ -1349,6 +1505,7 @@ fn soak_kills_while_writing() {
             std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
             events.push((Instant::now(), format!("round {round}: restart")));
             rig.d.restart();
+            daemon_pid.store(rig.d.pid(), Ordering::SeqCst);
             events.push((Instant::now(), format!("round {round}: restarted")));
             for f in [&rig.a, &rig.b] {
                 // Listed (adopted) or replicated again; a writer may hold
@@ -1383,17 +1540,36 @@ fn soak_kills_while_writing() {
             let keeper = keeper.unwrap();
             events.push((Instant::now(), format!("round {round}: keeper kill")));
             signal(keeper, libc::SIGKILL);
-            wait_for(
-                &format!("round {round}: a new keeper"),
-                Duration::from_secs(10),
-                || current_keeper(&rig.d).is_some_and(|k| k != keeper),
-            );
+            let t1 = Instant::now();
+            let killed_at = utc_now();
+            let mut seen = Vec::new();
+            while current_keeper(&rig.d).is_none_or(|k| k == keeper) {
+                if seen.len() < 3 && t1.elapsed() > Duration::from_secs(1 + seen.len() as u64) {
+                    seen.push(format!("at {}:\n{}", utc_now(), threads(rig.d.pid())));
+                }
+                if t1.elapsed() > Duration::from_secs(10) {
+                    panic!(
+                        "round {round}: no new keeper 10 s after keeper {keeper} was killed at {killed_at}; \
+                         daemon log:\n{}\nthe daemon's threads {}\nand at {}:\n{}",
+                        log_tail(&rig.d, 80),
+                        seen.join("\n"),
+                        utc_now(),
+                        threads(rig.d.pid())
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             eprintln!("soak round {round}: keeper {keeper} killed and replaced");
         }
         rig.checker.clean_now(&format!("soak round {round}"));
     }
     stop.store(true, Ordering::SeqCst);
     let waits = writer.join().unwrap();
+    watch.join().unwrap();
+    let holders = holders.lock().unwrap().join("\n");
+    if !holders.is_empty() {
+        eprintln!("soak: {holders}");
+    }
     let took = t0.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     let reports = rig.checker.finish("soak");
@@ -1426,7 +1602,11 @@ fn soak_kills_while_writing() {
         "the writer wrote only {} times",
         waits.len()
     );
-    assert!(p(1.0) < WRITER_BOUND, "a writer's open waited {:?}", p(1.0));
+    assert!(
+        p(1.0) < WRITER_BOUND,
+        "a writer's open waited {:?}\n{holders}",
+        p(1.0)
+    );
     // The soak tested replicas, not only the files.
     for i in 0..2 {
         assert!(per_file_sum(&reports, "fresh_replica_rounds", i) > 0);
