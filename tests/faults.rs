@@ -947,29 +947,50 @@ fn daemon_killed_mid_copy() {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    let replica = loop {
-        if let Some(st) = status_now(&rig.d) {
-            if let Some(r) = source(&st, &big.path).and_then(|s| {
-                s.replicas
-                    .iter()
-                    .find(|r| r.state == ReplicaState::Populating)
-            }) {
-                break r.file.clone();
-            }
+    // Populating in the status, and part of it in the store already (the
+    // status names no file while it populates: the store's file is
+    // `<dev>-<ino>-g<generation>`).
+    let size = big.pages * PAGE as u64;
+    let replica = {
+        let m = std::fs::metadata(&big.path).unwrap();
+        rig.d
+            .run_dir
+            .path()
+            .join("node0")
+            .join(format!("{}-{}-g1", m.dev(), m.ino()))
+    };
+    let mut populating = false;
+    let at_kill = loop {
+        if !populating {
+            populating = status_now(&rig.d).is_some_and(|st| {
+                source(&st, &big.path).is_some_and(|s| {
+                    s.replicas
+                        .iter()
+                        .any(|r| r.state == ReplicaState::Populating)
+                })
+            });
+        }
+        let stored = std::fs::metadata(&replica).map_or(0, |m| m.blocks() * 512);
+        if populating && stored > 0 && stored < size {
+            break stored;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "the large file's copy never showed as populating"
+            "the large file's copy was never seen populating part-way (populating {populating}, \
+             {stored} bytes in {})",
+            replica.display()
         );
         std::thread::sleep(Duration::from_millis(1));
     };
     rig.d.crash();
     let copied = std::fs::metadata(&replica).map_or(0, |m| m.blocks() * 512);
     eprintln!(
-        "killed mid-copy: {} ms after the replicate, its replica populating: {} of {} MiB in the store",
+        "killed mid-copy: {} ms after the replicate, its replica populating: {} MiB of {} in the \
+         store just before the kill, {} MiB after",
         t0.elapsed().as_millis(),
-        copied >> 20,
-        (big.pages * PAGE as u64) >> 20
+        at_kill >> 20,
+        size >> 20,
+        copied >> 20
     );
     let out = copy.wait_with_output().unwrap();
     assert!(
