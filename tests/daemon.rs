@@ -208,6 +208,10 @@ fn full_store_is_refused_cleanly() {
     make_file(&file, 4 << 20, 2);
     let e = d.ctl_err(&["replicate", file.to_str().unwrap()]);
     assert!(e.contains("is full"), "{e}");
+    assert!(
+        e.contains(file.to_str().unwrap()),
+        "the error names no file: {e}"
+    );
     let store = d.run_dir.path().join("node0");
     assert_eq!(
         std::fs::read_dir(&store).unwrap().count(),
@@ -215,10 +219,50 @@ fn full_store_is_refused_cleanly() {
         "half-made replica left"
     );
     assert!(d.metric("replicad_replication_failures_total{reason=\"no_space\"}") >= 1.0);
+    // The source left the list, and no lease is left on it (the daemon's
+    // or the fence keeper's).
+    let st = d.status();
+    assert!(
+        st.sources.iter().all(|s| s.path != file),
+        "the source that did not fit is listed: {st:?}"
+    );
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
+    assert!(
+        !lease_on(ino),
+        "a lease is left on the source that did not fit:\n{}",
+        std::fs::read_to_string("/proc/locks").unwrap()
+    );
     // A file that fits still replicates.
     let small = dir.path().join("small");
     make_file(&small, 100_000, 2);
     d.ctl_ok(&["replicate", small.to_str().unwrap()]);
+    // Written to a size that no longer fits: its next generation fails the
+    // same way, and the source leaves the list with no lease left on it.
+    let small_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&small).unwrap());
+    assert!(lease_on(small_ino), "no lease on a replicated source");
+    {
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&small)
+            .unwrap();
+        w.write_all(&vec![7u8; 4 << 20]).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        let listed = d.status().sources.iter().any(|s| s.path == small);
+        if !listed && !lease_on(small_ino) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "10 s after the write that outgrew the store: listed {listed}, lease {}: {:?}\n{}",
+            lease_on(small_ino),
+            d.status(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.metric("replicad_replication_failures_total{reason=\"no_space\"}") >= 2.0);
 }
 
 /// Start replicating `file` on another thread and return once the copy is

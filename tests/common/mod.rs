@@ -105,6 +105,10 @@ pub struct Daemon {
     pub config: PathBuf,
     pub http: Option<String>,
     pub log: PathBuf,
+    /// Fence keepers this daemon (or an earlier one on the run directory)
+    /// had, seen before it was signalled: once it is dead they are
+    /// orphans, no longer its children, and Drop still kills them.
+    keepers: std::sync::Mutex<Vec<KeeperProc>>,
 }
 
 fn free_port() -> u16 {
@@ -153,6 +157,7 @@ impl Daemon {
             config,
             http,
             log,
+            keepers: Default::default(),
         };
         d.spawn();
         d
@@ -277,8 +282,20 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
+        self.remember_keepers();
         // SAFETY: kill on our child's pid.
         unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Note the daemon's keepers (its children now) for Drop.
+    fn remember_keepers(&self) {
+        let pid = self.child.as_ref().map(Child::id);
+        let mut known = self.keepers.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keepers(self.run_dir.path(), pid) {
+            if !known.contains(&k) {
+                known.push(k);
+            }
+        }
     }
 
     /// SIGTERM and wait; the exit status.
@@ -305,6 +322,7 @@ impl Daemon {
 
     /// SIGKILL (a crash) and wait.
     pub fn crash(&mut self) {
+        self.remember_keepers();
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         let st = child.wait().unwrap();
@@ -335,26 +353,16 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Its keepers first, while they are still its children; then every
+        // keeper of the run directory, orphans included: none may hold a
+        // lease on a test's file after the test.
+        self.remember_keepers();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Its fence keeper outlives it (that is its job): told to stop, it
-        // revokes what it holds and exits.
-        if let Some(k) = keeper_in(self.run_dir.path()) {
-            // SAFETY: signals to the keeper of this test's daemon.
-            unsafe { libc::kill(k as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            let running =
-                || std::fs::read(format!("/proc/{k}/cmdline")).is_ok_and(|c| !c.is_empty());
-            while running() && t0.elapsed() < Duration::from_secs(2) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if running() {
-                // SAFETY: as above; a keeper still there after 2 s is killed.
-                unsafe { libc::kill(k as i32, libc::SIGKILL) };
-            }
-        }
+        self.remember_keepers();
+        kill_keepers(&self.keepers.lock().unwrap_or_else(|p| p.into_inner()));
         for m in mounts_under(self.run_dir.path()) {
             let c = std::ffi::CString::new(m).unwrap();
             // SAFETY: unmounting a test mount by path.
@@ -396,19 +404,110 @@ pub fn shim_path() -> PathBuf {
         })
 }
 
+/// A fence keeper process: its pid and start time, so that a pid reused
+/// by another process is never taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeeperProc {
+    pub pid: u32,
+    start: u64,
+}
+
+/// `(state, ppid, start time)` of `pid` from `/proc/<pid>/stat`; `None`
+/// once it is gone.
+fn proc_stat(pid: u32) -> Option<(char, u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the comm's closing parenthesis: state, ppid, ... starttime
+    // (field 22 of the whole line, the 20th after the comm).
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        rest.first()?.chars().next()?,
+        rest.get(1)?.parse().ok()?,
+        rest.get(19)?.parse().ok()?,
+    ))
+}
+
+/// The argv of `pid` if it runs replicad (its comm, read first: reading
+/// another process's cmdline waits for its mmap lock, which a busy reader
+/// process may hold for seconds).
+fn replicad_argv(pid: u32) -> Option<Vec<String>> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if comm.trim_end() != "replicad" {
+        return None;
+    }
+    Some(
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()?
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Every live fence keeper of the run directory `run_dir`: a process run
+/// as `replicad --fence-keeper <fd> <run_dir>`, orphaned or not, and any
+/// child of `daemon` (while it lives) run with `--fence-keeper` (an argv
+/// with only the fd).
+pub fn keepers(run_dir: &Path, daemon: Option<u32>) -> Vec<KeeperProc> {
+    let canon = std::fs::canonicalize(run_dir).ok();
+    let names_run_dir =
+        |a: &str| Path::new(a) == run_dir || canon.as_deref().is_some_and(|c| Path::new(a) == c);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some((state, ppid, start)) = proc_stat(pid) else {
+            continue;
+        };
+        if state == 'Z' {
+            continue;
+        }
+        let Some(argv) = replicad_argv(pid) else {
+            continue;
+        };
+        let Some(i) = argv.iter().position(|a| a == "--fence-keeper") else {
+            continue;
+        };
+        let ours =
+            argv.get(i + 2).is_some_and(|a| names_run_dir(a)) || daemon.is_some_and(|d| d == ppid);
+        if ours {
+            out.push(KeeperProc { pid, start });
+        }
+    }
+    out
+}
+
+/// SIGKILL each keeper still running (the same process: same start
+/// time, still a keeper) and wait until it is gone (or a zombie, which
+/// holds no fds).
+pub fn kill_keepers(list: &[KeeperProc]) {
+    let same = |k: &KeeperProc| {
+        proc_stat(k.pid).is_some_and(|(state, _, start)| start == k.start && state != 'Z')
+            && replicad_argv(k.pid).is_some_and(|a| a.iter().any(|a| a == "--fence-keeper"))
+    };
+    for k in list.iter().filter(|k| same(k)) {
+        // SAFETY: a signal to a fence keeper of this test's daemon, checked
+        // to be that process just now.
+        unsafe { libc::kill(k.pid as i32, libc::SIGKILL) };
+    }
+    let t0 = Instant::now();
+    while list.iter().any(same) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The keeper: the child of `daemon` run with --fence-keeper.
 pub fn keeper_of(daemon: u32) -> Option<u32> {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("--fence-keeper") {
+        // The parent first: only the daemon's children's argv is read.
+        if proc_stat(pid).is_none_or(|(state, ppid, _)| ppid != daemon || state == 'Z') {
+            continue;
+        }
+        if replicad_argv(pid).is_some_and(|a| a.iter().any(|a| a == "--fence-keeper")) {
             return Some(pid);
         }
     }
@@ -419,19 +518,7 @@ pub fn keeper_of(daemon: u32) -> Option<u32> {
 /// daemon left and the next one adopted (its argv: `replicad
 /// --fence-keeper <fd> <run_dir>`).
 pub fn keeper_in(run_dir: &Path) -> Option<u32> {
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.get(1) == Some(&&b"--fence-keeper"[..])
-            && args.get(3) == Some(&run_dir.as_os_str().as_encoded_bytes())
-        {
-            return Some(pid);
-        }
-    }
-    None
+    keepers(run_dir, None).first().map(|k| k.pid)
 }
 
 /// Sets `/proc/sys/fs/lease-break-time` (a global setting) for a test,
