@@ -1680,7 +1680,9 @@ fn no_keeper_outlives_the_test_daemon() {
         drop(d);
         assert!(
             !alive(keeper),
-            "keeper {keeper} (orphan: {orphan}) outlived its test daemon"
+            "keeper {keeper} (orphan: {orphan}) outlived its test daemon: {} (wchan {})",
+            std::fs::read_to_string(format!("/proc/{keeper}/status")).unwrap_or_default(),
+            std::fs::read_to_string(format!("/proc/{keeper}/wchan")).unwrap_or_default()
         );
         assert!(
             !lease_on(ino),

@@ -491,8 +491,12 @@ pub fn kill_keepers(list: &[KeeperProc]) {
         // to be that process just now.
         unsafe { libc::kill(k.pid as i32, libc::SIGKILL) };
     }
+    // A keeper that watched sources exits through the kernel's fsnotify
+    // teardown, which waits for an SRCU grace period: seconds here at
+    // times (seen: D in fsnotify_destroy_group with SIGKILL pending, its
+    // leases already closed).
     let t0 = Instant::now();
-    while list.iter().any(same) && t0.elapsed() < Duration::from_secs(5) {
+    while list.iter().any(same) && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
