@@ -332,7 +332,12 @@ fn keepers_of(proc: &ProcReader, daemon: u32) -> Vec<(u32, u64)> {
         if stat.ppid != daemon {
             continue;
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = std::fs::read(
+            replicad_procfs::ProcReader::default()
+                .pid_dir(pid)
+                .join("cmdline"),
+        )
+        .unwrap_or_default();
         if cmdline.split(|&b| b == 0).nth(1) == Some(KEEPER_ARG.as_bytes()) {
             found.push((pid, stat.start_time));
         }
@@ -724,9 +729,10 @@ impl Bench {
                 continue;
             }
             let state = proc.stat(pid).ok().flatten().map_or('?', |s| s.state);
-            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            let wchan =
+                std::fs::read_to_string(proc.pid_dir(pid).join("wchan")).unwrap_or_default();
             // The kernel stack, frames joined, where root may read it.
-            let stack = std::fs::read_to_string(format!("/proc/{pid}/stack"))
+            let stack = std::fs::read_to_string(proc.pid_dir(pid).join("stack"))
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|l| l.split_whitespace().nth(1))
@@ -742,16 +748,13 @@ impl Bench {
         // cmdline readers hold its mmap_lock), and who else sleeps in D.
         for other in proc.pids().unwrap_or_default() {
             let comm = proc.comm(other).ok().flatten().unwrap_or_default();
-            if let Ok(dir) = std::fs::read_dir(format!("/proc/{other}/fd")) {
+            if let Ok(dir) = std::fs::read_dir(proc.pid_dir(other).join("fd")) {
                 for fd in dir.flatten() {
                     let Ok(target) = std::fs::read_link(fd.path()) else {
                         continue;
                     };
-                    let target = target.to_string_lossy().into_owned();
-                    if stuck
-                        .iter()
-                        .any(|p| target.starts_with(&format!("/proc/{p}/")))
-                    {
+                    if stuck.iter().any(|p| target.starts_with(proc.pid_dir(*p))) {
+                        let target = target.display();
                         eprintln!("{label}:   pid {other} ({comm}) has {target} open");
                     }
                 }
@@ -764,7 +767,7 @@ impl Bench {
                     .is_some_and(|s| s.state == 'D')
             {
                 let wchan =
-                    std::fs::read_to_string(format!("/proc/{other}/wchan")).unwrap_or_default();
+                    std::fs::read_to_string(proc.pid_dir(other).join("wchan")).unwrap_or_default();
                 eprintln!("{label}:   pid {other} ({comm}) in D too, wchan {wchan}");
             }
         }
@@ -883,8 +886,8 @@ fn replica_pages(pid: u32, store_prefix: &Path) -> Option<String> {
     let prefix = store_prefix.to_str()?;
     let maps = proc.maps(pid).ok()??;
     let m = maps.iter().find(|m| m.path.starts_with(prefix))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
-    let kflags = std::fs::File::open("/proc/kpageflags").ok()?;
+    let pagemap = proc.pagemap(pid).ok()??;
+    let kflags = std::fs::File::open(proc.root().join("kpageflags")).ok()?;
     let (mut present, mut folios) = (0u64, 0u64);
     let mut va = m.start;
     while va < m.end {
@@ -940,12 +943,16 @@ fn env_num(name: &str, default: usize) -> usize {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::fs::read_to_string(
+        replicad_procfs::ProcReader::default()
+            .root()
+            .join("loadavg"),
+    )
+    .unwrap_or_default()
+    .split_whitespace()
+    .take(3)
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 /// Build `benches/NAME.c` with `cc` into `dir`; `Err` says why not.
@@ -1256,9 +1263,9 @@ fn report(rows: &mut [Row], stores: &[Store], h: &Header) {
          /proc/sys/fs/lease-break-time {} s",
         h.load_start,
         h.load_end,
-        std::fs::read_to_string("/proc/sys/fs/lease-break-time")
-            .unwrap_or_default()
-            .trim()
+        replicad_procfs::ProcReader::default()
+            .lease_break_time()
+            .map_or_else(|| "?".to_string(), |s| s.to_string())
     );
     println!(
         "  idle: readers touch every page, then sleep 1 ms; busy: one reader per CPU ({}) \

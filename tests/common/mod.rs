@@ -495,8 +495,13 @@ pub fn kill_keepers(list: &[KeeperProc]) {
     // teardown, which waits for an SRCU grace period: seconds here at
     // times (seen: D in fsnotify_destroy_group with SIGKILL pending, its
     // leases already closed).
+    // Waited for by pid and start time only: an exiting process shows an
+    // empty cmdline while it is not gone yet.
+    let running = |k: &KeeperProc| {
+        proc_stat(k.pid).is_some_and(|(state, _, start)| start == k.start && state != 'Z')
+    };
     let t0 = Instant::now();
-    while list.iter().any(same) && t0.elapsed() < Duration::from_secs(30) {
+    while list.iter().any(running) && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -267,6 +267,9 @@ impl Inner {
             let g = src.generation;
             let same = self.ops.stat(src.fd.as_fd()).is_ok_and(|st| {
                 (st.size, st.mtime_ns, st.ctime_ns) == (g.size, g.mtime_ns, g.ctime_ns)
+                    // Unlinked (its ctime moved, IN_ATTRIB): its bytes can
+                    // no longer change; prune and populate drop it.
+                    || (st.nlink == 0 && (st.size, st.mtime_ns) == (g.size, g.mtime_ns))
             });
             if same {
                 continue;
