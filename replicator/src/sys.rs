@@ -437,15 +437,24 @@ pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }).map(drop)
 }
 
+/// Run the calling thread at `SCHED_FIFO` priority 1: ahead of every
+/// ordinary thread (busy readers), behind every other real-time one.
+pub fn realtime_thread() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Best effort for a process that must not be delayed or killed first:
 /// `SCHED_FIFO` priority 1, all memory locked, `oom_score_adj` -1000.
 /// Returns what failed, for a log line.
 pub fn harden_self(proc_self: &std::path::Path) -> Vec<String> {
     let mut failed = Vec::new();
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sched_setscheduler on ourselves with a valid param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        failed.push(format!("SCHED_FIFO: {}", io::Error::last_os_error()));
+    if let Err(e) = realtime_thread() {
+        failed.push(format!("SCHED_FIFO: {e}"));
     }
     // SAFETY: mlockall with valid flags.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {

@@ -72,7 +72,15 @@ impl FenceThread {
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
             .name("replicad-fence".into())
-            .spawn(move || run(sfd, watch, rt, &stop2, on_event))?;
+            .spawn(move || {
+                // A writer waits on this thread: busy readers of the
+                // replicas it revokes must not delay it (it sleeps in poll
+                // otherwise, and holds the list lock only briefly).
+                if let Err(e) = sys::realtime_thread() {
+                    tracing::debug!("fence thread without SCHED_FIFO: {e}");
+                }
+                run(sfd, watch, rt, &stop2, on_event)
+            })?;
         Ok(FenceThread {
             stop,
             handle: Some(handle),
