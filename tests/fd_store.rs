@@ -106,6 +106,21 @@ fn restart_from(d: &mut Daemon, store: &mut Store) {
 
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A daemon started as systemd would start it: `NOTIFY_SOCKET` names a
+/// datagram socket this test reads (the store's messages arrive there).
+/// Call with [`ONE_AT_A_TIME`] held: no other thread of this binary reads
+/// the environment or starts a process meanwhile.
+fn under_systemd() -> (Daemon, UnixDatagram, tempfile::TempDir) {
+    let dir = scratch("fdstore-notify");
+    let notify = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &notify);
+    let d = Daemon::start("");
+    std::env::remove_var("NOTIFY_SOCKET");
+    (d, sock, dir)
+}
+
 #[test]
 fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
     if !root_or_skip("the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together") {
@@ -113,15 +128,7 @@ fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let _t = BreakTime::set(10);
-    let notify_dir = scratch("fdstore-notify");
-    let notify = notify_dir.path().join("notify");
-    let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_nonblocking(true).unwrap();
-    // One test at a time: no other thread of this binary reads the
-    // environment or starts a process meanwhile.
-    std::env::set_var("NOTIFY_SOCKET", &notify);
-    let mut d = Daemon::start("");
-    std::env::remove_var("NOTIFY_SOCKET");
+    let (mut d, sock, _notify_dir) = under_systemd();
 
     let dir = scratch("fdstore");
     let (written, kept) = (dir.path().join("written"), dir.path().join("kept"));
@@ -132,13 +139,7 @@ fn the_fd_store_keeps_the_fence_when_daemon_and_keeper_die_together() {
         written.to_str().unwrap(),
         kept.to_str().unwrap(),
     ]);
-    let opts = replicad_client::MapOptions {
-        socket: d.socket.clone(),
-        node: Some(0),
-        timeout: Duration::from_secs(5),
-    };
-    let reader = replicad_client::map_with(&kept, &opts).unwrap();
-    assert!(reader.on_replica(), "{:?}", reader.backing());
+    let reader = map_on_replica(&d, &kept);
     let want = std::fs::read(&kept).unwrap();
 
     let mut store = Store::default();
@@ -222,13 +223,7 @@ fn a_keeper_that_cannot_hand_over_is_ended_before_the_store_is_used() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let _t = BreakTime::set(3);
-    let notify_dir = scratch("fdstore-notify2");
-    let notify = notify_dir.path().join("notify");
-    let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_nonblocking(true).unwrap();
-    std::env::set_var("NOTIFY_SOCKET", &notify);
-    let mut d = Daemon::start("");
-    std::env::remove_var("NOTIFY_SOCKET");
+    let (mut d, sock, _notify_dir) = under_systemd();
     let dir = scratch("fdstore2");
     let file = dir.path().join("f");
     make_file(&file, 64 * 4096, 1);
@@ -270,13 +265,7 @@ fn a_keeper_that_cannot_hand_over_is_ended_before_the_store_is_used() {
         .write_all(&vec![2u8; 64 * 4096])
         .unwrap();
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
-    let opts = replicad_client::MapOptions {
-        socket: d.socket.clone(),
-        node: Some(0),
-        timeout: Duration::from_secs(5),
-    };
-    let reader = replicad_client::map_with(&file, &opts).unwrap();
-    assert!(reader.on_replica(), "{:?}", reader.backing());
+    let reader = map_on_replica(&d, &file);
     // Had the old keeper lived, it would run now, and release.
     if !gone(keeper) {
         // SAFETY: as above.

@@ -63,6 +63,26 @@ fn overlay(dir: &Path) -> bool {
         .success()
 }
 
+/// Wait (20 s at most) until the first source is at generation `at_least`
+/// or later with a valid replica of it.
+fn wait_for_generation(d: &Daemon, at_least: u64, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let st = d.status();
+        let s = &st.sources[0];
+        if s.generation >= at_least
+            && s.replicas.iter().any(|r| {
+                r.generation == s.generation
+                    && r.state == replicad_client::proto::ReplicaState::Valid
+            })
+        {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Replicate `seen` (the path the daemon is given) and check it is leased;
 /// then write new bytes through `written` (the same inode, another way in)
 /// and check the fence held: the replica the reader had is truncated by
@@ -97,24 +117,7 @@ fn write_meets_the_fence(d: &Daemon, seen: &Path, written: &Path, make_writable:
     w.write_all(&new).unwrap();
     drop(w);
     // The next generation, with the new bytes.
-    let t0 = Instant::now();
-    loop {
-        let st = d.status();
-        let s = &st.sources[0];
-        if s.generation >= 2
-            && s.replicas.iter().any(|r| {
-                r.generation == s.generation
-                    && r.state == replicad_client::proto::ReplicaState::Valid
-            })
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no new generation: {st:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_generation(d, 2, "no new generation");
     let out = d.ctl_ok(&["map", seen.to_str().unwrap()]);
     assert!(out.contains("backed by replica"), "{out}");
     let want = format!("fnv1a64 {:016x}", fnv1a(&new));
@@ -463,24 +466,7 @@ fn a_copy_up_by_chmod_fences_the_new_upper_file() {
         std::fs::set_permissions(&merged, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(p("upper/f").is_file(), "no copy-up");
         // The copy-up's new generation, fenced on the upper file as well.
-        let t0 = Instant::now();
-        loop {
-            let st = d.status();
-            let s = &st.sources[0];
-            if s.generation >= 2
-                && s.replicas.iter().any(|r| {
-                    r.generation == s.generation
-                        && r.state == replicad_client::proto::ReplicaState::Valid
-                })
-            {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "the chmod's copy-up never made a new generation: {st:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_generation(&d, 2, "the chmod's copy-up never made a new generation");
     });
 }
 

@@ -40,13 +40,7 @@ fn setup(tag: &str) -> Setup {
     let file = dir.path().join("f");
     std::fs::write(&file, vec![1u8; 64 * 4096]).unwrap();
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
-    let opts = replicad_client::MapOptions {
-        socket: d.socket.clone(),
-        node: Some(0),
-        timeout: Duration::from_secs(5),
-    };
-    let reader = replicad_client::map_with(&file, &opts).unwrap();
-    assert!(reader.on_replica(), "{:?}", reader.backing());
+    let reader = map_on_replica(&d, &file);
     wait_for("a keeper", Duration::from_secs(5), || {
         keeper_of(d.pid()).is_some()
     });
@@ -255,13 +249,7 @@ fn an_orphaned_keeper_survives_a_file_dated_past_2262() {
         .unwrap();
     assert!(st.success());
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
-    let opts = replicad_client::MapOptions {
-        socket: d.socket.clone(),
-        node: Some(0),
-        timeout: Duration::from_secs(5),
-    };
-    let reader = replicad_client::map_with(&file, &opts).unwrap();
-    assert!(reader.on_replica());
+    let reader = map_on_replica(&d, &file);
     let keeper = keeper_in(d.run_dir.path()).unwrap();
     d.crash();
     // Past a stamp check or two of the orphaned keeper.

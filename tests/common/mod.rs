@@ -371,6 +371,19 @@ impl Drop for Daemon {
     }
 }
 
+/// Map `path` through the client API from `d`'s node-0 replica, and check
+/// it is on the replica.
+pub fn map_on_replica(d: &Daemon, path: &Path) -> replicad_client::Mapping {
+    let opts = replicad_client::MapOptions {
+        socket: d.socket.clone(),
+        node: Some(0),
+        timeout: Duration::from_secs(5),
+    };
+    let m = replicad_client::map_with(path, &opts).unwrap();
+    assert!(m.on_replica(), "{}: {:?}", path.display(), m.backing());
+    m
+}
+
 /// Parse one JSON line printed by a test program.
 pub fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
