@@ -103,24 +103,16 @@ impl Inner {
         // nobody wait).
         let writer = signalled.filter(|_| reason == Reason::Write);
         if let Some(lease) = src.lease.take() {
-            match lease.release() {
-                Ok(()) => {
+            match self.release(lease) {
+                Released::Yes => {
                     if let Some(at) = writer {
                         self.metrics
                             .writer_wait_seconds
                             .observe(at.elapsed().as_secs_f64());
                     }
                 }
-                // No lease left to release: the kernel broke it by force,
-                // and the writer got in while the replicas were mapped.
-                // A keeper that took the daemon for dead revoked and
-                // released it, then exited: no forced break. (A keeper that
-                // is still there, stopped or hung, released nothing.)
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EAGAIN)
-                        && self.keeper.as_ref().is_some_and(|k| k.exited()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    self.metrics.forced_breaks.inc();
+                Released::ByKeeper => {}
+                Released::Forced => {
                     let limit = self.proc.lease_break_time();
                     if let Some(secs) = limit {
                         self.metrics.writer_wait_seconds.observe(secs as f64);
@@ -137,30 +129,26 @@ impl Inner {
                         ))
                     );
                 }
-                Err(e) => crate::warn_limited!("{}: releasing the lease: {e}", src.path.display()),
+                Released::Failed(e) => {
+                    crate::warn_limited!("{}: releasing the lease: {e}", src.path.display())
+                }
             }
         }
-        let keeper_exited = self.keeper.as_ref().is_some_and(|k| k.exited());
         for layer in &mut src.layers {
-            if let Some(lease) = layer.lease.take() {
-                match lease.release() {
-                    Ok(()) => {}
-                    // As for the source: gone by force, unless the keeper
-                    // released it before it exited.
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && keeper_exited => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                        self.metrics.forced_breaks.inc();
-                        crate::error_limited!(
-                            "{}: the kernel broke the lease on this layer of {} by force \
-                             (lease-break-time passed before replicad released it): a writer \
-                             of the layer got in while {n} replicas were still mapped; revoked now",
-                            layer.path.display(),
-                            src.path.display()
-                        );
-                    }
-                    Err(e) => {
-                        crate::warn_limited!("{}: releasing the lease: {e}", layer.path.display())
-                    }
+            let Some(lease) = layer.lease.take() else {
+                continue;
+            };
+            match self.release(lease) {
+                Released::Yes | Released::ByKeeper => {}
+                Released::Forced => crate::error_limited!(
+                    "{}: the kernel broke the lease on this layer of {} by force \
+                     (lease-break-time passed before replicad released it): a writer of the \
+                     layer got in while {n} replicas were still mapped; revoked now",
+                    layer.path.display(),
+                    src.path.display()
+                ),
+                Released::Failed(e) => {
+                    crate::warn_limited!("{}: releasing the lease: {e}", layer.path.display())
                 }
             }
         }
@@ -395,5 +383,37 @@ impl Inner {
             crate::warn_limited!("new generation: {e}");
         }
         None
+    }
+}
+
+/// How releasing a lease went.
+enum Released {
+    Yes,
+    /// Gone already: a keeper that took the daemon for dead revoked and
+    /// released it, then exited (no forced break).
+    ByKeeper,
+    /// Gone already, and no keeper released it: the kernel broke it by
+    /// force (lease-break-time passed), and a writer got in while the
+    /// replicas were mapped. Counted.
+    Forced,
+    Failed(std::io::Error),
+}
+
+impl Inner {
+    /// Release `lease` and say how it went (a keeper still there, stopped
+    /// or hung, released nothing: its lease gone means forced).
+    fn release(&self, lease: Lease) -> Released {
+        match lease.release() {
+            Ok(()) => Released::Yes,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if self.keeper.as_ref().is_some_and(|k| k.exited()) {
+                    Released::ByKeeper
+                } else {
+                    self.metrics.forced_breaks.inc();
+                    Released::Forced
+                }
+            }
+            Err(e) => Released::Failed(e),
+        }
     }
 }
