@@ -205,6 +205,18 @@ impl Publisher for PublishedSet {
         }
     }
 
+    fn revoke_began(&mut self) {
+        if let Some(writer) = self.0.as_mut() {
+            writer.revoke_began();
+        }
+    }
+
+    fn revoke_ended(&mut self) {
+        if let Some(writer) = self.0.as_mut() {
+            writer.revoke_ended();
+        }
+    }
+
     fn retire(&mut self) {
         // Marked retired first, so readers stop trusting it, then removed.
         if let Some(writer) = self.0.take() {

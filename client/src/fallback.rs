@@ -42,7 +42,7 @@
 //! from the signal frame on return.
 
 use std::io;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Number of replica ranges one process can hold at once.
@@ -121,6 +121,57 @@ const EMPTY_FAULT: LastFault = LastFault {
 };
 
 static LAST_FAULT: [LastFault; THREAD_SLOTS] = [EMPTY_FAULT; THREAD_SLOTS];
+
+/// The published set's `revoking` word (see `replicad_wire::published`),
+/// or 0: a fault that must fall back first waits while it is non-zero, so
+/// that its remap does not queue against the daemon's truncate (which the
+/// writer waits for). Set only to words of mappings never unmapped.
+static REVOKING: AtomicUsize = AtomicUsize::new(0);
+
+/// Longest one fallback waits for a revoke to end: the daemon's truncate
+/// and release take well under this; a daemon that died mid-revoke (its
+/// count never lowered) costs each fallback this much once.
+const REVOKE_WAIT_NS: u64 = 4_000_000;
+/// One sleep on the word, at most.
+const REVOKE_NAP_NS: u64 = 1_000_000;
+
+/// Wait before remapping while the daemon's published set shows a revoke
+/// truncating replicas, from now on. `word` must stay mapped for the
+/// process's life (the handler may load it at any moment).
+pub(crate) fn watch_revokes(word: &'static AtomicU64) {
+    REVOKING.store(word as *const AtomicU64 as usize, Ordering::Release);
+}
+
+/// Sleep while a revoke is in progress, at most [`REVOKE_WAIT_NS`] in all.
+/// Async-signal-safe: loads and futex waits.
+fn wait_revokes() {
+    let mut slept = 0;
+    while slept < REVOKE_WAIT_NS && revoke_nap(REVOKE_NAP_NS) {
+        slept += REVOKE_NAP_NS;
+    }
+}
+
+/// If a revoke is in progress, sleep until it ends or `ns` passed and say
+/// true; else false at once.
+fn revoke_nap(ns: u64) -> bool {
+    let addr = REVOKING.load(Ordering::Acquire);
+    if addr == 0 {
+        return false;
+    }
+    // SAFETY: `watch_revokes` takes only words that stay mapped for the
+    // process's life; a read-only mapping allows relaxed loads.
+    let word = unsafe { &*(addr as *const AtomicU64) };
+    if word.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    // The futex is the word's low half (its first four bytes: the file is
+    // little-endian); the kernel sleeps only if that half still holds what
+    // we read, so a wake between the load and the wait is not lost.
+    // SAFETY: as above, the low half lies in the same live mapping.
+    let seen = unsafe { &*(addr as *const AtomicU32) }.load(Ordering::Relaxed);
+    sys::futex_wait(addr, seen, ns);
+    true
+}
 
 /// The action that was installed for SIGBUS before ours.
 static PREV_READY: AtomicBool = AtomicBool::new(false);
@@ -318,6 +369,13 @@ impl Drop for Replica {
 /// which the handler notices (see `Slot::dev`).
 pub mod shim {
     use super::*;
+
+    /// From now on a fault that falls back waits while `word` (a published
+    /// set's revoke count, which must stay mapped for the process's life)
+    /// shows a revoke in progress.
+    pub fn watch_revokes(word: &'static AtomicU64) {
+        super::watch_revokes(word);
+    }
 
     /// Register the replica now mapped at `start` (or about to be), with
     /// the original mapped at `spare`, and the replica file's device
@@ -912,7 +970,11 @@ fn wait_remap(slot: &Slot, seq_seen: u64) {
         if seq(w) != seq_seen || state(w) != REMAPPING {
             return;
         }
-        sys::sched_yield();
+        // The remapping thread may be waiting for a revoke to end: sleep
+        // with it rather than spin.
+        if !revoke_nap(REVOKE_NAP_NS / 10) {
+            sys::sched_yield();
+        }
     }
 }
 
@@ -990,6 +1052,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                         slot.word.store(with_state(w, STALE), Ordering::Release);
                         continue;
                     }
+                    wait_revokes();
                     let ok = sys::mremap_fixed(spare, len, start);
                     let st = if ok { FALLEN } else { BROKEN };
                     if ok {
@@ -1172,6 +1235,25 @@ mod sys {
 
     pub(super) fn sched_yield() {
         syscall6(libc::SYS_sched_yield, 0, 0, 0, 0, 0, 0);
+    }
+
+    /// `FUTEX_WAIT` (shared) on the u32 at `addr` while it holds `val`,
+    /// for at most `ns`; any outcome (woken, timed out, value changed,
+    /// interrupted) just returns.
+    pub(super) fn futex_wait(addr: usize, val: u32, ns: u64) {
+        let ts = libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        syscall6(
+            libc::SYS_futex,
+            addr,
+            libc::FUTEX_WAIT as usize,
+            val as usize,
+            &ts as *const libc::timespec as usize,
+            0,
+            0,
+        );
     }
 
     pub(super) fn gettid() -> usize {

@@ -1,7 +1,9 @@
 //! [`map`]: a read-only mapping of a file backed by the caller's node copy.
 //!
 //! ```text
-//!  open(path) ─ fstat ─ Map{node} + fd ──> replicad
+//!  open(path) ─ fstat ─ published set beside the socket lists no replica?
+//!     │                     ── yes: range = mmap(file), no round trip
+//!     │                 ─ Map{node} + fd ──> replicad
 //!     │                     │
 //!     │        Mapped{node,generation,size} + replica fd
 //!     │                     ▼
@@ -22,11 +24,13 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::fallback;
 use crate::Error;
 use replicad_wire::proto::{Request, Response};
+use replicad_wire::published::{self, Lookup, Reader};
 
 /// Environment variable that makes [`map`] print why it used the file itself.
 pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";
@@ -171,9 +175,12 @@ pub fn map_with(path: impl AsRef<Path>, opts: &MapOptions) -> Result<Mapping, Er
     let mapped_len =
         round_to_pages(len).ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::EFBIG)))?;
 
-    let reason = match attach(file.as_fd(), len, mapped_len, opts) {
-        Ok(m) => return Ok(m),
-        Err(reason) => reason,
+    let reason = match unlisted(&meta, opts) {
+        Some(reason) => reason,
+        None => match attach(file.as_fd(), len, mapped_len, opts) {
+            Ok(m) => return Ok(m),
+            Err(reason) => reason,
+        },
     };
     if std::env::var_os(DEBUG_ENV).is_some_and(|v| v == "1") {
         eprintln!(
@@ -190,6 +197,70 @@ pub fn map_with(path: impl AsRef<Path>, opts: &MapOptions) -> Result<Mapping, Er
         replica: None,
         mapped_len,
     })
+}
+
+/// Why the daemon need not be asked: the published set beside its socket
+/// lists no replica of the file (on the node asked for, if one was). A
+/// program that re-maps after every revoke then costs the daemon nothing
+/// until the next generation is published. `None`: ask.
+fn unlisted(meta: &std::fs::Metadata, opts: &MapOptions) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let reader = published(&opts.socket)?;
+    let set = || {
+        opts.socket
+            .with_file_name(published::FILE_NAME)
+            .display()
+            .to_string()
+    };
+    match opts.node {
+        Some(node) => {
+            (reader.has_replica_on(meta.dev(), meta.ino(), node) == Some(false)).then(|| {
+                format!(
+                    "no replica on node{node} (the published set {} lists none; replicad was \
+                     not asked)",
+                    set()
+                )
+            })
+        }
+        None => (reader.lookup(meta.dev(), meta.ino()) == Lookup::Absent).then(|| {
+            format!(
+                "the file is not replicated (the published set {} lists no replica of it; \
+                 replicad was not asked)",
+                set()
+            )
+        }),
+    }
+}
+
+/// Most daemons (sockets) one process keeps a published set open for.
+const PUBLISHED_SETS: usize = 8;
+
+/// The published set beside `socket`, opened once and kept for the
+/// process's life: it is never unmapped, because the SIGBUS fallback may
+/// read its revoke count at any moment ([`fallback::watch_revokes`]). A set
+/// the daemon retired (it stopped or restarted) is replaced by the file now
+/// there, and the old one stays mapped. `None` without a usable set.
+fn published(socket: &Path) -> Option<&'static Reader> {
+    static SETS: Mutex<Vec<(PathBuf, &'static Reader)>> = Mutex::new(Vec::new());
+    let mut sets = SETS.lock().unwrap_or_else(|p| p.into_inner());
+    let i = sets.iter().position(|(s, _)| s == socket);
+    if let Some(i) = i {
+        if let Some((_, r)) = sets.get(i).filter(|(_, r)| !r.is_retired()) {
+            return Some(r);
+        }
+    } else if sets.len() >= PUBLISHED_SETS {
+        return None;
+    }
+    let reader = Reader::open(&socket.with_file_name(published::FILE_NAME)).ok()?;
+    let reader: &'static Reader = Box::leak(Box::new(reader));
+    if let Some(word) = reader.revoking_word() {
+        fallback::watch_revokes(word);
+    }
+    match i.and_then(|i| sets.get_mut(i)) {
+        Some(entry) => entry.1 = reader,
+        None => sets.push((socket.to_path_buf(), reader)),
+    }
+    Some(reader)
 }
 
 /// Ask the daemon for a replica and map it with its way back. `Err` holds

@@ -222,4 +222,9 @@ pub trait Publisher: Send {
     fn publish(&mut self, sources: &[PublishedSource]);
     /// The engine is shutting down: withdraw what was published.
     fn retire(&mut self);
+    /// A revoke starts truncating replicas; programs falling back hold
+    /// their remap until [`Publisher::revoke_ended`] (timing only).
+    fn revoke_began(&mut self);
+    /// That revoke's writer was let go.
+    fn revoke_ended(&mut self);
 }

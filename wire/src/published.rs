@@ -6,9 +6,9 @@
 //!  <run_dir>/replicas.set (regular file, 0644, written only by replicad)
 //!
 //!  0      8        16     24         32     40     48         64
-//!  ┌──────┬────────┬──────┬──────────┬──────┬──────┬──────────┐
-//!  │magic │version │ seq  │ capacity │count │flags │ reserved │  header
-//!  └──────┴────────┴──────┴──────────┴──────┴──────┴──────────┘
+//!  ┌──────┬────────┬──────┬──────────┬──────┬──────┬─────────┬────────┐
+//!  │magic │version │ seq  │ capacity │count │flags │revoking │reserved│  header
+//!  └──────┴────────┴──────┴──────────┴──────┴──────┴─────────┴────────┘
 //!  64 + 32*i
 //!  ┌──────┬──────┬───────┬────────────┐
 //!  │ dev  │ ino  │ nodes │ generation │  entry i, i < capacity
@@ -29,6 +29,16 @@
 //! [`Lookup::Unknown`], not [`Lookup::Absent`]. Bit 1 ([`FLAG_RETIRED`]) says
 //! the daemon no longer maintains this file (it stopped, or a new file was
 //! renamed over it): every answer is `Unknown` and the reader should reopen.
+//!
+//! `revoking` counts the revokes that are truncating replicas right now
+//! (outside the seqlock: the [`Writer`] raises it before the first
+//! truncate of a revoke and lowers it once the writer was let go, then
+//! wakes every futex waiter on its low 32 bits). A program's SIGBUS
+//! fallback that finds it non-zero sleeps on it (`FUTEX_WAIT`, bounded)
+//! before it moves the original over the range: that move takes the
+//! replica's `i_mmap_rwsem` for writing, and dozens of them queued against
+//! the truncate's unmap are what the waiting writer paid for. Only timing
+//! rests on it: a fallback that does not wait is as correct.
 //!
 //! `seq` is a seqlock. The [`Writer`] makes it odd, rewrites only the slots
 //! that changed, `count` and `flags`, then makes it even again (release). A
@@ -81,6 +91,7 @@ const SEQ_WORD: usize = 2;
 const CAPACITY_WORD: usize = 3;
 const COUNT_WORD: usize = 4;
 const FLAGS_WORD: usize = 5;
+const REVOKING_WORD: usize = 6;
 const HEADER_WORDS: usize = HEADER_LEN / 8;
 const ENTRY_WORDS: usize = ENTRY_LEN / 8;
 
@@ -291,10 +302,29 @@ impl Writer {
         }
     }
 
+    /// A revoke starts truncating replicas: fallbacks wait for it (see the
+    /// module doc). Every call is followed by one [`Writer::revoke_ended`].
+    pub fn revoke_began(&mut self) {
+        let n = self.shm.load(REVOKING_WORD);
+        self.shm.store_release(REVOKING_WORD, n.wrapping_add(1));
+    }
+
+    /// A revoke is done (its replicas truncated, its writer let go): when
+    /// none is left, wake the fallbacks waiting for it.
+    pub fn revoke_ended(&mut self) {
+        let n = self.shm.load(REVOKING_WORD).saturating_sub(1);
+        self.shm.store_release(REVOKING_WORD, n);
+        if n == 0 {
+            self.shm.wake_all(REVOKING_WORD);
+        }
+    }
+
     /// Mark the file retired and unlink it, if `path` still names the file
     /// this writer made (the daemon calls this on shutdown).
     pub fn remove(mut self) -> io::Result<()> {
         self.write_locked(|w| w.shm.store(FLAGS_WORD, FLAG_RETIRED));
+        self.shm.store_release(REVOKING_WORD, 0);
+        self.shm.wake_all(REVOKING_WORD);
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {}
             Ok(_) => return Ok(()),
@@ -358,6 +388,10 @@ fn retire(path: &Path) {
     };
     if check(&file, &shm).is_ok() {
         shm.fetch_or(FLAGS_WORD, FLAG_RETIRED);
+        // A daemon that died mid-revoke left its count up: nobody lowers it
+        // now, and fallbacks would wait it out.
+        shm.store_release(REVOKING_WORD, 0);
+        shm.wake_all(REVOKING_WORD);
     }
 }
 
@@ -494,6 +528,18 @@ impl Reader {
         }
     }
 
+    /// Address of the `revoking` word (see the module doc), for a SIGBUS
+    /// handler to load and `FUTEX_WAIT` on while this reader lives. Only
+    /// relaxed loads: the mapping is read-only.
+    pub fn revoking_word(&self) -> Option<&AtomicU64> {
+        self.shm.word(REVOKING_WORD)
+    }
+
+    /// Revokes in progress, as the daemon counts them.
+    pub fn revoking(&self) -> u64 {
+        self.shm.load(REVOKING_WORD)
+    }
+
     /// The daemon no longer maintains this file: reopen the path.
     pub fn is_retired(&self) -> bool {
         self.shm.load(FLAGS_WORD) & FLAG_RETIRED != 0
@@ -627,6 +673,32 @@ impl Shm {
     }
 }
 
+impl Shm {
+    /// `FUTEX_WAKE` every waiter on word `i` (shared: waiters map the file
+    /// in other processes). Only on writable mappings.
+    fn wake_all(&self, i: usize) {
+        let Some(w) = self.word(i) else {
+            return;
+        };
+        // The futex is the word's first four bytes: its low half, the file
+        // being little-endian.
+        let addr = w as *const AtomicU64 as *const u32;
+        // SAFETY: FUTEX_WAKE only reads the address, which lies in our live
+        // mapping; no timeout or second address is passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                addr,
+                libc::FUTEX_WAKE,
+                i32::MAX,
+                0usize,
+                0usize,
+                0u32,
+            );
+        }
+    }
+}
+
 impl Drop for Shm {
     fn drop(&mut self) {
         // SAFETY: base/len are exactly what mmap returned; no reference to
@@ -674,6 +746,84 @@ mod tests {
         let mut f = OpenOptions::new().write(true).open(path).unwrap();
         f.seek(SeekFrom::Start(offset)).unwrap();
         f.write_all(bytes).unwrap();
+    }
+
+    /// `FUTEX_WAIT` on the low half of `word` while it holds what it holds
+    /// now, for at most `secs`.
+    fn futex_wait(word: &AtomicU64, secs: i64) {
+        let addr = word as *const AtomicU64 as *const u32;
+        // SAFETY: the low half of a live mapped word; the timeout is valid.
+        let seen =
+            unsafe { (*(addr as *const std::sync::atomic::AtomicU32)).load(Ordering::Relaxed) };
+        let ts = libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        };
+        // SAFETY: FUTEX_WAIT on a mapped address with a valid timespec.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                addr,
+                libc::FUTEX_WAIT,
+                seen,
+                &ts,
+                0usize,
+                0u32,
+            )
+        };
+    }
+
+    #[test]
+    fn revokes_are_counted_and_their_end_wakes_waiters_in_other_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = set_path(&dir);
+        let mut w = Writer::create(&path, 8).unwrap();
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(r.revoking(), 0);
+        w.revoke_began();
+        w.revoke_began();
+        assert_eq!(r.revoking(), 2);
+        // Not part of the seqlocked table: lookups still answer.
+        assert_eq!(r.lookup(1, 2), Lookup::Absent);
+        let r = Arc::new(r);
+        let r2 = r.clone();
+        let waiter = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while r2.revoking() != 0 {
+                futex_wait(r2.revoking_word().unwrap(), 30);
+            }
+            t.elapsed()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        w.revoke_ended();
+        assert_eq!(r.revoking(), 1);
+        w.revoke_ended();
+        assert_eq!(r.revoking(), 0);
+        // Woken by the last end, not by its 30 s timeout.
+        let waited = waiter.join().unwrap();
+        assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+        // More ends than begins never wrap.
+        w.revoke_ended();
+        assert_eq!(r.revoking(), 0);
+    }
+
+    #[test]
+    fn a_count_left_up_is_cleared_when_the_set_is_retired_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = set_path(&dir);
+        let mut w = Writer::create(&path, 8).unwrap();
+        let r = Reader::open(&path).unwrap();
+        w.revoke_began();
+        // A daemon that died mid-revoke: the next one replaces the file.
+        std::mem::forget(w);
+        let w2 = Writer::create(&path, 8).unwrap();
+        assert!(r.is_retired());
+        assert_eq!(r.revoking(), 0);
+        let mut w2 = w2;
+        let r2 = Reader::open(&path).unwrap();
+        w2.revoke_began();
+        w2.remove().unwrap();
+        assert_eq!(r2.revoking(), 0);
     }
 
     #[test]

@@ -29,7 +29,9 @@ struct State {
     socket: PathBuf,
     /// The node asked for (`REPLICAD_NODE`), else `None`: the daemon picks.
     asked: Option<u32>,
-    published: Option<Reader>,
+    /// Never unmapped (the SIGBUS fallback may read its revoke count at
+    /// any moment): one retired is replaced, and stays mapped.
+    published: Option<&'static Reader>,
     /// Mappings (start, inode) the daemon looked at and did not offer
     /// (written private pages, no replica on our node ...): a later dlopen
     /// does not ask about them again.
@@ -165,7 +167,7 @@ fn hello_with(why: &str, maps: Option<String>) {
             NODE.store(node, Ordering::Relaxed);
             NODE_KNOWN.store(true, Ordering::Relaxed);
             ACTIVE.store(true, Ordering::Relaxed);
-            if st.published.as_ref().is_none_or(Reader::is_retired) {
+            if st.published.is_none_or(Reader::is_retired) {
                 st.published = open_published(st);
             }
             for s in &skipped {
@@ -202,10 +204,16 @@ fn hello_with(why: &str, maps: Option<String>) {
     }
 }
 
-fn open_published(st: &State) -> Option<Reader> {
+fn open_published(st: &State) -> Option<&'static Reader> {
     let path = st.socket.parent()?.join(PUBLISHED);
     match Reader::open(&path) {
-        Ok(r) => Some(r),
+        Ok(r) => {
+            let r: &'static Reader = Box::leak(Box::new(r));
+            if let Some(word) = r.revoking_word() {
+                shim::watch_revokes(word);
+            }
+            Some(r)
+        }
         Err(e) => {
             debug!("no published replica set ({e}): files mapped later are not attached");
             None

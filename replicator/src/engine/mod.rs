@@ -160,6 +160,9 @@ struct Inner {
     left_alone: Mutex<Vec<(Attachment, LeftAlone)>>,
     /// Where validity changes are published.
     publisher: Mutex<Option<Box<dyn Publisher>>>,
+    /// Revoke gates held until the writer each let go is seen opening
+    /// (see `revoke.rs`).
+    held_gates: Mutex<Vec<revoke::HeldGate>>,
     /// `cfg.home_nodes`, replaced on reload.
     home_nodes: RwLock<Vec<HomeNode>>,
 }
@@ -343,6 +346,7 @@ impl Replicator {
             left_alone: Mutex::new(Vec::new()),
             home_nodes: RwLock::new(home_nodes),
             publisher: Mutex::new(wiring.publisher),
+            held_gates: Mutex::new(Vec::new()),
         });
         let fence = if wiring.fence_thread {
             let weak = Arc::downgrade(&inner);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
 
-use super::{lock, Attach, EngineConfig, Hello, Replicator, Wiring};
+use super::{lock, relock, Attach, EngineConfig, Hello, Replicator, Wiring};
 use crate::fence::{FenceEvent, FenceOps, FileStat, KernelOps, ModifyWatch};
 use crate::model::{
     DeviceId, DeviceKind, NodeSelection, PublishedSource, Publisher, ReplicaState, SourceKey,
@@ -56,6 +56,8 @@ enum Event {
     Release(RawFd),
     Truncate(String),
     Publish(Vec<SourceKey>),
+    /// The published set's revoke count raised (true) or lowered.
+    RevokeGate(bool),
 }
 
 #[derive(Default)]
@@ -132,6 +134,14 @@ impl Publisher for RecordingPublisher {
     }
 
     fn retire(&mut self) {}
+
+    fn revoke_began(&mut self) {
+        self.0.push(Event::RevokeGate(true));
+    }
+
+    fn revoke_ended(&mut self) {
+        self.0.push(Event::RevokeGate(false));
+    }
 }
 
 struct Rig {
@@ -239,6 +249,7 @@ impl Rig {
             let at = Instant::now();
             self.engine.inner.on_fence_event(match s {
                 crate::fence::Seen::Modified(wd) => FenceEvent::Modified { wd: *wd, at },
+                crate::fence::Seen::Opened(wd) => FenceEvent::Opened { wd: *wd },
                 crate::fence::Seen::Overflow => FenceEvent::ModifiedUnknown { at },
             });
         }
@@ -346,17 +357,31 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
         revoker.join().unwrap();
     });
     let events = rig.log.events()[before..].to_vec();
-    let truncates = events
+    // Fallbacks are told a revoke runs before the first truncate, and that
+    // it ended only once the writer was let go.
+    assert_eq!(events[0], Event::RevokeGate(true), "{events:?}");
+    let truncates = events[1..]
         .iter()
         .take_while(|e| matches!(e, Event::Truncate(_)))
         .count();
     assert_eq!(truncates, 2, "{events:?}");
-    assert_eq!(events[2], Event::Release(fd), "{events:?}");
-    // Published after the writer was let go, without the source.
+    assert_eq!(events[3], Event::Release(fd), "{events:?}");
+    // Published after the writer was let go, without the source; the gate
+    // stays up until the writer is seen opening the file.
     assert!(
-        matches!(&events[3], Event::Publish(keys) if !keys.contains(&key)),
+        matches!(&events[4], Event::Publish(keys) if !keys.contains(&key)),
         "{events:?}"
     );
+    assert_eq!(events.len(), 5, "{events:?}");
+    // The writer's open (IN_OPEN on the source's watch) lowers it.
+    let before_open = rig.log.events().len();
+    drop(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+    assert!(rig.deliver_modifications() >= 1);
+    let after = rig.log.events()[before_open..].to_vec();
+    assert_eq!(after, [Event::RevokeGate(false)], "{after:?}");
+    // Opens are no longer watched once it is down.
+    drop(std::fs::File::open(&path).unwrap());
+    assert_eq!(rig.deliver_modifications(), 0);
     assert!(!rig.log.held(fd));
     assert!(rig.states(key).is_empty());
     let m = &rig.engine.inner.metrics;
@@ -366,6 +391,53 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
         Attach::Original { reason } => assert!(reason.contains("writer"), "{reason}"),
         Attach::Replica { .. } => panic!("attached while the fence is down"),
     }
+}
+
+#[test]
+fn a_held_revoke_gate_ends_in_time_without_the_writers_open() {
+    let rig = rig();
+    let path = rig.source("index.db", b"generation one");
+    let key = Rig::key(&path);
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    let before = rig.log.events().len();
+    rig.break_lease(key);
+    let gates = |from: usize| {
+        rig.log.events()[from..]
+            .iter()
+            .filter(|e| matches!(e, Event::RevokeGate(_)))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(gates(before), [Event::RevokeGate(true)]);
+    // A tick before its time leaves it up; one after lowers it.
+    rig.engine.inner.on_fence_event(FenceEvent::Tick);
+    assert_eq!(gates(before), [Event::RevokeGate(true)]);
+    std::thread::sleep(super::revoke::GATE_HOLD + Duration::from_millis(1));
+    rig.engine.inner.on_fence_event(FenceEvent::Tick);
+    assert_eq!(
+        gates(before),
+        [Event::RevokeGate(true), Event::RevokeGate(false)]
+    );
+    assert!(relock(&rig.engine.inner.held_gates).is_empty());
+}
+
+#[test]
+fn a_revoke_nobody_waits_for_lowers_its_gate_at_once() {
+    let rig = rig();
+    let path = rig.source("index.db", b"generation one");
+    rig.engine.replicate(&path, &NodeSelection::All).unwrap();
+    let before = rig.log.events().len();
+    // Evicted: no writer waits, the gate goes up and down around the truncate.
+    assert_eq!(rig.engine.evict(&path).unwrap(), 1);
+    let events = rig.log.events()[before..].to_vec();
+    let up = events.iter().position(|e| *e == Event::RevokeGate(true));
+    let down = events.iter().position(|e| *e == Event::RevokeGate(false));
+    let truncate = events.iter().position(|e| matches!(e, Event::Truncate(_)));
+    assert!(
+        matches!((up, truncate, down), (Some(u), Some(t), Some(d)) if u < t && t < d),
+        "{events:?}"
+    );
+    assert!(relock(&rig.engine.inner.held_gates).is_empty());
 }
 
 #[test]

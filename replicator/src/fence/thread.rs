@@ -45,6 +45,10 @@ pub enum FenceEvent {
     Modified { wd: WatchDescriptor, at: Instant },
     /// The modify watch's queue overflowed: check every leased source.
     ModifiedUnknown { at: Instant },
+    /// A watched source was opened (while its opens are watched).
+    Opened { wd: WatchDescriptor },
+    /// Nothing happened for a poll period (100 ms).
+    Tick,
 }
 
 /// The running fence thread.
@@ -115,6 +119,7 @@ fn run<F: Fn(FenceEvent)>(
             None => sys::wait_readable_any(&[sfd.as_fd()], 100),
         };
         if ready == 0 {
+            on_event(FenceEvent::Tick);
             continue;
         }
         loop {
@@ -141,6 +146,7 @@ fn run<F: Fn(FenceEvent)>(
                     for s in seen {
                         on_event(match s {
                             super::Seen::Modified(wd) => FenceEvent::Modified { wd, at },
+                            super::Seen::Opened(wd) => FenceEvent::Opened { wd },
                             super::Seen::Overflow => FenceEvent::ModifiedUnknown { at },
                         });
                     }

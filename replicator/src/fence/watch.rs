@@ -12,6 +12,12 @@
 //! copies the file up without any lease break, making an upper file a
 //! writer can reach directly. The engine revokes, and the refence finds
 //! and fences the new layer file.
+//!
+//! For a moment after a revoke the watch of that source also takes
+//! `IN_OPEN` ([`ModifyWatch::watch_opens`]): the kernel raises it in the
+//! writer's own open, right after the lease break let it through, which is
+//! how the engine learns that the writer it let go is running again (see
+//! the revoke gate in `engine/revoke.rs`).
 
 use std::collections::HashMap;
 use std::io;
@@ -40,6 +46,9 @@ pub const WATCHED: AddWatchFlags = AddWatchFlags::IN_MODIFY.union(AddWatchFlags:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
     Modified(WatchDescriptor),
+    /// Someone opened the inode (only while [`ModifyWatch::watch_opens`]
+    /// is on for it).
+    Opened(WatchDescriptor),
     /// The kernel's event queue overflowed: some modification may be lost.
     Overflow,
 }
@@ -73,6 +82,20 @@ impl ModifyWatch {
         Ok(wd)
     }
 
+    /// Take `IN_OPEN` too on the watch of the inode behind `fd` (already
+    /// watched with [`ModifyWatch::add`]), or stop taking it. The mask is
+    /// replaced; the watch descriptor stays the same.
+    pub fn watch_opens(&self, fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+        let path = self.proc.self_fd_path(fd.as_raw_fd());
+        let mask = if on {
+            WATCHED | AddWatchFlags::IN_OPEN
+        } else {
+            WATCHED
+        };
+        self.inotify.add_watch(&path, mask)?;
+        Ok(())
+    }
+
     /// One user of `wd` is done with it; the last removes the watch. A
     /// watch the kernel dropped already (the inode is gone) is no error.
     pub fn remove(&self, wd: WatchDescriptor) {
@@ -96,6 +119,8 @@ impl ModifyWatch {
                         Some(Seen::Overflow)
                     } else if e.mask.intersects(WATCHED) {
                         Some(Seen::Modified(e.wd))
+                    } else if e.mask.contains(AddWatchFlags::IN_OPEN) {
+                        Some(Seen::Opened(e.wd))
                     } else {
                         None
                     }
