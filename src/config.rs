@@ -382,6 +382,7 @@ mod tests {
             retry_max,
             prune_every,
             home_nodes,
+            max_sources,
         } = want;
         let StoreConfig {
             run_dir,
@@ -398,6 +399,8 @@ mod tests {
         assert_eq!(got.settle, settle);
         assert_eq!(got.retry_max, retry_max);
         assert_eq!(got.prune_every, prune_every);
+        // Set by the daemon from its open-file limit, not by the config.
+        assert_eq!(got.max_sources, max_sources);
         assert_eq!(got.home_nodes, home_nodes);
     }
 

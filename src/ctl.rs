@@ -269,27 +269,45 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Evict { paths } => {
+            let mut failed = Vec::new();
             for path in paths {
                 let path = absolute(path)?;
-                match ask(cli, &Request::Evict { path: path.clone() })? {
-                    Response::Evicted { replicas } => {
+                match ask(cli, &Request::Evict { path: path.clone() }) {
+                    Ok(Response::Evicted { replicas }) => {
                         writeln!(out, "{}: {replicas} replicas evicted", path.display())?
                     }
-                    other => bail!("unexpected answer: {other:?}"),
+                    Ok(other) => bail!("unexpected answer: {other:?}"),
+                    Err(e) => {
+                        if is_unreachable(&e) {
+                            return Err(e);
+                        }
+                        eprintln!("replicactl: {}: {e:#}", path.display());
+                        failed.push(path);
+                    }
                 }
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "{} of {} files were not evicted: {}",
+                    failed.len(),
+                    paths.len(),
+                    failed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
-        Command::Status { json } => match ask(cli, &Request::Status)? {
-            Response::Status { report } => {
-                if *json {
-                    serde_json::to_writer_pretty(&mut out, &report)?;
-                    writeln!(out)?;
-                } else {
-                    write!(out, "{}", status_table(&report))?;
-                }
+        Command::Status { json } => {
+            let report = replicad_client::status(&cli.socket, Duration::from_secs(cli.timeout))?;
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", status_table(&report))?;
             }
-            other => bail!("unexpected answer: {other:?}"),
-        },
+        }
         Command::Topology { json, sysfs_root } => {
             let topo = match sysfs_root {
                 Some(root) => Topology::from_sysfs(root)?,
@@ -787,6 +805,7 @@ mod tests {
                 }],
             }],
             left_alone: vec![],
+            next: None,
         };
         let t = status_table(&report);
         let lines: Vec<&str> = t.lines().collect();
@@ -834,6 +853,7 @@ mod tests {
         let report = StatusReport {
             sources: vec![],
             left_alone: left.clone(),
+            next: None,
         };
         let t = status_table(&report);
         assert!(t.starts_with("no replicas"), "{t}");

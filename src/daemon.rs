@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
+use replicad_procfs::ProcReader;
+use replicad_replicator::engine::SourceLimit;
 use replicad_replicator::{fence, info_limited, warn_limited, Metrics, Replicator, Topology};
 
 use crate::config::Config;
@@ -57,7 +59,9 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.daemon.run_dir)
         .with_context(|| format!("creating run directory {}", cfg.daemon.run_dir.display()))?;
     let publisher = crate::wire::publisher(&cfg.daemon.run_dir);
-    let engine = Replicator::start(cfg.engine(), topology, metrics, publisher)
+    let mut engine_cfg = cfg.engine();
+    engine_cfg.max_sources = Some(open_file_room(topology.nodes.len()));
+    let engine = Replicator::start(engine_cfg, topology, metrics, publisher)
         .context("starting the replica engine")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,6 +74,35 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
     engine.shutdown();
     runtime.shutdown_background();
     result
+}
+
+/// Raise the open-file limit as far as it goes (as root up to
+/// `fs.nr_open`), before the engine and its fence keeper start (the keeper
+/// inherits it), and say how many sources it leaves room for.
+fn open_file_room(nodes: usize) -> SourceLimit {
+    let nr_open = std::fs::read_to_string(ProcReader::default().root().join("sys/fs/nr_open"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let limit = match replicad_replicator::sys::raise_nofile(nr_open) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("cannot read the open-file limit: {e}; assuming 1024");
+            replicad_replicator::sys::NofileLimit {
+                soft: 1024,
+                hard: 1024,
+                was: 1024,
+            }
+        }
+    };
+    let room = SourceLimit::new(limit.soft, nodes);
+    tracing::info!(
+        "open-file limit {} (was {}, hard {}): room for {} replicated files on {nodes} node(s)",
+        limit.soft,
+        limit.was,
+        limit.hard,
+        room.sources
+    );
+    room
 }
 
 async fn serve(

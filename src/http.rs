@@ -1,5 +1,6 @@
 //! HTTP: Prometheus text at `/metrics`, the replica list as JSON at
-//! `/status`, and `/healthz`.
+//! `/status` (what anyone may see of it: world-readable sources, no
+//! processes), and `/healthz`.
 
 use axum::extract::State;
 use axum::http::header;
@@ -7,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use replicad_replicator::engine::Viewer;
 use replicad_replicator::Replicator;
 
 /// Serve until the task is dropped.
@@ -26,9 +28,13 @@ async fn metrics(State(engine): State<Replicator>) -> impl IntoResponse {
     )
 }
 
+/// Anyone who can connect may ask: what anyone could read, no processes
+/// (root reads the whole list over the control socket).
 async fn status(State(engine): State<Replicator>) -> impl IntoResponse {
-    let report = tokio::task::spawn_blocking(move || crate::wire::status(&engine.status()))
-        .await
-        .unwrap_or_default();
+    let report = tokio::task::spawn_blocking(move || {
+        crate::wire::status(&engine.status_for(&Viewer::Anonymous))
+    })
+    .await
+    .unwrap_or_default();
     Json(report)
 }

@@ -2,6 +2,14 @@
 //! request per packet, peers known by `SO_PEERCRED`. Every request gets one
 //! answer; a malformed, oversized or unexpected one gets an `Error` answer
 //! and the connection stays usable. Engine calls run on blocking threads.
+//!
+//! No user can queue another: root's connections and requests are never
+//! counted or refused; every other user may hold 64 connections and have 4
+//! requests in flight (all of them together 512 and 32, which leaves the
+//! runtime's 64 blocking threads free for root), and a connection of
+//! theirs that sends nothing for 2 s after connecting is closed. A user
+//! over its limit is told so (`Limit`) and its connection closed; what it
+//! waits behind is its own requests.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -16,17 +24,117 @@ use tokio::io::Interest;
 use tokio::sync::Semaphore;
 
 use replicad_procfs::ProcReader;
-use replicad_replicator::engine::Attach;
+use replicad_replicator::engine::{Attach, Viewer};
 use replicad_replicator::{debug_limited, warn_limited, Replicator};
 use replicad_wire::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_wire::sock::{self, PeerCred};
 
 use crate::wire;
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 512;
+/// Connections of users other than root served at once, all users
+/// together; root's are never counted or refused.
+const MAX_USER_CONNECTIONS: usize = 512;
+/// Connections one user other than root may hold at once.
+const MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Requests of users other than root in flight at once (each takes one of
+/// the runtime's blocking threads, which root's requests need too), all
+/// users together, and one user's.
+const MAX_USER_REQUESTS: usize = 32;
+const MAX_REQUESTS_PER_USER: usize = 4;
 /// A connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(30);
+/// A connection of a user other than root that sent no request this long
+/// after connecting is closed.
+const FIRST_REQUEST: Duration = Duration::from_secs(2);
+
+/// The per-user accounting that keeps one user's flood from queueing
+/// anyone else: connections and requests in flight, by uid. Root (uid 0)
+/// is never limited.
+struct Fairness {
+    connections: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
+    requests: std::sync::Mutex<std::collections::HashMap<u32, Arc<Semaphore>>>,
+    all_requests: Semaphore,
+}
+
+impl Fairness {
+    fn new() -> Arc<Fairness> {
+        Arc::new(Fairness {
+            connections: Default::default(),
+            requests: Default::default(),
+            all_requests: Semaphore::new(MAX_USER_REQUESTS),
+        })
+    }
+
+    /// Count a new connection of `uid`; `Err` says which limit it is over.
+    fn connect(self: &Arc<Self>, uid: u32) -> Result<ConnectionSlot, String> {
+        if uid == 0 {
+            return Ok(ConnectionSlot(None));
+        }
+        let mut c = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = c.values().sum();
+        let mine = c.entry(uid).or_insert(0);
+        if *mine >= MAX_CONNECTIONS_PER_USER {
+            return Err(format!(
+                "uid {uid} already holds {MAX_CONNECTIONS_PER_USER} connections to replicad,                  the most one user may: close some"
+            ));
+        }
+        if total >= MAX_USER_CONNECTIONS {
+            return Err(format!(
+                "replicad serves {MAX_USER_CONNECTIONS} connections of users other than root,                  the most it takes: try again later"
+            ));
+        }
+        *mine += 1;
+        Ok(ConnectionSlot(Some((self.clone(), uid))))
+    }
+
+    /// Wait for room for one more request of `uid` (at once for root).
+    async fn request(&self, uid: u32) -> Option<RequestSlot<'_>> {
+        if uid == 0 {
+            return Some(RequestSlot(None));
+        }
+        let mine = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_REQUESTS_PER_USER)))
+            .clone();
+        // This user's own limit first: a flood waits behind itself, and
+        // takes no share of the common one while it waits.
+        let own = mine.acquire_owned().await.ok()?;
+        let all = self.all_requests.acquire().await.ok()?;
+        all.forget();
+        Some(RequestSlot(Some((own, self))))
+    }
+}
+
+/// One counted connection; uncounted on drop.
+struct ConnectionSlot(Option<(Arc<Fairness>, u32)>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some((f, uid)) = &self.0 {
+            let mut c = f.connections.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = c.get_mut(uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.remove(uid);
+                }
+            }
+        }
+    }
+}
+
+/// One request in flight; its room is given back on drop.
+struct RequestSlot<'a>(Option<(tokio::sync::OwnedSemaphorePermit, &'a Fairness)>);
+
+impl Drop for RequestSlot<'_> {
+    fn drop(&mut self) {
+        if let Some((_, f)) = &self.0 {
+            f.all_requests.add_permits(1);
+        }
+    }
+}
 
 /// Bind the control socket at `path` (mode 0666: any user may ask for
 /// replicas of files it can read). A live daemon already there is an
@@ -56,10 +164,9 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
     // SAFETY: the AsyncFd owns the fd, so it stays open until the AsyncFd
     // deregisters it on drop.
     let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let fair = Fairness::new();
     tracing::info!("control socket listening at {}", socket.display());
     loop {
-        let permit = slots.clone().acquire_owned().await?;
         let conn = listener
             .async_io(Interest::READABLE, |fd| sock::accept(fd.as_fd()))
             .await;
@@ -72,25 +179,63 @@ pub async fn serve(listener: OwnedFd, engine: Replicator, socket: PathBuf) -> an
                 continue;
             }
         };
+        // Counted (or refused) here, before a task is spawned: a user over
+        // its limit costs the accept loop one peer lookup and one send.
+        let peer = match sock::peer_cred(conn.as_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                debug_limited!("control connection: SO_PEERCRED: {e}");
+                continue;
+            }
+        };
+        let slot = match fair.connect(peer.uid) {
+            Ok(slot) => slot,
+            Err(why) => {
+                debug_limited!(
+                    "pid {} (uid {}): connection refused: {why}",
+                    peer.pid,
+                    peer.uid
+                );
+                // Said once, without waiting: a full socket buffer drops it.
+                let _ = sock::send(
+                    conn.as_fd(),
+                    &Response::error(ErrorKind::Limit, why).encode(),
+                    &[],
+                );
+                continue;
+            }
+        };
         let engine = engine.clone();
+        let fair = fair.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(conn, engine).await {
+            if let Err(e) = connection(conn, peer, engine, fair).await {
                 debug_limited!("control connection: {e}");
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }
 
-async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
-    let peer = sock::peer_cred(conn.as_fd())?;
+async fn connection(
+    conn: OwnedFd,
+    peer: PeerCred,
+    engine: Replicator,
+    fair: Arc<Fairness>,
+) -> io::Result<()> {
     let alive = Arc::new(PeerAlive::new(conn.as_fd(), peer.pid));
     // SAFETY: the AsyncFd owns the fd, so it stays open until the AsyncFd
     // deregisters it on drop.
     let conn = unsafe { AsyncFd::register(conn) }?;
+    let mut first = true;
     loop {
+        let wait = if first && peer.uid != 0 {
+            FIRST_REQUEST
+        } else {
+            IDLE
+        };
+        first = false;
         let packet = tokio::time::timeout(
-            IDLE,
+            wait,
             conn.async_io(Interest::READABLE, |fd| {
                 sock::recv(fd.as_fd(), MAX_REQUEST + 1)
             }),
@@ -128,17 +273,21 @@ async fn connection(conn: OwnedFd, engine: Replicator) -> io::Result<()> {
                     let engine = engine.clone();
                     let fds = packet.fds;
                     let alive = alive.clone();
-                    tokio::task::spawn_blocking(move || handle(&engine, peer, &alive, req, fds))
-                        .await
-                        .unwrap_or_else(|e| {
-                            (
-                                Response::error(
-                                    ErrorKind::Internal,
-                                    format!("handler failed: {e}"),
-                                ),
-                                Vec::new(),
-                            )
-                        })
+                    let Some(slot) = fair.request(peer.uid).await else {
+                        return Ok(());
+                    };
+                    let answer = tokio::task::spawn_blocking(move || {
+                        handle(&engine, peer, &alive, req, fds)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        (
+                            Response::error(ErrorKind::Internal, format!("handler failed: {e}")),
+                            Vec::new(),
+                        )
+                    });
+                    drop(slot);
+                    answer
                 }
             }
         };
@@ -175,6 +324,36 @@ impl PeerAlive {
             .as_ref()
             .is_some_and(|fd| sock::pidfd_alive(fd.as_fd()))
     }
+}
+
+/// What the peer may see of the replica list: root everything; another
+/// user what it could read itself, with the groups its process has now
+/// (`/proc/<pid>/status`; the connection's gid alone if it is gone).
+fn viewer(peer: &PeerCred) -> Viewer {
+    if peer.uid == 0 {
+        return Viewer::Root;
+    }
+    let groups = ProcReader::default()
+        .status(peer.pid)
+        .ok()
+        .flatten()
+        .map(|s| s.groups)
+        .unwrap_or_default();
+    Viewer::User {
+        uid: peer.uid,
+        gid: peer.gid,
+        groups,
+    }
+}
+
+/// One page of what `peer` may see of the status.
+fn status_page(
+    engine: &Replicator,
+    peer: &PeerCred,
+    after: Option<&replicad_wire::proto::StatusCursor>,
+) -> replicad_wire::proto::StatusReport {
+    let full = wire::status(&engine.status_for(&viewer(peer)));
+    wire::status_page(full, after, wire::STATUS_PAGE_BYTES)
 }
 
 /// Whether `pid` is a process that a peer which connected as `uid` could
@@ -271,7 +450,13 @@ fn handle(
         },
         Request::Status => (
             Response::Status {
-                report: wire::status(&engine.status()),
+                report: status_page(engine, &peer, None),
+            },
+            Vec::new(),
+        ),
+        Request::StatusFrom { after } => (
+            Response::Status {
+                report: status_page(engine, &peer, Some(&after)),
             },
             Vec::new(),
         ),

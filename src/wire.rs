@@ -18,8 +18,8 @@ use replicad_wire::sock;
 // One hello answer carries two fds per source in one message.
 const _: () = assert!(2 * MAX_SOURCES <= sock::MAX_MESSAGE_FDS);
 
-/// Sources the published replica set holds (128 KiB); more are flagged
-/// and the shim asks the daemon.
+/// Slots the published replica set starts with (128 KiB); it grows when
+/// three quarters are used.
 const PUBLISHED_CAPACITY: usize = 4096;
 
 /// A request's node selection, for the engine.
@@ -78,12 +78,70 @@ fn left_alone(l: &LeftAlone) -> proto::LeftAlone {
     }
 }
 
-/// The whole status table.
+/// The whole status table, sources sorted by path, then device and inode.
 pub fn status(v: &StatusView) -> proto::StatusReport {
+    let mut sources: Vec<proto::SourceStatus> = v.sources.iter().map(source).collect();
+    sources.sort_by(|a, b| (&a.path, a.dev, a.ino).cmp(&(&b.path, b.dev, b.ino)));
     proto::StatusReport {
-        sources: v.sources.iter().map(source).collect(),
+        sources,
         left_alone: v.left_alone.iter().map(left_alone).collect(),
+        next: None,
     }
+}
+
+/// Most bytes of JSON one status page carries: a `SOCK_SEQPACKET` message
+/// must fit the socket's send buffer (212992 bytes by default).
+pub const STATUS_PAGE_BYTES: usize = 128 * 1024;
+
+/// The page of `full` (sorted as [`status`] sorts) that starts after
+/// `after` (from the start without), at most `budget` bytes of JSON, and
+/// at least one source. `left_alone` goes with the first page only.
+pub fn status_page(
+    full: proto::StatusReport,
+    after: Option<&proto::StatusCursor>,
+    budget: usize,
+) -> proto::StatusReport {
+    let start = after.map_or(0, |c| {
+        full.sources
+            .partition_point(|s| (&s.path, s.dev, s.ino) <= (&c.path, c.dev, c.ino))
+    });
+    let mut used = 256;
+    let mut left_alone = Vec::new();
+    if after.is_none() {
+        for l in full.left_alone {
+            used += json_len(&l);
+            if used > budget / 4 {
+                break;
+            }
+            left_alone.push(l);
+        }
+    }
+    let mut sources = Vec::new();
+    let mut rest = full.sources.into_iter().skip(start).peekable();
+    while let Some(s) = rest.peek() {
+        let n = json_len(s);
+        if !sources.is_empty() && used + n > budget {
+            break;
+        }
+        used += n;
+        if let Some(s) = rest.next() {
+            sources.push(s);
+        }
+    }
+    let next = match (rest.peek(), sources.last()) {
+        (Some(_), Some(last)) => Some(proto::StatusCursor::of(last)),
+        _ => None,
+    };
+    proto::StatusReport {
+        sources,
+        left_alone,
+        next,
+    }
+}
+
+/// Bytes of `v`'s JSON encoding, and a comma.
+fn json_len<T: serde::Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(0, |v| v.len()) + 1
 }
 
 /// Files `replicate --pid` passed over.
@@ -168,6 +226,7 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         Error::SourceChanged { .. } | Error::WriterArrived { .. } => ErrorKind::SourceChanged,
         Error::Misplaced { .. } => ErrorKind::Misplaced,
         Error::ShuttingDown => ErrorKind::ShuttingDown,
+        Error::TooManySources { .. } => ErrorKind::Limit,
     }
 }
 
@@ -177,8 +236,9 @@ pub fn error(e: &Error) -> Response {
 }
 
 /// The published replica set at `<run_dir>/replicas.set`, written for the
-/// engine.
-struct PublishedSet(Option<published::Writer>);
+/// engine. It grows when the sources outgrow it: a bigger file is renamed
+/// over the old one, which is marked retired, so readers reopen the path.
+struct PublishedSet(Option<published::Writer>, std::path::PathBuf);
 
 impl Publisher for PublishedSet {
     fn publish(&mut self, sources: &[PublishedSource]) {
@@ -194,7 +254,27 @@ impl Publisher for PublishedSet {
         let Some(writer) = self.0.as_mut() else {
             return;
         };
-        let out = writer.publish(&entries);
+        let mut out = writer.publish(&entries);
+        if out.overflow && writer.capacity() < published::MAX_CAPACITY {
+            // Three quarters of the slots at most are used: room for twice
+            // as many as there are now.
+            let capacity = entries.len().saturating_mul(8) / 3;
+            match published::Writer::create(&self.1, capacity) {
+                Ok(mut bigger) => {
+                    out = bigger.publish(&entries);
+                    tracing::info!(
+                        "the published replica set grew to {} slots for {} sources",
+                        bigger.capacity(),
+                        entries.len()
+                    );
+                    *writer = bigger;
+                }
+                Err(e) => replicad_replicator::warn_limited!(
+                    "cannot grow the published replica set at {}: {e}",
+                    self.1.display()
+                ),
+            }
+        }
         if out.overflow {
             replicad_replicator::warn_limited!(
                 "the published replica set holds {} of {} sources: programs ask the \
@@ -232,7 +312,7 @@ impl Publisher for PublishedSet {
 pub fn publisher(run_dir: &Path) -> Option<Box<dyn Publisher>> {
     let set = run_dir.join(published::FILE_NAME);
     match published::Writer::create(&set, PUBLISHED_CAPACITY) {
-        Ok(w) => Some(Box::new(PublishedSet(Some(w)))),
+        Ok(w) => Some(Box::new(PublishedSet(Some(w), set))),
         Err(e) => {
             tracing::warn!(
                 "cannot publish the replica set at {}: {e}; programs under the preload \
@@ -241,5 +321,82 @@ pub fn publisher(run_dir: &Path) -> Option<Box<dyn Publisher>> {
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{SourceStatus, StatusCursor, StatusReport};
+
+    fn src(i: u64, path_len: usize) -> SourceStatus {
+        SourceStatus {
+            path: format!("/d/{}{i:05}", "x".repeat(path_len)).into(),
+            dev: 1,
+            ino: i,
+            generation: 1,
+            size: 4096,
+            fence: "lease".into(),
+            targets: vec!["node0".into()],
+            replicas: vec![],
+        }
+    }
+
+    fn report(n: u64, path_len: usize) -> StatusReport {
+        StatusReport {
+            sources: (0..n).map(|i| src(i, path_len)).collect(),
+            left_alone: vec![proto::LeftAlone {
+                pid: 7,
+                comm: "x".into(),
+                reason: "y".into(),
+            }],
+            next: None,
+        }
+    }
+
+    /// Every page within the budget, every source once, in order.
+    #[test]
+    fn pages_cover_the_list_once_within_the_budget() {
+        let full = report(5000, 40);
+        let budget = 16 * 1024;
+        let mut seen = Vec::new();
+        let mut after: Option<StatusCursor> = None;
+        let mut pages = 0;
+        loop {
+            let page = status_page(full.clone(), after.as_ref(), budget);
+            let encoded = proto::Response::Status {
+                report: page.clone(),
+            }
+            .encode();
+            assert!(encoded.len() <= budget, "page of {} bytes", encoded.len());
+            assert_eq!(page.left_alone.len(), usize::from(pages == 0));
+            pages += 1;
+            seen.extend(page.sources.iter().map(|s| s.ino));
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert!(pages > 10, "{pages} pages");
+        assert_eq!(seen, (0..5000).collect::<Vec<_>>());
+    }
+
+    /// A source bigger than the budget still goes, alone; a cursor whose
+    /// source is gone meanwhile starts at the next one.
+    #[test]
+    fn a_huge_source_goes_alone_and_a_gone_cursor_moves_on() {
+        let full = report(3, 4000);
+        let page = status_page(full.clone(), None, 1024);
+        assert_eq!(page.sources.len(), 1);
+        let next = page.next.unwrap();
+        let mut fewer = full.clone();
+        fewer.sources.remove(1);
+        let page = status_page(fewer, Some(&next), 1 << 20);
+        assert_eq!(page.sources.iter().map(|s| s.ino).collect::<Vec<_>>(), [2]);
+        assert!(page.next.is_none());
+        // Past the end: empty, no next.
+        let last = StatusCursor::of(&full.sources[2]);
+        let page = status_page(full, Some(&last), 1 << 20);
+        assert!(page.sources.is_empty() && page.next.is_none());
     }
 }

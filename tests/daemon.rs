@@ -800,8 +800,15 @@ fn metrics_and_status_api() {
     }
     let d = Daemon::start("");
     let dir = scratch("metrics");
+    // HTTP /status lists what anyone may read: a way in for everyone.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let file = dir.path().join("f");
     make_file(&file, 2 << 20, 1);
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
     assert_eq!(d.metric("replicad_replicas{target=\"node0\"}"), 1.0);
     assert_eq!(

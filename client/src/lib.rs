@@ -76,6 +76,54 @@ pub enum Error {
         kind: proto::ErrorKind,
         message: String,
     },
+    #[error("replicad at {socket} answered {asked} with {answer}")]
+    Unexpected {
+        socket: PathBuf,
+        asked: &'static str,
+        answer: String,
+    },
+}
+
+/// The whole replica list the daemon shows this caller, asked for page by
+/// page (`Status`, then `StatusFrom` while the report says more follow).
+pub fn status(socket: &Path, timeout: Duration) -> Result<proto::StatusReport, Error> {
+    let unexpected = |answer: proto::Response| Error::Unexpected {
+        socket: socket.to_path_buf(),
+        asked: "a status request",
+        answer: format!("{answer:?}"),
+    };
+    let mut report = match request(socket, &proto::Request::Status, &[], timeout)?.0 {
+        proto::Response::Status { report } => report,
+        other => return Err(unexpected(other)),
+    };
+    while let Some(after) = report.next.take() {
+        let page = match request(
+            socket,
+            &proto::Request::StatusFrom {
+                after: after.clone(),
+            },
+            &[],
+            timeout,
+        )?
+        .0
+        {
+            proto::Response::Status { report } => report,
+            other => return Err(unexpected(other)),
+        };
+        // Every page must move on: a cursor that does not is an answer
+        // this client cannot page through.
+        if page
+            .sources
+            .first()
+            .is_some_and(|s| proto::StatusCursor::of(s) <= after)
+            || page.next.as_ref().is_some_and(|n| *n <= after)
+        {
+            return Err(unexpected(proto::Response::Status { report: page }));
+        }
+        report.sources.extend(page.sources);
+        report.next = page.next;
+    }
+    Ok(report)
 }
 
 /// The socket clients use: `$REPLICAD_SOCKET`, else the default path.

@@ -156,6 +156,9 @@ pub struct Status {
     pub threads: u64,
     /// `VmRSS:` in kB; `None` for a kernel thread or a zombie.
     pub vm_rss_kb: Option<u64>,
+    /// `Groups:` (supplementary groups), as listed; empty when the line is
+    /// empty or absent.
+    pub groups: Vec<u32>,
 }
 
 /// Parse `/proc/<pid>/status` (`Key:\tvalue` lines). `Uid`, `Gid`,
@@ -168,6 +171,7 @@ pub fn parse_status(text: &str) -> Result<Status, ParseError> {
     let mut mems = None;
     let mut threads = None;
     let mut rss = None;
+    let mut groups = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let Some((key, value)) = line.split_once(':') else {
@@ -199,6 +203,13 @@ pub fn parse_status(text: &str) -> Result<Status, ParseError> {
                 }
             }
             "Threads" => threads = Some(value.parse().map_err(|_| bad("not a number"))?),
+            "Groups" => {
+                groups = value
+                    .split_ascii_whitespace()
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| bad("not a list of group ids"))?;
+            }
             "VmRSS" => {
                 let kb = value.strip_suffix("kB").map(str::trim).unwrap_or(value);
                 rss = Some(kb.parse().map_err(|_| bad("not a size in kB"))?);
@@ -214,6 +225,7 @@ pub fn parse_status(text: &str) -> Result<Status, ParseError> {
         mems_allowed: mems.unwrap_or_default(),
         threads: threads.ok_or_else(|| missing("Threads"))?,
         vm_rss_kb: rss,
+        groups,
     })
 }
 

@@ -189,6 +189,19 @@ fn status_without_threads_is_a_parse_error() {
 }
 
 #[test]
+fn status_groups_empty_listed_or_garbage() {
+    let base = "Uid:\t1 1 1 1\nGid:\t2 2 2 2\nThreads:\t1\nCpus_allowed_list:\t0\n";
+    assert!(parse_status(base).unwrap().groups.is_empty());
+    let s = parse_status(&format!("{base}Groups:\t\n")).unwrap();
+    assert!(s.groups.is_empty());
+    let s = parse_status(&format!("{base}Groups:\t4 24 27 4294967294 \n")).unwrap();
+    assert_eq!(s.groups, vec![4, 24, 27, 4294967294]);
+    let e = parse_status(&format!("{base}Groups:\t4 x\n")).unwrap_err();
+    assert_eq!(e.line, 5);
+    assert!(e.reason.contains("group ids"), "{}", e.reason);
+}
+
+#[test]
 fn cgroups_v1_v2_hybrid_and_empty() {
     let c = real().cgroups(REAL_PID).unwrap().unwrap();
     assert_eq!(c.len(), 10);

@@ -69,6 +69,20 @@ pub enum Error {
     #[error("{path}: not replicated (run `replicactl replicate {path}` first)", path = .path.display())]
     NotReplicated { path: PathBuf },
 
+    #[error(
+        "{path}: not replicated: replicad already fences {sources} files, the most its open-file \
+         limit allows (RLIMIT_NOFILE {nofile}, {per_source} open files a file); raise the \
+         limit (LimitNOFILE= in its systemd unit, or `ulimit -n` before starting it) and \
+         restart it, or evict files first",
+        path = .path.display()
+    )]
+    TooManySources {
+        path: PathBuf,
+        sources: usize,
+        nofile: u64,
+        per_source: u64,
+    },
+
     #[error("replicad is shutting down")]
     ShuttingDown,
 

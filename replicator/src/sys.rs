@@ -437,6 +437,48 @@ pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }).map(drop)
 }
 
+/// The open-file limit after [`raise_nofile`]: soft and hard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    pub soft: u64,
+    pub hard: u64,
+    /// The soft limit before.
+    pub was: u64,
+}
+
+/// Raise `RLIMIT_NOFILE`'s soft limit to its hard limit; as root (with
+/// `CAP_SYS_RESOURCE`) first raise the hard limit to `fs.nr_open`, the
+/// kernel's most. What cannot be raised stays as it was (no error: the
+/// caller reports the limit it got).
+pub fn raise_nofile(nr_open: Option<u64>) -> io::Result<NofileLimit> {
+    let set = |soft: u64, hard: u64| {
+        let l = libc::rlimit {
+            rlim_cur: soft as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: a valid rlimit struct for the call's duration.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 }
+    };
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // rlim_t is u64 here, not on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let (was, mut hard) = (l.rlim_cur as u64, l.rlim_max as u64);
+    if let Some(max) = nr_open.filter(|&m| m > hard) {
+        if set(max, max) {
+            hard = max;
+        }
+    }
+    let soft = if set(hard, hard) { hard } else { was };
+    Ok(NofileLimit { soft, hard, was })
+}
+
 /// Run the calling thread at `SCHED_FIFO` priority 1: ahead of every
 /// ordinary thread (busy readers), behind every other real-time one.
 pub fn realtime_thread() -> io::Result<()> {

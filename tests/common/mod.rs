@@ -109,6 +109,8 @@ pub struct Daemon {
     /// had, seen before it was signalled: once it is dead they are
     /// orphans, no longer its children, and Drop still kills them.
     keepers: std::sync::Mutex<Vec<KeeperProc>>,
+    /// The soft open-file limit it starts with, when not inherited.
+    pub nofile_soft: Option<u64>,
 }
 
 fn free_port() -> u16 {
@@ -136,6 +138,26 @@ impl Daemon {
 
     /// Start on an existing run directory (for restart tests).
     pub fn start_in(run_dir: tempfile::TempDir, extra: &str, http: bool) -> Daemon {
+        let mut d = Daemon::configured(run_dir, extra, http);
+        d.spawn();
+        d
+    }
+
+    /// Start with the soft open-file limit at `soft` (the hard one as
+    /// inherited), as a shell's `ulimit -Sn` would.
+    pub fn start_with_nofile(extra: &str, soft: u64) -> Daemon {
+        let run_dir = tempfile::Builder::new()
+            .prefix("replicad-run-")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon::configured(run_dir, extra, true);
+        d.nofile_soft = Some(soft);
+        d.spawn();
+        d
+    }
+
+    /// The config written, nothing started.
+    fn configured(run_dir: tempfile::TempDir, extra: &str, http: bool) -> Daemon {
         let socket = run_dir.path().join("replicad.sock");
         let http = http.then(|| format!("127.0.0.1:{}", free_port()));
         let config = run_dir.path().join("replicad.toml");
@@ -150,7 +172,7 @@ impl Daemon {
         }
         text.push_str(extra);
         std::fs::write(&config, text).unwrap();
-        let mut d = Daemon {
+        Daemon {
             child: None,
             run_dir,
             socket,
@@ -158,9 +180,8 @@ impl Daemon {
             http,
             log,
             keepers: Default::default(),
-        };
-        d.spawn();
-        d
+            nofile_soft: None,
+        }
     }
 
     fn spawn(&mut self) {
@@ -169,15 +190,34 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(REPLICAD)
-            .arg("--config")
+        let mut cmd = Command::new(REPLICAD);
+        cmd.arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some(soft) = self.nofile_soft {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only getrlimit/setrlimit between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut l = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    l.rlim_cur = soft.min(l.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         self.child = Some(child);
         let t0 = Instant::now();
         loop {

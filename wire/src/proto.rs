@@ -80,8 +80,12 @@ pub enum Request {
     Replicate { path: PathBuf, nodes: NodeSelection },
     /// Drop every replica of a file (root only). Answered by `Evicted`.
     Evict { path: PathBuf },
-    /// The replica list. Answered by `Status`.
+    /// The replica list, its first page. Answered by `Status`; when the
+    /// report's `next` is set, `StatusFrom { after: next }` asks for the
+    /// next page. Sources come sorted by path, then device and inode.
     Status,
+    /// The page of the replica list after `after`. Answered by `Status`.
+    StatusFrom { after: StatusCursor },
     /// The preload shim's hello: attach my file mappings to the replicas on
     /// `node` (or on the node my CPUs are bound to). The daemon reads the
     /// caller's own `/proc/<pid>/maps` and `pagemap` (the pid is the socket peer's; no
@@ -148,6 +152,9 @@ pub enum ErrorKind {
     Misplaced,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// One of the daemon's limits: the files its open-file limit leaves
+    /// room for, or one user's connections or requests in flight.
+    Limit,
     Internal,
 }
 
@@ -218,13 +225,37 @@ pub struct LeftAlone {
     pub reason: String,
 }
 
-/// The whole replica list.
+/// Where a page of the replica list ended: its last source.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusCursor {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl StatusCursor {
+    /// The cursor that ends at `s`.
+    pub fn of(s: &SourceStatus) -> Self {
+        StatusCursor {
+            path: s.path.clone(),
+            dev: s.dev,
+            ino: s.ino,
+        }
+    }
+}
+
+/// The replica list, or one page of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StatusReport {
     pub sources: Vec<SourceStatus>,
-    /// Processes that said hello and were left alone (still running).
+    /// Processes that said hello and were left alone (still running); on
+    /// the first page only.
     #[serde(default)]
     pub left_alone: Vec<LeftAlone>,
+    /// More sources follow: ask `StatusFrom { after: next }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<StatusCursor>,
 }
 
 /// The daemon's answer.
@@ -373,6 +404,13 @@ mod tests {
             },
             Request::Evict { path: "/a".into() },
             Request::Status,
+            Request::StatusFrom {
+                after: StatusCursor {
+                    path: "/a".into(),
+                    dev: 1,
+                    ino: 2,
+                },
+            },
             Request::Hello { node: None },
             Request::Hello { node: Some(3) },
             Request::ReplicatePid {

@@ -60,6 +60,7 @@ mod tests;
 pub use adopt::Adopted;
 pub use attach::Attach;
 pub use hello::{Hello, HelloRange, HomeNode, ProcessAttach, SourceFds, MAX_SOURCES};
+pub use status::Viewer;
 
 /// How the engine behaves.
 #[derive(Debug, Clone)]
@@ -74,6 +75,36 @@ pub struct EngineConfig {
     pub prune_every: Duration,
     /// Home nodes by cgroup, for processes whose CPUs span several nodes.
     pub home_nodes: Vec<HomeNode>,
+    /// The most sources the daemon's open-file limit leaves room for
+    /// (`None`: no limit checked).
+    pub max_sources: Option<SourceLimit>,
+}
+
+/// How many sources fit in the open-file limit, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceLimit {
+    pub sources: usize,
+    /// `RLIMIT_NOFILE` (soft) it was computed from.
+    pub nofile: u64,
+    /// Open files one source takes.
+    pub per_source: u64,
+}
+
+impl SourceLimit {
+    /// Open files kept for everything else (sockets, the store, /proc).
+    pub const RESERVED: u64 = 256;
+
+    /// The room `nofile` open files leave for sources on `nodes` nodes.
+    pub fn new(nofile: u64, nodes: usize) -> Self {
+        // The source's fd (its lease), a replica per node, and a fresh fd
+        // of the replica while a client is given it.
+        let per_source = 2 + nodes as u64;
+        SourceLimit {
+            sources: (nofile.saturating_sub(Self::RESERVED) / per_source) as usize,
+            nofile,
+            per_source,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -84,6 +115,7 @@ impl Default for EngineConfig {
             retry_max: Duration::from_secs(2),
             prune_every: Duration::from_secs(2),
             home_nodes: Vec::new(),
+            max_sources: None,
         }
     }
 }

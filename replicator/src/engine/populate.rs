@@ -93,6 +93,14 @@ impl Inner {
                     return Err(self.lease_refused(list, path, key, busy));
                 }
             } else {
+                if let Some(limit) = self.cfg.max_sources.filter(|l| list.len() >= l.sources) {
+                    return Err(Error::TooManySources {
+                        path: path.to_path_buf(),
+                        sources: list.len(),
+                        nofile: limit.nofile,
+                        per_source: limit.per_source,
+                    });
+                }
                 let fd = Arc::new(OwnedFd::from(file));
                 // The watch first: a change between it and the generation
                 // read below is then seen.

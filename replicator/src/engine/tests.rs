@@ -162,6 +162,10 @@ impl Drop for Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(None)
+}
+
+fn rig_with(max_sources: Option<super::SourceLimit>) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let proc_root = dir.path().join("proc");
     std::fs::create_dir_all(&proc_root).unwrap();
@@ -180,6 +184,7 @@ fn rig() -> Rig {
         retry_max: Duration::from_secs(3600),
         prune_every: Duration::from_secs(3600),
         home_nodes: Vec::new(),
+        max_sources,
     };
     let log = Arc::new(Log::default());
     // The watch resolves fds through the real /proc/self.
@@ -391,6 +396,35 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
         Attach::Original { reason } => assert!(reason.contains("writer"), "{reason}"),
         Attach::Replica { .. } => panic!("attached while the fence is down"),
     }
+}
+
+#[test]
+fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
+    // 256 kept back, 3 open files a source on one node: room for 2.
+    let limit = super::SourceLimit::new(256 + 6, 1);
+    assert_eq!((limit.sources, limit.per_source), (2, 3));
+    let rig = rig_with(Some(limit));
+    let a = rig.source("a", b"one");
+    let b = rig.source("b", b"two");
+    let c = rig.source("c", b"three");
+    rig.engine.replicate(&a, &NodeSelection::All).unwrap();
+    rig.engine.replicate(&b, &NodeSelection::All).unwrap();
+    // Known sources are no new ones: asked again, still fine.
+    rig.engine.replicate(&a, &NodeSelection::All).unwrap();
+    let e = rig.engine.replicate(&c, &NodeSelection::All).unwrap_err();
+    assert!(
+        matches!(e, Error::TooManySources { sources: 2, nofile: 262, per_source: 3, .. }),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("RLIMIT_NOFILE 262") && text.contains("LimitNOFILE="),
+        "{text}"
+    );
+    assert_eq!(rig.engine.status().sources.len(), 2);
+    // Evicting one makes room.
+    rig.engine.evict(&a).unwrap();
+    rig.engine.replicate(&c, &NodeSelection::All).unwrap();
 }
 
 #[test]
