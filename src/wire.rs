@@ -381,6 +381,38 @@ mod tests {
         assert_eq!(seen, (0..5000).collect::<Vec<_>>());
     }
 
+    /// Past three quarters of its slots the set is replaced by a bigger
+    /// one, and a reader of the old one is told to reopen.
+    #[test]
+    fn the_published_set_grows_with_the_sources() {
+        use replicad_replicator::model::PublishedSource;
+        use replicad_replicator::SourceKey;
+        use replicad_wire::published::{Lookup, Reader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = publisher(dir.path()).unwrap();
+        let path = dir.path().join(published::FILE_NAME);
+        let old = Reader::open(&path).unwrap();
+        let sources: Vec<PublishedSource> = (1..=5000)
+            .map(|ino| PublishedSource {
+                key: SourceKey { dev: 9, ino },
+                generation: 1,
+                nodes: vec![0],
+            })
+            .collect();
+        p.publish(&sources);
+        assert!(old.is_retired());
+        let new = Reader::open(&path).unwrap();
+        assert!(!new.is_retired());
+        for ino in [1, 2500, 5000] {
+            assert!(
+                matches!(new.lookup(9, ino), Lookup::Present { nodes: 1, .. }),
+                "{ino}"
+            );
+        }
+        assert_eq!(new.lookup(9, 5001), Lookup::Absent);
+        p.retire();
+    }
+
     /// A source bigger than the budget still goes, alone; a cursor whose
     /// source is gone meanwhile starts at the next one.
     #[test]
