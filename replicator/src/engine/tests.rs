@@ -413,7 +413,15 @@ fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
     rig.engine.replicate(&a, &NodeSelection::All).unwrap();
     let e = rig.engine.replicate(&c, &NodeSelection::All).unwrap_err();
     assert!(
-        matches!(e, Error::TooManySources { sources: 2, nofile: 262, per_source: 3, .. }),
+        matches!(
+            e,
+            Error::TooManySources {
+                sources: 2,
+                nofile: 262,
+                per_source: 3,
+                ..
+            }
+        ),
         "{e:?}"
     );
     let text = e.to_string();
