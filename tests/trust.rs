@@ -271,7 +271,8 @@ fn a_fake_daemon_is_refused_by_the_shim_unless_its_uid_is_named() {
     let set = fake.set();
     for says in [
         format!(
-            "the published set {} is not used: it is owned by uid 65534 (trusted: root (uid 0) only",
+            "the published set {}, owned by uid 65534, is not used: that uid is not trusted \
+             (trusted: root (uid 0) only",
             set.display()
         ),
         format!(

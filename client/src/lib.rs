@@ -86,10 +86,18 @@ pub enum Error {
         uid: u32,
         trust: trust::Trust,
     },
-    #[error("the replica {path} is refused: {rule}")]
-    UntrustedReplica { path: PathBuf, rule: trust::Rule },
-    #[error("the published set {path} is not used: {rule}")]
-    UntrustedSet { path: PathBuf, rule: trust::Rule },
+    #[error("the replica {path} from replicad running as uid {daemon_uid} is refused: {rule}")]
+    UntrustedReplica {
+        path: PathBuf,
+        daemon_uid: u32,
+        rule: trust::Rule,
+    },
+    #[error("the published set {path}, owned by uid {owner}, is not used: {rule}")]
+    UntrustedSet {
+        path: PathBuf,
+        owner: u32,
+        rule: trust::Rule,
+    },
     #[error("no published replica set: {source}")]
     NoPublishedSet {
         path: PathBuf,

@@ -137,13 +137,11 @@ impl Trust {
         let meta = file.metadata().map_err(no_set)?;
         let refused = |rule| Error::UntrustedSet {
             path: path.to_path_buf(),
+            owner: meta.uid(),
             rule,
         };
         if !self.trusts(meta.uid()) {
-            return Err(refused(Rule::UntrustedOwner {
-                owner: meta.uid(),
-                trust: *self,
-            }));
+            return Err(refused(Rule::UntrustedOwner { trust: *self }));
         }
         if meta.mode() & 0o022 != 0 {
             return Err(refused(Rule::Writable {
@@ -195,9 +193,9 @@ pub enum Rule {
     /// Not on tmpfs or hugetlbfs: its filesystem's `f_type`.
     NotOnStore { magic: i64 },
     /// A replica owned by another uid than the daemon's.
-    NotTheDaemons { owner: u32, daemon: u32 },
-    /// A published set owned by a uid that is not trusted.
-    UntrustedOwner { owner: u32, trust: Trust },
+    NotTheDaemons { owner: u32 },
+    /// A published set owned by a uid that `trust` does not trust.
+    UntrustedOwner { trust: Trust },
     /// Group or others may write it: its mode bits.
     Writable { mode: u32 },
 }
@@ -224,13 +222,10 @@ impl fmt::Display for Rule {
                 "it is on a filesystem of type {magic:#x}, not on tmpfs or hugetlbfs, where \
                  replicad keeps replicas"
             ),
-            Rule::NotTheDaemons { owner, daemon } => write!(
-                f,
-                "it is owned by uid {owner}, not by uid {daemon}, which the daemon runs as"
-            ),
-            Rule::UntrustedOwner { owner, trust } => {
-                write!(f, "it is owned by uid {owner} ({trust})")
+            Rule::NotTheDaemons { owner } => {
+                write!(f, "it is owned by uid {owner}, not by the daemon's uid")
             }
+            Rule::UntrustedOwner { trust } => write!(f, "that uid is not trusted ({trust})"),
             Rule::Writable { mode } => {
                 write!(f, "group or others may write it (mode {mode:04o})")
             }
@@ -244,6 +239,7 @@ impl fmt::Display for Rule {
 pub fn check_replica(fd: BorrowedFd<'_>, daemon_uid: u32) -> Result<libc::stat, Error> {
     let refused = |rule| Error::UntrustedReplica {
         path: fd_path(fd),
+        daemon_uid,
         rule,
     };
     let failed = |call| {
@@ -280,10 +276,7 @@ pub fn check_replica(fd: BorrowedFd<'_>, daemon_uid: u32) -> Result<libc::stat, 
         return Err(refused(Rule::NotOnStore { magic }));
     }
     if st.st_uid != daemon_uid {
-        return Err(refused(Rule::NotTheDaemons {
-            owner: st.st_uid,
-            daemon: daemon_uid,
-        }));
+        return Err(refused(Rule::NotTheDaemons { owner: st.st_uid }));
     }
     Ok(st)
 }
@@ -336,7 +329,7 @@ mod tests {
     fn a_writable_replica_is_refused() {
         let rw = memfd(b"replica bytes");
         let e = check_replica(rw.as_fd(), uid()).unwrap_err();
-        let Error::UntrustedReplica { path, rule } = &e else {
+        let Error::UntrustedReplica { path, rule, .. } = &e else {
             panic!("{e}");
         };
         assert!(
@@ -364,7 +357,7 @@ mod tests {
         std::fs::write(&p, b"replica bytes").unwrap();
         let f = std::fs::File::open(&p).unwrap();
         let e = check_replica(f.as_fd(), uid()).unwrap_err();
-        let Error::UntrustedReplica { path, rule } = &e else {
+        let Error::UntrustedReplica { path, rule, .. } = &e else {
             panic!("{e}");
         };
         assert!(matches!(rule, Rule::NotOnStore { .. }), "{e}");
@@ -378,13 +371,16 @@ mod tests {
         let other = uid().wrapping_add(1);
         let e = check_replica(read_only(&rw).as_fd(), other).unwrap_err();
         assert!(
-            matches!(e, Error::UntrustedReplica { rule: Rule::NotTheDaemons { owner, daemon }, .. }
-                if owner == uid() && daemon == other),
+            matches!(e, Error::UntrustedReplica { rule: Rule::NotTheDaemons { owner }, daemon_uid, .. }
+                if owner == uid() && daemon_uid == other),
             "{e}"
         );
         assert!(
-            e.to_string()
-                .contains(&format!("owned by uid {}, not by uid {other}", uid())),
+            e.to_string().contains(&format!(
+                "from replicad running as uid {other} is refused: it is owned by uid {}, not by \
+                 the daemon's uid",
+                uid()
+            )),
             "{e}"
         );
     }
@@ -425,8 +421,8 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
             let e = Trust::daemon_user(me).open_published(&p).unwrap_err();
             assert!(
-                matches!(&e, Error::UntrustedSet { rule: Rule::Writable { mode: m }, path }
-                    if *m == mode && path == &p),
+                matches!(&e, Error::UntrustedSet { rule: Rule::Writable { mode: m }, path, owner }
+                    if *m == mode && path == &p && *owner == me),
                 "{e}"
             );
             assert!(
@@ -452,13 +448,18 @@ mod tests {
             matches!(
                 &e,
                 Error::UntrustedSet {
-                    rule: Rule::UntrustedOwner { owner: 65534, .. },
+                    owner: 65534,
+                    rule: Rule::UntrustedOwner { .. },
                     ..
                 }
             ),
             "{e}"
         );
-        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(", owned by uid 65534, is not used: that uid is not trusted"),
+            "{e}"
+        );
         Trust::daemon_user(65534).open_published(&p).unwrap();
     }
 

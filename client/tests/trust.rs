@@ -107,7 +107,11 @@ fn a_replica_on_another_filesystem_is_not_mapped() {
     let daemon = daemon_handing(move |_| OwnedFd::from(File::open(&copy2).unwrap()));
     let reason = refused(&p, &data, &daemon);
     assert!(
-        reason.contains(&format!("the replica {} is refused", copy.display())),
+        reason.contains(&format!(
+            "the replica {} from replicad running as uid {} is refused",
+            copy.display(),
+            euid()
+        )),
         "{reason}"
     );
     assert!(
@@ -138,7 +142,10 @@ fn a_replica_of_another_uid_is_not_mapped() {
     });
     let reason = refused(&p, &data, &daemon);
     assert!(
-        reason.contains("it is owned by uid 65534, not by uid 0, which the daemon runs as"),
+        reason.contains(
+            "from replicad running as uid 0 is refused: it is owned by uid 65534, not by the \
+             daemon's uid"
+        ),
         "{reason}"
     );
 }
