@@ -16,7 +16,6 @@ use replicad_wire::published::{Lookup, Reader};
 use replicad_wire::sock;
 
 use crate::{debug, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, NODE, NODE_ENV};
-use replicad_wire::proto::DAEMON_UID_ENV;
 
 /// How long the shim waits for the daemon, at most, before the program
 /// goes on without it. An absent daemon fails at once (no socket).
@@ -82,9 +81,12 @@ pub(crate) fn init() {
         None => None,
     };
     let trust = Trust::from_env();
-    if let Some(v) = trust::env_var(DAEMON_UID_ENV) {
+    if let Some(v) = trust::env_var(trust::DAEMON_UID_ENV) {
         if trust.daemon_uid().is_none() {
-            debug!("{DAEMON_UID_ENV}={v:?} is not a uid: ignored (only root is trusted)");
+            debug!(
+                "{}={v:?} is not a uid: ignored (only root is trusted)",
+                trust::DAEMON_UID_ENV
+            );
         }
     }
     let socket = replicad_client::socket_path();
