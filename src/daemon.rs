@@ -48,6 +48,16 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
     // Bind first: a live daemon on this socket must stop us before the
     // store is touched (opening it removes every replica found there).
     let listener = server::bind(&cfg.socket())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        // Clients check the uid the socket was listened on (SO_PEERCRED).
+        tracing::warn!(
+            "replicad runs as uid {uid}: clients use its replicas only with {}={uid} set, \
+             and set-user-ID programs never",
+            replicad_wire::proto::DAEMON_UID_ENV
+        );
+    }
     let topology = Topology::detect().context("detecting the NUMA topology")?;
     tracing::info!(
         "topology ({}): {} node(s): {}",

@@ -1126,6 +1126,11 @@ enum Fake {
     SourceOutOfRange,
     /// Attached: real ranges, the "replica" an empty file.
     EmptyReplica,
+    /// Attached: real ranges, the replica a copy of libc open read-write.
+    WritableReplica,
+    /// Attached: real ranges, the replica a read-only copy of libc, and
+    /// another file than libc as the way back.
+    OtherWayBack,
     /// Read the hello, never answer.
     Stall,
 }
@@ -1182,12 +1187,31 @@ fn libc_ranges(pid: u32) -> Vec<replicad_client::proto::AttachRange> {
         .collect()
 }
 
+/// An empty memfd, opened read-only (as replicad hands its replicas).
 fn memfd_empty() -> OwnedFd {
     // SAFETY: a valid name; the result is checked.
     let fd = unsafe { libc::memfd_create(c"fake-replica".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: just created, ours.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    OwnedFd::from(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap())
+}
+
+/// A memfd holding a copy of `path`: open read-write as memfd_create made
+/// it, or read-only (as replicad hands its replicas).
+fn memfd_copy(path: &str, read_only: bool) -> OwnedFd {
+    // SAFETY: a valid name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"fake-replica".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: just created, ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::fs::File::from(fd.try_clone().unwrap())
+        .write_all(&std::fs::read(path).unwrap())
+        .unwrap();
+    if !read_only {
+        return fd;
+    }
+    OwnedFd::from(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap())
 }
 
 fn answer(how: Fake, pid: u32) -> (Vec<u8>, Vec<OwnedFd>) {
@@ -1252,6 +1276,17 @@ fn answer(how: Fake, pid: u32) -> (Vec<u8>, Vec<OwnedFd>) {
         Fake::EmptyReplica => (
             attached(libc_ranges(pid), 1),
             vec![memfd_empty(), libc_fd()],
+        ),
+        Fake::WritableReplica => (
+            attached(libc_ranges(pid), 1),
+            vec![memfd_copy(&lib("libc.so.6"), false), libc_fd()],
+        ),
+        Fake::OtherWayBack => (
+            attached(libc_ranges(pid), 1),
+            vec![
+                memfd_copy(&lib("libc.so.6"), true),
+                OwnedFd::from(std::fs::File::open(PYTHON_BIN).unwrap()),
+            ],
         ),
         Fake::HangUp | Fake::Stall => (vec![], vec![]),
     }
@@ -1426,6 +1461,11 @@ fn programs_survive_absent_broken_and_lying_daemons() {
             "the daemon named a file it did not send",
         ),
         (Fake::EmptyReplica, "the replica was revoked meanwhile"),
+        (
+            Fake::WritableReplica,
+            "is refused: it is open read-write, not read-only: left alone",
+        ),
+        (Fake::OtherWayBack, "is not the file the range maps"),
         (Fake::Stall, "the program runs on its own mappings"),
     ];
     for (how, says) in cases {

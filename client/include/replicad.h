@@ -20,7 +20,11 @@
  * own SIGBUS handler afterwards must chain to the previous one too.
  *
  * Set REPLICAD_SOCKET to use another daemon socket, REPLICAD_DEBUG=1 to
- * print on stderr why the file itself was mapped.
+ * print on stderr why the file itself was mapped. Only a daemon running as
+ * root, or as the uid REPLICAD_DAEMON_UID names, is believed, and only its
+ * replicas (read-only files on tmpfs or hugetlbfs that uid owns). A
+ * set-user-ID program (or one with file capabilities: AT_SECURE) reads no
+ * REPLICAD_* variable and believes root alone.
  */
 #ifndef REPLICAD_H
 #define REPLICAD_H

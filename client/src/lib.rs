@@ -16,11 +16,15 @@
 //!
 //! Without a daemon, or when the daemon has no replica for the caller's
 //! node, [`map`] maps the file itself: a program never fails because
-//! replicad is absent.
+//! replicad is absent. Nor because someone else answers in its place:
+//! [`trust`] says whose daemon, replicas and published set are believed
+//! (root's, or those of the uid `REPLICAD_DAEMON_UID` names), and a
+//! set-user-ID program reads no `REPLICAD_*` variable.
 
 pub mod capi;
 mod fallback;
 mod mapping;
+pub mod trust;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -82,6 +86,29 @@ pub enum Error {
         asked: &'static str,
         answer: String,
     },
+    #[error("replicad at {socket} runs as uid {uid}, which is not trusted ({trust})")]
+    UntrustedDaemon {
+        socket: PathBuf,
+        uid: u32,
+        trust: trust::Trust,
+    },
+    #[error("the replica {path} from replicad running as uid {daemon_uid} is refused: {rule}")]
+    UntrustedReplica {
+        path: PathBuf,
+        daemon_uid: u32,
+        rule: trust::Rule,
+    },
+    #[error("the published set {path}, owned by uid {owner}, is not used: {rule}")]
+    UntrustedSet {
+        path: PathBuf,
+        owner: u32,
+        rule: trust::Rule,
+    },
+    #[error("no published replica set: {source}")]
+    NoPublishedSet {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The whole replica list the daemon shows this caller, asked for page by
@@ -126,9 +153,10 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<proto::StatusReport, E
     Ok(report)
 }
 
-/// The socket clients use: `$REPLICAD_SOCKET`, else the default path.
+/// The socket clients use: `$REPLICAD_SOCKET`, else the default path. Under
+/// `AT_SECURE` (a set-user-ID program) always the default path.
 pub fn socket_path() -> PathBuf {
-    std::env::var_os(proto::SOCKET_ENV)
+    trust::env_var(proto::SOCKET_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET))
 }
@@ -175,10 +203,36 @@ pub fn request_with(
     fds: &[BorrowedFd<'_>],
     limits: RequestLimits,
 ) -> Result<(proto::Response, Vec<OwnedFd>), Error> {
+    request_trusting(socket, req, fds, limits, &trust::Trust::from_env())
+        .map(|a| (a.response, a.fds))
+}
+
+/// An answer from a daemon this process trusts.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: proto::Response,
+    /// The fds that rode along.
+    pub fds: Vec<OwnedFd>,
+    /// The uid the daemon runs as: its replicas must be owned by it
+    /// ([`trust::check_replica`]).
+    pub daemon_uid: u32,
+}
+
+/// [`request_with`], believing only a daemon that `trust` trusts: the
+/// socket's `SO_PEERCRED` uid is checked before the request (and the fds
+/// with it) is sent, so an untrusted daemon gets nothing.
+pub fn request_trusting(
+    socket: &Path,
+    req: &proto::Request,
+    fds: &[BorrowedFd<'_>],
+    limits: RequestLimits,
+    trust: &trust::Trust,
+) -> Result<Answer, Error> {
     let conn = sock::connect(socket, limits.connect).map_err(|source| Error::Connect {
         socket: socket.to_path_buf(),
         source,
     })?;
+    let daemon_uid = trust.check_daemon(conn.as_fd(), socket)?;
     let io_err = |source| Error::Io {
         socket: socket.to_path_buf(),
         source,
@@ -199,6 +253,10 @@ pub fn request_with(
     }
     match proto::Response::decode(&packet.data)? {
         proto::Response::Error { kind, message } => Err(Error::Refused { kind, message }),
-        resp => Ok((resp, packet.fds)),
+        response => Ok(Answer {
+            response,
+            fds: packet.fds,
+            daemon_uid,
+        }),
     }
 }

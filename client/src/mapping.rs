@@ -1,11 +1,13 @@
 //! [`map`]: a read-only mapping of a file backed by the caller's node copy.
 //!
 //! ```text
-//!  open(path) ─ fstat ─ published set beside the socket lists no replica?
+//!  open(path) ─ fstat ─ published set beside the socket (a trusted uid's,
+//!     │                 written by no one else) lists no replica?
 //!     │                     ── yes: range = mmap(file), no round trip
-//!     │                 ─ Map{node} + fd ──> replicad
+//!     │                 ─ connect: the daemon's uid trusted? ─ Map{node} + fd ──> replicad
 //!     │                     │
-//!     │        Mapped{node,generation,size} + replica fd
+//!     │        Mapped{node,generation,size} + replica fd: a regular file,
+//!     │        open read-only, on tmpfs or hugetlbfs, owned by the daemon's uid?
 //!     │                     ▼
 //!     │   spare = mmap(file)      (the way back, no fd kept)
 //!     │   range = mmap(replica)   (what the caller reads)
@@ -17,7 +19,8 @@
 //!
 //! Either way both fds are closed before [`map_with`] returns. The only
 //! errors are about the file itself: it cannot be opened, is not a regular
-//! file, is empty, or cannot be mapped.
+//! file, is empty, or cannot be mapped. Whom it believes is
+//! [`crate::trust`]'s.
 
 use std::fs::File;
 use std::io;
@@ -28,12 +31,18 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::fallback;
+use crate::trust::{self, Trust};
 use crate::Error;
 use replicad_wire::proto::{Request, Response};
 use replicad_wire::published::{self, Lookup, Reader};
 
-/// Environment variable that makes [`map`] print why it used the file itself.
+/// Environment variable that makes [`map`] print why it used the file itself
+/// (and why it did not believe a published set); ignored under `AT_SECURE`.
 pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";
+
+fn debugging() -> bool {
+    trust::env_var(DEBUG_ENV).is_some_and(|v| v == "1")
+}
 
 /// What backs a [`Mapping`] when it was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,14 +184,15 @@ pub fn map_with(path: impl AsRef<Path>, opts: &MapOptions) -> Result<Mapping, Er
     let mapped_len =
         round_to_pages(len).ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::EFBIG)))?;
 
-    let reason = match unlisted(&meta, opts) {
+    let trust = Trust::from_env();
+    let reason = match unlisted(&meta, opts, &trust) {
         Some(reason) => reason,
-        None => match attach(file.as_fd(), len, mapped_len, opts) {
+        None => match attach(file.as_fd(), len, mapped_len, opts, &trust) {
             Ok(m) => return Ok(m),
             Err(reason) => reason,
         },
     };
-    if std::env::var_os(DEBUG_ENV).is_some_and(|v| v == "1") {
+    if debugging() {
         eprintln!(
             "replicad: {}: using the file itself: {reason}",
             path.display()
@@ -203,9 +213,9 @@ pub fn map_with(path: impl AsRef<Path>, opts: &MapOptions) -> Result<Mapping, Er
 /// lists no replica of the file (on the node asked for, if one was). A
 /// program that re-maps after every revoke then costs the daemon nothing
 /// until the next generation is published. `None`: ask.
-fn unlisted(meta: &std::fs::Metadata, opts: &MapOptions) -> Option<String> {
+fn unlisted(meta: &std::fs::Metadata, opts: &MapOptions, trust: &Trust) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    let reader = published(&opts.socket)?;
+    let reader = published(&opts.socket, trust)?;
     let set = || {
         opts.socket
             .with_file_name(published::FILE_NAME)
@@ -239,8 +249,10 @@ const PUBLISHED_SETS: usize = 8;
 /// process's life: it is never unmapped, because the SIGBUS fallback may
 /// read its revoke count at any moment ([`fallback::watch_revokes`]). A set
 /// the daemon retired (it stopped or restarted) is replaced by the file now
-/// there, and the old one stays mapped. `None` without a usable set.
-fn published(socket: &Path) -> Option<&'static Reader> {
+/// there, and the old one stays mapped. `None` without a usable set, or
+/// with one `trust` does not believe (then the daemon is asked, and the
+/// set is looked at again next time).
+fn published(socket: &Path, trust: &Trust) -> Option<&'static Reader> {
     static SETS: Mutex<Vec<(PathBuf, &'static Reader)>> = Mutex::new(Vec::new());
     let mut sets = SETS.lock().unwrap_or_else(|p| p.into_inner());
     let i = sets.iter().position(|(s, _)| s == socket);
@@ -251,7 +263,16 @@ fn published(socket: &Path) -> Option<&'static Reader> {
     } else if sets.len() >= PUBLISHED_SETS {
         return None;
     }
-    let reader = Reader::open(&socket.with_file_name(published::FILE_NAME)).ok()?;
+    let reader = match trust.open_published(&socket.with_file_name(published::FILE_NAME)) {
+        Ok(r) => r,
+        Err(e @ Error::UntrustedSet { .. }) => {
+            if debugging() {
+                eprintln!("replicad: {e}; replicad is asked instead");
+            }
+            return None;
+        }
+        Err(_) => return None,
+    };
     let reader: &'static Reader = Box::leak(Box::new(reader));
     if let Some(word) = reader.revoking_word() {
         fallback::watch_revokes(word);
@@ -270,25 +291,28 @@ fn attach(
     len: usize,
     mapped_len: usize,
     opts: &MapOptions,
+    trust: &Trust,
 ) -> Result<Mapping, String> {
     let socket = opts.socket.display();
-    let (resp, mut fds) = match crate::request(
+    let answer = match crate::request_trusting(
         &opts.socket,
         &Request::Map { node: opts.node },
         &[file],
-        opts.timeout,
+        crate::RequestLimits::new(opts.timeout),
+        trust,
     ) {
         Ok(answer) => answer,
         Err(Error::Connect { source, .. }) => {
             return Err(format!("replicad not reachable at {socket}: {source}"))
         }
         // These name the socket themselves.
-        Err(e @ (Error::Io { .. } | Error::NoAnswer { .. })) => {
+        Err(e @ (Error::Io { .. } | Error::NoAnswer { .. } | Error::UntrustedDaemon { .. })) => {
             return Err(format!("no replica: {e}"))
         }
         Err(e) => return Err(format!("no replica from replicad at {socket}: {e}")),
     };
-    let (node, generation, size) = match resp {
+    let (daemon_uid, mut fds) = (answer.daemon_uid, answer.fds);
+    let (node, generation, size) = match answer.response {
         Response::Mapped {
             node,
             generation,
@@ -316,7 +340,8 @@ fn attach(
         ));
     }
     let replica: OwnedFd = fds.remove(0);
-    check_replica(replica.as_fd(), size).map_err(|e| format!("replica from {socket}: {e}"))?;
+    check_replica(replica.as_fd(), size, daemon_uid)
+        .map_err(|e| format!("replicad at {socket}: {e}"))?;
 
     let spare = mmap_ro(file, mapped_len)
         .map_err(|e| format!("cannot map the file a second time (the way back): {e}"))?;
@@ -344,25 +369,15 @@ fn attach(
     }
 }
 
-/// The replica fd must be a regular file holding at least `size` bytes:
-/// anything else would fault at once.
-fn check_replica(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
-    // SAFETY: stat is plain old data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is a live fd and st is valid for writes.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the replica is not a regular file",
-        ));
-    }
+/// The replica fd must be one the daemon (running as `daemon_uid`) keeps
+/// in its store ([`trust::check_replica`]) and hold at least `size` bytes:
+/// anything shorter would fault at once.
+fn check_replica(fd: BorrowedFd<'_>, size: u64, daemon_uid: u32) -> Result<(), String> {
+    let st = trust::check_replica(fd, daemon_uid).map_err(|e| e.to_string())?;
     if (st.st_size as u64) < size {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("the replica holds {} bytes, not {size}", st.st_size),
+        return Err(format!(
+            "the replica holds {} bytes, not {size}",
+            st.st_size
         ));
     }
     Ok(())

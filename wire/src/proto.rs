@@ -34,8 +34,13 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 /// Default path of the daemon's control socket.
 pub const DEFAULT_SOCKET: &str = "/run/replicad/replicad.sock";
-/// Environment variable that overrides [`DEFAULT_SOCKET`] for clients.
+/// Environment variable that overrides [`DEFAULT_SOCKET`] for clients
+/// (ignored by set-user-ID programs and others the kernel marks
+/// `AT_SECURE`, as every `REPLICAD_*` variable is).
 pub const SOCKET_ENV: &str = "REPLICAD_SOCKET";
+/// Environment variable naming the uid of a daemon that does not run as
+/// root, for clients to trust it besides root (ignored under `AT_SECURE`).
+pub const DAEMON_UID_ENV: &str = "REPLICAD_DAEMON_UID";
 
 const KIND_REQUEST: u16 = 1;
 const KIND_RESPONSE: u16 = 2;

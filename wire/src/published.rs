@@ -53,6 +53,10 @@
 //! file shrinking under its mapping (SIGBUS, as for any shared file mapping):
 //! only the daemon (root) writes it, in its own run directory, and it never
 //! shrinks a file it published; a new file replaces the old one by rename.
+//! Whom to believe is the caller's to decide: the client API and the preload
+//! shim read only a set that the daemon's uid owns and no one else may
+//! write (`replicad_client::trust`), checked on the open file
+//! ([`Reader::open_file`], then [`Reader::from_file`]).
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::hint::spin_loop;
@@ -448,12 +452,25 @@ impl Reader {
     /// magic, version, capacity) is an `InvalidData` error naming the path
     /// and what is wrong. The fd is closed before this returns.
     pub fn open(path: &Path) -> io::Result<Reader> {
+        let file = Reader::open_file(path)?;
+        Reader::from_file(&file, path)
+    }
+
+    /// Open `path` as [`Reader::open`] does, without mapping it: for a
+    /// caller that checks the open file (its owner, its mode) before
+    /// [`Reader::from_file`] maps it.
+    pub fn open_file(path: &Path) -> io::Result<File> {
         // O_NONBLOCK: a FIFO put there must not hang the caller in open().
-        let file = OpenOptions::new()
+        OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| context(path, "cannot open", e))?;
+            .map_err(|e| context(path, "cannot open", e))
+    }
+
+    /// Map the published set open at `file` (named `path` in errors), as
+    /// [`Reader::open`] does. The caller may close `file` afterwards.
+    pub fn from_file(file: &File, path: &Path) -> io::Result<Reader> {
         let meta = file
             .metadata()
             .map_err(|e| context(path, "cannot stat", e))?;
@@ -475,8 +492,8 @@ impl Reader {
         let len = usize::try_from(meta.len())
             .map_err(|_| invalid(format!("{} bytes do not fit in memory", meta.len())))?;
         let shm =
-            Shm::map(&file, len, libc::PROT_READ).map_err(|e| context(path, "cannot map", e))?;
-        let capacity = check(&file, &shm).map_err(invalid)?;
+            Shm::map(file, len, libc::PROT_READ).map_err(|e| context(path, "cannot map", e))?;
+        let capacity = check(file, &shm).map_err(invalid)?;
         Ok(Reader { shm, capacity })
     }
 

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use replicad_client::shim;
+use replicad_client::trust::{self, Trust};
 use replicad_procfs::MapsLine;
 use replicad_wire::proto::{AttachRange, Request, Response};
 use replicad_wire::published::{Lookup, Reader};
@@ -27,6 +28,9 @@ const PUBLISHED: &str = "replicas.set";
 /// What the shim keeps between calls.
 struct State {
     socket: PathBuf,
+    /// Whose daemon, replicas and published set are believed (read once,
+    /// at start).
+    trust: Trust,
     /// The node asked for (`REPLICAD_NODE`), else `None`: the daemon picks.
     asked: Option<u32>,
     /// Never unmapped (the SIGBUS fallback may read its revoke count at
@@ -53,8 +57,10 @@ fn may_have_replica(reader: &Reader, dev: u64, ino: u64) -> bool {
     }
 }
 
+/// A `REPLICAD_*` flag: set, not empty and not `0`. Never under
+/// `AT_SECURE` (see [`trust::env_var`]).
 fn env_flag(name: &str) -> bool {
-    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+    trust::env_var(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The constructor: say hello, attach what the daemon offers.
@@ -64,16 +70,25 @@ pub(crate) fn init() {
         debug!("{DISABLE_ENV} is set: not attaching");
         return;
     }
-    let asked = match std::env::var(NODE_ENV) {
-        Ok(v) => match v.trim().parse::<u32>() {
-            Ok(n) => Some(n),
-            Err(_) => {
+    let asked = match trust::env_var(NODE_ENV) {
+        Some(v) => match v.to_str().and_then(|v| v.trim().parse::<u32>().ok()) {
+            Some(n) => Some(n),
+            None => {
                 debug!("{NODE_ENV}={v:?} is not a node number: ignored");
                 None
             }
         },
-        Err(_) => None,
+        None => None,
     };
+    let trust = Trust::from_env();
+    if let Some(v) = trust::env_var(trust::DAEMON_UID_ENV) {
+        if trust.daemon_uid().is_none() {
+            debug!(
+                "{}={v:?} is not a uid: ignored (only root is trusted)",
+                trust::DAEMON_UID_ENV
+            );
+        }
+    }
     let socket = replicad_client::socket_path();
     let lazy = {
         let Ok(mut guard) = STATE.try_lock() else {
@@ -81,6 +96,7 @@ pub(crate) fn init() {
         };
         let st = guard.insert(State {
             socket,
+            trust,
             asked,
             published: None,
             declined: BTreeSet::new(),
@@ -147,7 +163,8 @@ fn hello_with(why: &str, maps: Option<String>) {
             return;
         }
     };
-    match answer {
+    let daemon_uid = answer.daemon_uid;
+    match (answer.response, answer.fds) {
         (
             Response::Attached {
                 node,
@@ -185,7 +202,7 @@ fn hello_with(why: &str, maps: Option<String>) {
                     return;
                 }
             };
-            let done = remap(&ranges, &fds, &maps);
+            let done = remap(&ranges, &fds, &maps, daemon_uid);
             note_declined(st, &maps);
             debug!(
                 "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
@@ -204,9 +221,12 @@ fn hello_with(why: &str, maps: Option<String>) {
     }
 }
 
+/// The published set beside the socket, if [`State::trust`] believes it
+/// (its owner, its mode): a refused one is not read, and the daemon is
+/// asked instead.
 fn open_published(st: &State) -> Option<&'static Reader> {
     let path = st.socket.parent()?.join(PUBLISHED);
-    match Reader::open(&path) {
+    match st.trust.open_published(&path) {
         Ok(r) => {
             let r: &'static Reader = Box::leak(Box::new(r));
             if let Some(word) = r.revoking_word() {
@@ -214,33 +234,40 @@ fn open_published(st: &State) -> Option<&'static Reader> {
             }
             Some(r)
         }
+        Err(e @ replicad_client::Error::UntrustedSet { .. }) => {
+            debug!("{e}; a hello asks replicad instead, and files mapped later are not attached");
+            None
+        }
         Err(e) => {
-            debug!("no published replica set ({e}): files mapped later are not attached");
+            debug!("{e}: files mapped later are not attached");
             None
         }
     }
 }
 
-/// One request, one answer, with up to 252 fds riding back.
+/// One request to a daemon [`State::trust`] believes, one answer, with up
+/// to 252 fds riding back.
 fn ask(
     st: &State,
     req: &Request,
     fds: &[BorrowedFd<'_>],
-) -> Result<(Response, Vec<OwnedFd>), String> {
+) -> Result<replicad_client::Answer, String> {
     let limits = replicad_client::RequestLimits {
         connect: CONNECT_TIMEOUT,
         answer: ANSWER_TIMEOUT,
         max_fds: sock::MAX_MESSAGE_FDS,
     };
-    replicad_client::request_with(&st.socket, req, fds, limits).map_err(|e| match e {
-        replicad_client::Error::Connect { socket, source } => {
-            format!("no replicad at {} ({source})", socket.display())
-        }
-        replicad_client::Error::Refused { kind, message } => {
-            format!("replicad refused ({kind:?}): {message}")
-        }
-        e => e.to_string(),
-    })
+    replicad_client::request_trusting(&st.socket, req, fds, limits, &st.trust).map_err(
+        |e| match e {
+            replicad_client::Error::Connect { socket, source } => {
+                format!("no replicad at {} ({source})", socket.display())
+            }
+            replicad_client::Error::Refused { kind, message } => {
+                format!("replicad refused ({kind:?}): {message}")
+            }
+            e => e.to_string(),
+        },
+    )
 }
 
 /// The files never moved: the dynamic loader (its text runs while the
@@ -274,8 +301,10 @@ fn note_declined(st: &mut State, maps: &str) {
     }
 }
 
-/// Swap every range that still is what the daemon saw. Returns how many.
-fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
+/// Swap every range that still is what the daemon (running as
+/// `daemon_uid`) saw, onto replicas that are the daemon's and from ways back
+/// that are the files the ranges map. Returns how many.
+fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str, daemon_uid: u32) -> usize {
     let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
     let skip = never_moved(&lines);
     // With other threads running (a dlopen in a threaded program), one of
@@ -336,11 +365,11 @@ fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str) -> usize {
             } else {
                 0
             };
-        // One fstat per replica file, not per range: a revoke after it is
+        // One check per replica file, not per range: a revoke after it is
         // caught by the fallback like any other.
         let st = match stats.get(&r.source) {
             Some(st) => *st,
-            None => match replica_stat(rfd.as_fd()) {
+            None => match checked_pair(rfd.as_fd(), sfd.as_fd(), l.dev, l.ino, daemon_uid) {
                 Ok(st) => {
                     stats.insert(r.source, st);
                     st
@@ -394,15 +423,36 @@ struct Range {
     offset: libc::off_t,
 }
 
-/// The replica fd's `fstat`.
-fn replica_stat(replica: BorrowedFd<'_>) -> Result<libc::stat, String> {
+/// The replica fd's `fstat`, if it is the daemon's ([`trust::check_replica`]).
+fn replica_stat(replica: BorrowedFd<'_>, daemon_uid: u32) -> Result<libc::stat, String> {
+    trust::check_replica(replica, daemon_uid).map_err(|e| e.to_string())
+}
+
+/// A hello's replica and source fds for one file: the replica's `fstat` if
+/// it is the daemon's, and the source (the way back) is a regular file
+/// with the `dev` and `ino` that the range maps.
+fn checked_pair(
+    replica: BorrowedFd<'_>,
+    source: BorrowedFd<'_>,
+    dev: u64,
+    ino: u64,
+    daemon_uid: u32,
+) -> Result<libc::stat, String> {
+    let st = replica_stat(replica, daemon_uid)?;
     // SAFETY: stat is plain old data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let mut sb: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a live fd and a valid stat buffer.
-    if unsafe { libc::fstat(replica.as_raw_fd(), &mut st) } != 0 {
+    if unsafe { libc::fstat(source.as_raw_fd(), &mut sb) } != 0 {
         return Err(format!(
-            "fstat of the replica: {}",
+            "fstat of the file to fall back to: {}",
             std::io::Error::last_os_error()
+        ));
+    }
+    if sb.st_mode & libc::S_IFMT != libc::S_IFREG || sb.st_dev != dev || sb.st_ino != ino {
+        return Err(format!(
+            "the file to fall back to (device {:#x}, inode {}) is not the file the range \
+             maps (device {dev:#x}, inode {ino})",
+            sb.st_dev, sb.st_ino
         ));
     }
     Ok(st)
@@ -616,15 +666,16 @@ pub(crate) fn on_mmap(
             return;
         }
     }
-    let (resp, mut fds) = match ask(st, &Request::Map { node: Some(node) }, &[file]) {
+    let answer = match ask(st, &Request::Map { node: Some(node) }, &[file]) {
         Ok(a) => a,
         Err(e) => {
             debug!("mmap of fd {fd}: {e}");
             return;
         }
     };
-    let Response::Mapped { .. } = resp else {
-        if let Response::Original { reason } = resp {
+    let (daemon_uid, mut fds) = (answer.daemon_uid, answer.fds);
+    let Response::Mapped { .. } = answer.response else {
+        if let Response::Original { reason } = answer.response {
             debug!("mmap of fd {fd}: left on the file: {reason}");
         }
         return;
@@ -635,7 +686,7 @@ pub(crate) fn on_mmap(
     let replica = fds.remove(0);
     let page = page_size();
     let len = len.div_ceil(page) * page;
-    let st = match replica_stat(replica.as_fd()) {
+    let st = match replica_stat(replica.as_fd(), daemon_uid) {
         Ok(st) => st,
         Err(e) => {
             debug!("mmap of fd {fd}: {e}: left on the file");

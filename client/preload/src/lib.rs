@@ -32,6 +32,15 @@
 //! `REPLICAD_DEBUG=1` the shim says why on stderr. The wrappers never block
 //! on the shim's own locks (they skip instead), and never attach while the
 //! shim itself is mapping (a thread-local guard).
+//!
+//! The shim believes only the real daemon (`replicad_client::trust`): in
+//! a program the kernel marks `AT_SECURE` (set-user-ID, capabilities) it
+//! reads no `REPLICAD_*` variable; it talks only to a daemon whose
+//! `SO_PEERCRED` uid is root (or `REPLICAD_DAEMON_UID`), maps only replica
+//! fds that are regular files open read-only on tmpfs or hugetlbfs owned by
+//! that uid, falls back only to a file that is the one the range maps, and
+//! reads only a published set that a trusted uid owns and no one else may
+//! write.
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -39,7 +48,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 mod attach;
 
-/// Environment: print why the shim did or did not attach.
+/// Environment: print why the shim did or did not attach. Like every
+/// `REPLICAD_*` variable, ignored under `AT_SECURE`.
 pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";
 /// Environment: ask for this node's replicas instead of the CPUs' node.
 pub const NODE_ENV: &str = "REPLICAD_NODE";

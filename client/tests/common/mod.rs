@@ -160,7 +160,8 @@ impl FakeDaemon {
     }
 
     /// A daemon that answers `Map` with `Mapped{node: 0, generation: 1}` and
-    /// a memfd copy of the file whose fd came along.
+    /// a memfd copy of the file whose fd came along, opened read-only (as
+    /// the daemon hands its replicas).
     pub fn with_replicas() -> Self {
         let replicas: Arc<Mutex<Vec<File>>> = Arc::new(Mutex::new(Vec::new()));
         let r2 = replicas.clone();
@@ -172,9 +173,8 @@ impl FakeDaemon {
                 );
             };
             let (replica, size) = replica_copy(src);
-            r2.lock()
-                .unwrap()
-                .push(File::from(replica.try_clone().unwrap()));
+            let handed = read_only(&replica);
+            r2.lock().unwrap().push(File::from(replica));
             Reply::Send(
                 Response::Mapped {
                     node: 0,
@@ -182,7 +182,7 @@ impl FakeDaemon {
                     size,
                 }
                 .encode(),
-                vec![replica],
+                vec![handed],
             )
         });
         d.replicas = replicas;
@@ -248,6 +248,13 @@ pub fn replica_copy(src: &OwnedFd) -> (OwnedFd, u64) {
     let mut f = File::from(fd.try_clone().unwrap());
     f.write_all(&buf).unwrap();
     (fd, len)
+}
+
+/// A new read-only open of the file behind `fd` (through `/proc/self/fd`,
+/// as the daemon opens its memfd replicas for clients).
+pub fn read_only(fd: &OwnedFd) -> OwnedFd {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    OwnedFd::from(File::open(path).unwrap())
 }
 
 /// A deterministic byte pattern, different per `seed`.
