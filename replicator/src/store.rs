@@ -11,7 +11,7 @@
 //! [`crate::copy`]) -> [`ReplicaFile::placement`] (every page on its node?)
 //! -> [`ReplicaFile::seal`] (mode 0400, memfd seals, then
 //! `FS_IMMUTABLE_FL`: nobody writes it, root included) ->
-//! [`ReplicaFile::open_readonly`] fds for clients
+//! [`ReplicaFile::open_readonly`], a fresh read-only open for each client
 //! -> [`ReplicaFile::revoke`] (clear the flag, truncate: the kernel unmaps
 //! it from every process) -> [`ReplicaFile::remove`].
 //!
@@ -424,7 +424,6 @@ impl Store {
             backing: Backing::Tmpfs(path),
             method: self.method,
             threads: self.cfg.copy_threads,
-            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -448,7 +447,6 @@ impl Store {
             backing: Backing::Memfd(name),
             method: self.method,
             threads: self.cfg.copy_threads,
-            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -534,7 +532,6 @@ impl Store {
                 backing,
                 method: self.method,
                 threads: self.cfg.copy_threads,
-                readonly: std::sync::OnceLock::new(),
             },
             ident,
         ))
@@ -815,10 +812,6 @@ pub struct ReplicaFile {
     backing: Backing,
     method: CopyMethod,
     threads: usize,
-    /// A read-only open of the sealed replica, made once and duplicated
-    /// for each client: one open per replica instead of one per attach.
-    /// Clients cannot lease or write it (root owns it; it is `O_RDONLY`).
-    readonly: std::sync::OnceLock<OwnedFd>,
 }
 
 impl ReplicaFile {
@@ -1014,27 +1007,36 @@ impl ReplicaFile {
         })
     }
 
-    /// A read-only fd for a client (a duplicate of one read-only open).
-    pub fn open_readonly(&self) -> std::io::Result<OwnedFd> {
-        if let Some(fd) = self.readonly.get() {
-            return fd.try_clone();
-        }
-        let fd = self.open_readonly_new()?;
-        let dup = fd.try_clone()?;
-        // Another thread may have set it meanwhile: then ours just closes.
-        let _ = self.readonly.set(fd);
-        Ok(dup)
-    }
-
-    fn open_readonly_new(&self) -> std::io::Result<OwnedFd> {
-        let path = match &self.backing {
-            Backing::Tmpfs(path) => path.clone(),
-            Backing::Memfd(_) => ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
+    /// A read-only fd for one client: a fresh open file description of
+    /// the replica, never one another client holds (status flags set with
+    /// `F_SETFL`, `flock` locks and leases belong to the description).
+    /// tmpfs: the store path (checked to still be this replica); memfd:
+    /// reopened through /proc/self/fd.
+    pub fn open_readonly(&self) -> Result<OwnedFd> {
+        let err = |source| Error::Io {
+            path: self.label_path(),
+            source,
+        };
+        let (path, flags) = match &self.backing {
+            Backing::Tmpfs(path) => (path.clone(), libc::O_CLOEXEC | libc::O_NOFOLLOW),
+            // The magic link must be followed.
+            Backing::Memfd(_) => (
+                ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
+                libc::O_CLOEXEC,
+            ),
         };
         let file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+            .custom_flags(flags | libc::O_NOCTTY)
+            .open(path)
+            .map_err(err)?;
+        let want = nix::sys::stat::fstat(&self.fd).map_err(|e| err(e.into()))?;
+        let got = nix::sys::stat::fstat(&file).map_err(|e| err(e.into()))?;
+        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino) {
+            return Err(err(io::Error::other(
+                "another file has taken the replica's place in the store",
+            )));
+        }
         Ok(OwnedFd::from(file))
     }
 
@@ -1754,6 +1756,96 @@ mod tests {
     #[test]
     fn store_memfd_revoke_raises_sigbus() {
         revoke_suite("store_memfd_revoke_raises_sigbus", StoreKind::Memfd);
+    }
+
+    /// Two clients' fds are two open file descriptions: status flags,
+    /// file offset and flock locks set through one are not the other's.
+    fn descriptions_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let bytes = pattern(3 * 4096, 5);
+        let src = source(&bytes);
+        let id = ident(&src, 1);
+        let r = store.create(0, &id).unwrap();
+        r.fill(
+            src.as_file().as_fd(),
+            bytes.len() as u64,
+            &AtomicBool::new(false),
+            &id,
+        )
+        .unwrap();
+        r.seal().unwrap();
+        let a = r.open_readonly().unwrap();
+        let b = r.open_readonly().unwrap();
+        let flags = |fd: &OwnedFd| {
+            // SAFETY: F_GETFL on a valid fd.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }
+        };
+        let before = flags(&b);
+        assert_eq!(before & libc::O_ACCMODE, libc::O_RDONLY, "{test}");
+        let set = libc::O_APPEND | libc::O_NONBLOCK;
+        // SAFETY: F_SETFL on a valid fd with an int argument.
+        assert_eq!(unsafe { libc::fcntl(a.as_raw_fd(), libc::F_SETFL, set) }, 0);
+        assert_eq!(flags(&a) & set, set, "{test}");
+        assert_eq!(
+            flags(&b),
+            before,
+            "{test}: F_SETFL on one client's fd reached another's"
+        );
+        // SAFETY: lseek on a valid fd.
+        let moved = unsafe { libc::lseek(a.as_raw_fd(), 4096, libc::SEEK_SET) };
+        assert_eq!(moved, 4096);
+        // SAFETY: as above.
+        let at = unsafe { libc::lseek(b.as_raw_fd(), 0, libc::SEEK_CUR) };
+        assert_eq!(at, 0, "{test}: one client's file offset moved another's");
+        // SAFETY: flock on valid fds.
+        assert_eq!(unsafe { libc::flock(a.as_raw_fd(), libc::LOCK_EX) }, 0);
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(
+            (rc, io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::EWOULDBLOCK)),
+            "{test}: one client's flock lock is another's"
+        );
+        assert!(read_all(b) == bytes, "{test}");
+        if kind == StoreKind::Tmpfs {
+            // Another file in the replica's place is not handed out.
+            let path = PathBuf::from(r.label());
+            sys::clear_immutable(r.as_fd()).unwrap();
+            fs::remove_file(&path).unwrap();
+            fs::write(&path, b"other").unwrap();
+            match r.open_readonly() {
+                Err(Error::Io { path: p, source }) => {
+                    assert_eq!(p, path, "{test}");
+                    assert!(
+                        source.to_string().contains("taken the replica's place"),
+                        "{source}"
+                    );
+                }
+                other => panic!("{test}: expected an Io error naming the replica, got {other:?}"),
+            }
+            fs::remove_file(&path).unwrap();
+        }
+        drop(a);
+        r.remove();
+    }
+
+    #[test]
+    fn store_tmpfs_each_client_gets_its_own_description() {
+        descriptions_suite(
+            "store_tmpfs_each_client_gets_its_own_description",
+            StoreKind::Tmpfs,
+        );
+    }
+
+    #[test]
+    fn store_memfd_each_client_gets_its_own_description() {
+        descriptions_suite(
+            "store_memfd_each_client_gets_its_own_description",
+            StoreKind::Memfd,
+        );
     }
 
     /// A daemon adopting a replica from the keeper takes it immutable and
