@@ -157,7 +157,7 @@ pub fn statx_attrs(fd: BorrowedFd<'_>) -> io::Result<StatxAttrs> {
 
 /// `FS_IMMUTABLE_FL`, `chattr +i`: no open for writing, `truncate(2)`,
 /// `fallocate`, unlink, rename, xattr or mode change, root included.
-const FS_IMMUTABLE_FL: libc::c_int = linux_raw_sys::general::FS_IMMUTABLE_FL as libc::c_int;
+pub const FS_IMMUTABLE_FL: libc::c_int = linux_raw_sys::general::FS_IMMUTABLE_FL as libc::c_int;
 
 /// `ioctl(FS_IOC_GETFLAGS)`: the inode flags `lsattr` shows. Any fd of the
 /// file will do, a read-only one too.
