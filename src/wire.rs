@@ -205,6 +205,7 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         }
         Error::ClientFdNotReadable { .. } => ErrorKind::PermissionDenied,
         Error::Io { .. }
+        | Error::Immutable { .. }
         | Error::Mount { .. }
         | Error::Topology(_)
         | Error::Metrics(_)

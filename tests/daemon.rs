@@ -774,7 +774,8 @@ fn replica_fd_is_read_only() {
         )
     };
     assert_eq!(p, libc::MAP_FAILED, "writable shared mapping of a replica");
-    // As root, the /proc reopen works by design; as nobody it must not.
+    // Nobody may write the replica file either (that root cannot, the
+    // replica being immutable, is in tests/immutable.rs).
     let link = format!("/proc/self/fd/{}", rfd.as_raw_fd());
     let target = std::fs::read_link(&link).unwrap();
     let out = Command::new("setpriv")

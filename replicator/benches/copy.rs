@@ -285,7 +285,8 @@ fn bench_sizes(
                                 .map_err(io::Error::other)?;
                             let secs = t.elapsed().as_secs_f64();
                             if run == 0 {
-                                let ro = fs::File::from(r.open_readonly()?);
+                                let ro =
+                                    fs::File::from(r.open_readonly().map_err(io::Error::other)?);
                                 if !same_bytes(&src, &ro, size)? {
                                     return Err(io::Error::other(format!(
                                         "{} {method} x{threads}: replica differs from the source",

@@ -56,6 +56,13 @@ pub enum Error {
         misplaced: u64,
     },
 
+    #[error(
+        "{path}: cannot make the replica immutable: {source} (tmpfs takes FS_IMMUTABLE_FL from \
+         Linux 6.0, and setting it needs CAP_LINUX_IMMUTABLE); a replica root could write is \
+         not served"
+    )]
+    Immutable { path: PathBuf, source: io::Error },
+
     #[error("cannot mount the store for node {node} at {dir}: {source}")]
     Mount {
         node: u32,

@@ -9,9 +9,11 @@
 //!
 //! A replica's life: [`Store::create`] -> [`ReplicaFile::fill`] (copy, see
 //! [`crate::copy`]) -> [`ReplicaFile::placement`] (every page on its node?)
-//! -> [`ReplicaFile::seal`] -> [`ReplicaFile::open_readonly`] fds for
-//! clients -> [`ReplicaFile::revoke`] (truncate: the kernel unmaps it from
-//! every process) -> [`ReplicaFile::remove`].
+//! -> [`ReplicaFile::seal`] (mode 0400, memfd seals, then
+//! `FS_IMMUTABLE_FL`: nobody writes it, root included) ->
+//! [`ReplicaFile::open_readonly`], a fresh read-only open for each client
+//! -> [`ReplicaFile::revoke`] (clear the flag, truncate: the kernel unmaps
+//! it from every process) -> [`ReplicaFile::remove`].
 //!
 //! The source is never mapped, only read, so a writer that truncates it
 //! cannot crash the daemon; the daemon never touches a replica's bytes from
@@ -394,7 +396,7 @@ impl Store {
         let path = ns
             .dir
             .join(format!("{}-{}-g{}", ident.dev, ident.ino, ident.generation));
-        match fs::remove_file(&path) {
+        match unlink_replica(&path) {
             Ok(()) => crate::info_limited!("removed a stale replica file {}", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
@@ -422,7 +424,6 @@ impl Store {
             backing: Backing::Tmpfs(path),
             method: self.method,
             threads: self.cfg.copy_threads,
-            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -446,7 +447,6 @@ impl Store {
             backing: Backing::Memfd(name),
             method: self.method,
             threads: self.cfg.copy_threads,
-            readonly: std::sync::OnceLock::new(),
         })
     }
 
@@ -519,6 +519,11 @@ impl Store {
             }
             Backing::Tmpfs(path)
         };
+        // Immutable already, unless an earlier version of replicad made
+        // it: from now on it is.
+        if let Err(e) = make_immutable(fd.as_fd(), &backing) {
+            return Err((fd, format!("cannot make it immutable: {e}")));
+        }
         Ok((
             ReplicaFile {
                 fd,
@@ -527,7 +532,6 @@ impl Store {
                 backing,
                 method: self.method,
                 threads: self.cfg.copy_threads,
-                readonly: std::sync::OnceLock::new(),
             },
             ident,
         ))
@@ -610,17 +614,18 @@ fn remove_leftovers(dir: &Path, keep: &std::collections::BTreeSet<(u64, u64)>) -
         }
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let origin = if is_dir { None } else { leftover_origin(&path) };
-        // Only what is surely a replica of ours: a regular file with our
-        // (root-only, trusted.*) identity xattr and no other link.
-        if origin.is_some() {
-            // Processes may still map it (its daemon was killed, and its
-            // fence with it): truncate, so their next touch falls back to
-            // the file, not only unlink, which would leave them the old
-            // bytes for as long as they run.
-            if let Err(e) = truncate_leftover(&path) {
+        // Only what is surely a replica of ours is truncated: a regular
+        // file with our (root-only, trusted.*) identity xattr and no other
+        // link. Processes may still map it (its daemon was killed, and its
+        // fence with it): truncate, so their next touch falls back to the
+        // file, not only unlink, which would leave them the old bytes for
+        // as long as they run. Every regular file loses its immutable flag,
+        // or it could not be unlinked.
+        if !is_dir {
+            if let Err(e) = truncate_leftover(&path, origin.is_some()) {
                 crate::warn_limited!(
-                    "cannot truncate {}, a replica left by an earlier run: {e}; processes \
-                     that still map it keep its bytes",
+                    "cannot clear the immutable flag of {} (left by an earlier run) or \
+                     truncate it: {e}; processes that still map it keep its bytes",
                     path.display()
                 );
             }
@@ -646,23 +651,71 @@ fn remove_leftovers(dir: &Path, keep: &std::collections::BTreeSet<(u64, u64)>) -
     Ok(removed)
 }
 
-/// Cut a leftover replica to nothing: the kernel unmaps it from every
-/// process. Replicas are sealed read-only (mode 0400); root opens them.
-fn truncate_leftover(path: &Path) -> io::Result<()> {
+/// Clear the immutable flag of the regular file at `path`, and when it is
+/// surely a replica of ours (`ours`, one link), cut it to nothing: the
+/// kernel unmaps it from every process. Replicas are sealed (mode 0400,
+/// immutable); root opens them once the flag is gone.
+fn truncate_leftover(path: &Path, ours: bool) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let before = fs::symlink_metadata(path)?;
-    if !before.file_type().is_file() || before.nlink() != 1 {
+    if !before.file_type().is_file() {
         return Ok(());
     }
+    // Read-only first: an immutable file cannot be opened for writing.
     let file = fs::OpenOptions::new()
-        .write(true)
+        .read(true)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
     let meta = file.metadata()?;
     if (meta.dev(), meta.ino()) != (before.dev(), before.ino()) || !meta.file_type().is_file() {
         return Ok(());
     }
-    file.set_len(0)
+    sys::clear_immutable(file.as_fd())?;
+    if !ours || meta.nlink() != 1 {
+        return Ok(());
+    }
+    // The same inode, now open for writing.
+    let writable = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(ProcReader::default().self_fd_path(file.as_raw_fd()))?;
+    writable.set_len(0)
+}
+
+/// Unlink the replica file at `path`, clearing its immutable flag first
+/// (an immutable file cannot be unlinked).
+fn unlink_replica(path: &Path) -> io::Result<()> {
+    if let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        if file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            if let Err(e) = sys::clear_immutable(file.as_fd()) {
+                crate::warn_limited!("cannot clear the immutable flag of {}: {e}", path.display());
+            }
+        }
+    }
+    fs::remove_file(path)
+}
+
+/// Make a sealed replica immutable (`FS_IMMUTABLE_FL`): no open for
+/// writing, no truncate(2), fallocate, unlink, xattr or mode change, root
+/// included. A tmpfs replica that cannot be is an error; a memfd's seals
+/// already refuse writes and growing, so there it is only a warning (root
+/// could reopen it for writing through /proc and shrink it).
+fn make_immutable(fd: BorrowedFd<'_>, backing: &Backing) -> io::Result<()> {
+    match (sys::set_immutable(fd), backing) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Backing::Tmpfs(_)) => Err(e),
+        (Err(e), Backing::Memfd(name)) => {
+            crate::warn_limited!(
+                "memfd replica memfd:{name} cannot be made immutable ({e}): its seals refuse \
+                 writes, but root could reopen it through /proc and shrink it"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// What a leftover replica's xattrs say it was a copy of: " of <source>
@@ -759,10 +812,6 @@ pub struct ReplicaFile {
     backing: Backing,
     method: CopyMethod,
     threads: usize,
-    /// A read-only open of the sealed replica, made once and duplicated
-    /// for each client: one open per replica instead of one per attach.
-    /// Clients cannot lease or write it (root owns it; it is `O_RDONLY`).
-    readonly: std::sync::OnceLock<OwnedFd>,
 }
 
 impl ReplicaFile {
@@ -935,7 +984,9 @@ impl ReplicaFile {
         Ok(Placement { pages, misplaced })
     }
 
-    /// Make the replica read-only for good (mode, seals).
+    /// Make the replica read-only for good: mode 0400, memfd seals, then
+    /// the immutable flag (last: the mode, like xattrs, cannot change on
+    /// an immutable file).
     pub fn seal(&self) -> Result<()> {
         let io_err = |e| Error::Io {
             path: self.label_path(),
@@ -950,38 +1001,51 @@ impl ReplicaFile {
             let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
             fcntl(&self.fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| io_err(e.into()))?;
         }
-        Ok(())
+        make_immutable(self.fd.as_fd(), &self.backing).map_err(|source| Error::Immutable {
+            path: self.label_path(),
+            source,
+        })
     }
 
-    /// A read-only fd for a client (a duplicate of one read-only open).
-    pub fn open_readonly(&self) -> std::io::Result<OwnedFd> {
-        if let Some(fd) = self.readonly.get() {
-            return fd.try_clone();
-        }
-        let fd = self.open_readonly_new()?;
-        let dup = fd.try_clone()?;
-        // Another thread may have set it meanwhile: then ours just closes.
-        let _ = self.readonly.set(fd);
-        Ok(dup)
-    }
-
-    fn open_readonly_new(&self) -> std::io::Result<OwnedFd> {
-        let path = match &self.backing {
-            Backing::Tmpfs(path) => path.clone(),
-            Backing::Memfd(_) => ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
+    /// A read-only fd for one client: a fresh open file description of
+    /// the replica, never one another client holds (status flags set with
+    /// `F_SETFL`, `flock` locks and leases belong to the description).
+    /// tmpfs: the store path (checked to still be this replica); memfd:
+    /// reopened through /proc/self/fd.
+    pub fn open_readonly(&self) -> Result<OwnedFd> {
+        let err = |source| Error::Io {
+            path: self.label_path(),
+            source,
+        };
+        let (path, flags) = match &self.backing {
+            Backing::Tmpfs(path) => (path.clone(), libc::O_CLOEXEC | libc::O_NOFOLLOW),
+            // The magic link must be followed.
+            Backing::Memfd(_) => (
+                ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
+                libc::O_CLOEXEC,
+            ),
         };
         let file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+            .custom_flags(flags | libc::O_NOCTTY)
+            .open(path)
+            .map_err(err)?;
+        let want = nix::sys::stat::fstat(&self.fd).map_err(|e| err(e.into()))?;
+        let got = nix::sys::stat::fstat(&file).map_err(|e| err(e.into()))?;
+        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino) {
+            return Err(err(io::Error::other(
+                "another file has taken the replica's place in the store",
+            )));
+        }
         Ok(OwnedFd::from(file))
     }
 
     fn truncate(&self) -> io::Result<()> {
-        Ok(nix::unistd::ftruncate(&self.fd, 0)?)
+        sys::truncate_to_zero(self.fd.as_fd())
     }
 
-    /// Truncate to 0: the kernel unmaps it from every process.
+    /// Clear the immutable flag and truncate to 0: the kernel unmaps it
+    /// from every process.
     pub fn revoke(&self) -> std::io::Result<()> {
         self.truncate()
     }
@@ -1217,6 +1281,44 @@ mod tests {
         }
     }
 
+    /// A sealed replica is immutable (root's tmpfs, and root's memfd on
+    /// this kernel): nobody, root included, opens it for writing, through
+    /// its store path or through /proc from a client's read-only fd.
+    fn assert_nobody_writes(ctx: &str, r: &ReplicaFile, ro: &OwnedFd, kind: StoreKind) {
+        if !is_root() {
+            // Unprivileged: mode 0400 and the seals are all there is.
+            return;
+        }
+        assert!(
+            sys::is_immutable(r.as_fd()).unwrap(),
+            "{ctx}: a sealed {kind:?} replica is not immutable"
+        );
+        let mut paths = vec![ProcReader::default().self_fd_path(ro.as_raw_fd())];
+        if kind == StoreKind::Tmpfs {
+            paths.push(PathBuf::from(r.label()));
+        }
+        for path in paths {
+            for (read, write) in [(true, true), (false, true)] {
+                let e = fs::OpenOptions::new()
+                    .read(read)
+                    .write(write)
+                    .open(&path)
+                    .map(drop)
+                    .unwrap_err();
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM),
+                    "{ctx}: root opened {} for writing: {e}",
+                    path.display()
+                );
+            }
+        }
+        if kind == StoreKind::Tmpfs {
+            let e = fs::remove_file(r.label()).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{ctx}: unlink: {e}");
+        }
+    }
+
     fn fill_suite(test: &str, kind: StoreKind) {
         let rd = RunDir::new();
         let Some(store) = open_store(test, &rd, kind, None) else {
@@ -1298,6 +1400,7 @@ mod tests {
                 } else {
                     assert!(Path::new(&r.label()).exists());
                 }
+                assert_nobody_writes(&ctx, &r, &ro, kind);
                 assert!(read_all(ro) == bytes, "{ctx}: bytes differ");
                 let label = r.label();
                 r.remove();
@@ -1524,11 +1627,17 @@ mod tests {
             return;
         };
         let src = source(&pattern(10_000, 5));
+        let mut held = Vec::new();
         for generation in [1, 2] {
             let id = ident(&src, generation);
             let r = first.create(0, &id).unwrap();
             r.fill(src.as_file().as_fd(), 10_000, &AtomicBool::new(false), &id)
                 .unwrap();
+            if generation == 2 {
+                // Sealed, so immutable: still truncated and unlinked.
+                r.seal().unwrap();
+            }
+            held.push(r.open_readonly().unwrap());
             // Dropped without remove(): the file stays.
         }
         let dir = first.dir(0).unwrap().to_path_buf();
@@ -1544,6 +1653,10 @@ mod tests {
         );
         assert_eq!(second.leftovers_removed(), 2);
         assert_eq!(dir_entries(&dir), 0);
+        for fd in &held {
+            let len = nix::sys::stat::fstat(fd).unwrap().st_size;
+            assert_eq!(len, 0, "a leftover replica was unlinked but not truncated");
+        }
         // The adopted mount is ours: close unmounts it.
         second.close();
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -1643,6 +1756,156 @@ mod tests {
     #[test]
     fn store_memfd_revoke_raises_sigbus() {
         revoke_suite("store_memfd_revoke_raises_sigbus", StoreKind::Memfd);
+    }
+
+    /// Two clients' fds are two open file descriptions: status flags,
+    /// file offset and flock locks set through one are not the other's.
+    fn descriptions_suite(test: &str, kind: StoreKind) {
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let bytes = pattern(3 * 4096, 5);
+        let src = source(&bytes);
+        let id = ident(&src, 1);
+        let r = store.create(0, &id).unwrap();
+        r.fill(
+            src.as_file().as_fd(),
+            bytes.len() as u64,
+            &AtomicBool::new(false),
+            &id,
+        )
+        .unwrap();
+        r.seal().unwrap();
+        let a = r.open_readonly().unwrap();
+        let b = r.open_readonly().unwrap();
+        let flags = |fd: &OwnedFd| {
+            // SAFETY: F_GETFL on a valid fd.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }
+        };
+        let before = flags(&b);
+        assert_eq!(before & libc::O_ACCMODE, libc::O_RDONLY, "{test}");
+        let set = libc::O_APPEND | libc::O_NONBLOCK;
+        // SAFETY: F_SETFL on a valid fd with an int argument.
+        assert_eq!(unsafe { libc::fcntl(a.as_raw_fd(), libc::F_SETFL, set) }, 0);
+        assert_eq!(flags(&a) & set, set, "{test}");
+        assert_eq!(
+            flags(&b),
+            before,
+            "{test}: F_SETFL on one client's fd reached another's"
+        );
+        // SAFETY: lseek on a valid fd.
+        let moved = unsafe { libc::lseek(a.as_raw_fd(), 4096, libc::SEEK_SET) };
+        assert_eq!(moved, 4096);
+        // SAFETY: as above.
+        let at = unsafe { libc::lseek(b.as_raw_fd(), 0, libc::SEEK_CUR) };
+        assert_eq!(at, 0, "{test}: one client's file offset moved another's");
+        // SAFETY: flock on valid fds.
+        assert_eq!(unsafe { libc::flock(a.as_raw_fd(), libc::LOCK_EX) }, 0);
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(
+            (rc, io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::EWOULDBLOCK)),
+            "{test}: one client's flock lock is another's"
+        );
+        assert!(read_all(b) == bytes, "{test}");
+        if kind == StoreKind::Tmpfs {
+            // Another file in the replica's place is not handed out.
+            let path = PathBuf::from(r.label());
+            sys::clear_immutable(r.as_fd()).unwrap();
+            fs::remove_file(&path).unwrap();
+            fs::write(&path, b"other").unwrap();
+            match r.open_readonly() {
+                Err(Error::Io { path: p, source }) => {
+                    assert_eq!(p, path, "{test}");
+                    assert!(
+                        source.to_string().contains("taken the replica's place"),
+                        "{source}"
+                    );
+                }
+                other => panic!("{test}: expected an Io error naming the replica, got {other:?}"),
+            }
+            fs::remove_file(&path).unwrap();
+        }
+        drop(a);
+        r.remove();
+    }
+
+    #[test]
+    fn store_tmpfs_each_client_gets_its_own_description() {
+        descriptions_suite(
+            "store_tmpfs_each_client_gets_its_own_description",
+            StoreKind::Tmpfs,
+        );
+    }
+
+    #[test]
+    fn store_memfd_each_client_gets_its_own_description() {
+        descriptions_suite(
+            "store_memfd_each_client_gets_its_own_description",
+            StoreKind::Memfd,
+        );
+    }
+
+    /// A daemon adopting a replica from the keeper takes it immutable and
+    /// keeps it so; one an earlier version left mutable becomes immutable.
+    fn adopt_suite(test: &str, kind: StoreKind) {
+        if !is_root() {
+            return skip(test, "trusted xattrs and the immutable flag need root");
+        }
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, kind, None) else {
+            return;
+        };
+        let bytes = pattern(5000, 9);
+        let src = source(&bytes);
+        for mutable in [false, true] {
+            let id = ident(&src, 1 + u64::from(mutable));
+            let r = store.create(0, &id).unwrap();
+            r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
+                .unwrap();
+            r.seal().unwrap();
+            if mutable {
+                sys::clear_immutable(r.as_fd()).unwrap();
+            }
+            // What the keeper hands over: a duplicate of the read-write fd.
+            let (adopted, got) = store
+                .adopt(r.as_fd().try_clone_to_owned().unwrap())
+                .unwrap_or_else(|(_, why)| panic!("{test}: not adopted: {why}"));
+            assert_eq!(got, id, "{test}");
+            assert_eq!(adopted.label(), r.label(), "{test}");
+            assert!(
+                sys::is_immutable(adopted.as_fd()).unwrap(),
+                "{test}: an adopted replica (mutable before: {mutable}) is not immutable"
+            );
+            assert!(
+                read_all(adopted.open_readonly().unwrap()) == bytes,
+                "{test}"
+            );
+            drop(r);
+            let label = adopted.label();
+            adopted.remove();
+            if kind == StoreKind::Tmpfs {
+                assert!(!Path::new(&label).exists(), "{test}: not unlinked");
+            }
+        }
+    }
+
+    #[test]
+    fn store_tmpfs_adopt_keeps_replicas_immutable() {
+        adopt_suite(
+            "store_tmpfs_adopt_keeps_replicas_immutable",
+            StoreKind::Tmpfs,
+        );
+    }
+
+    #[test]
+    fn store_memfd_adopt_keeps_replicas_immutable() {
+        adopt_suite(
+            "store_memfd_adopt_keeps_replicas_immutable",
+            StoreKind::Memfd,
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Thin syscall wrappers the libc and nix crates lack or wrap awkwardly:
-//! leases, statx attributes, filesystem magic, xattrs, signalfd, poll,
-//! file status flags, CPU affinity. One function per syscall, each
-//! returning `io::Result`, each `unsafe` block with the reason it holds.
+//! leases, statx attributes, filesystem magic, xattrs, inode flags (the
+//! immutable flag), signalfd, poll, file status flags, CPU affinity. One
+//! function per syscall, each returning `io::Result`, each `unsafe` block
+//! with the reason it holds.
 //! NUMA calls live in [`crate::numa`].
 
 use std::ffi::CString;
@@ -152,6 +153,61 @@ pub fn statx_attrs(fd: BorrowedFd<'_>) -> io::Result<StatxAttrs> {
         immutable: has(libc::STATX_ATTR_IMMUTABLE as u64),
         verity: has(libc::STATX_ATTR_VERITY as u64),
     })
+}
+
+/// `FS_IMMUTABLE_FL`, `chattr +i`: no open for writing, `truncate(2)`,
+/// `fallocate`, unlink, rename, xattr or mode change, root included.
+pub const FS_IMMUTABLE_FL: libc::c_int = linux_raw_sys::general::FS_IMMUTABLE_FL as libc::c_int;
+
+/// `ioctl(FS_IOC_GETFLAGS)`: the inode flags `lsattr` shows. Any fd of the
+/// file will do, a read-only one too.
+pub fn inode_flags(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int (the kernel's size, whatever
+    // the ioctl number says) to the valid pointer given.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) })?;
+    Ok(flags)
+}
+
+/// `ioctl(FS_IOC_SETFLAGS)`. Changing the immutable flag needs
+/// `CAP_LINUX_IMMUTABLE`; any fd of the file will do, a read-only one too.
+pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: FS_IOC_SETFLAGS reads one int from the valid pointer given.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) }).map(drop)
+}
+
+/// Whether the file behind `fd` has `FS_IMMUTABLE_FL`.
+pub fn is_immutable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(inode_flags(fd)? & FS_IMMUTABLE_FL != 0)
+}
+
+/// Set `FS_IMMUTABLE_FL` on the file behind `fd` (tmpfs has it from Linux
+/// 6.0), unless it is set already.
+pub fn set_immutable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = inode_flags(fd)?;
+    if flags & FS_IMMUTABLE_FL == 0 {
+        set_inode_flags(fd, flags | FS_IMMUTABLE_FL)?;
+    }
+    Ok(())
+}
+
+/// Clear `FS_IMMUTABLE_FL` on the file behind `fd` if it is set, so that
+/// the file can be opened for writing, truncated and unlinked. A file
+/// system without inode flags (`ENOTTY`, `EOPNOTSUPP`) has none to clear.
+pub fn clear_immutable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match inode_flags(fd) {
+        Ok(flags) if flags & FS_IMMUTABLE_FL != 0 => set_inode_flags(fd, flags & !FS_IMMUTABLE_FL),
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn c_name(name: &str) -> io::Result<CString> {
@@ -426,9 +482,21 @@ pub fn recv_with_fds(
     Ok(Some((n as usize, fds)))
 }
 
-/// `ftruncate(fd, 0)`.
+/// Clear the immutable flag (see [`clear_immutable`]), then
+/// `ftruncate(fd, 0)`: how every replica is cut. `fd` must be open for
+/// writing. The truncate is tried even when the flag cannot be cleared
+/// (the kernel checks the flag at open, not at `ftruncate` of a
+/// description already open for writing, on 6.18); the error is the
+/// truncate's, or else the clear's.
 pub fn truncate_to_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    Ok(nix::unistd::ftruncate(fd, 0)?)
+    let cleared = clear_immutable(fd);
+    nix::unistd::ftruncate(fd, 0)?;
+    cleared.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("truncated, but its immutable flag cannot be cleared: {e}"),
+        )
+    })
 }
 
 /// Let a child inherit `fd` across exec (clears `FD_CLOEXEC`).
@@ -526,6 +594,47 @@ mod tests {
             }
             Err(e) => eprintln!("SKIP xattr_round_trip: trusted xattrs need CAP_SYS_ADMIN: {e}"),
         }
+    }
+
+    /// tmpfs (Linux 6.0+) takes the immutable flag: root cannot then open
+    /// the file for writing or unlink it; cleared, it truncates and
+    /// unlinks; `truncate_to_zero` clears it itself.
+    #[test]
+    fn immutable_flag_on_tmpfs_or_skip() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return eprintln!("SKIP immutable_flag_on_tmpfs: CAP_LINUX_IMMUTABLE needs root");
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"bytes").unwrap();
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(!is_immutable(f.as_fd()).unwrap());
+        // A file without the flag: nothing to clear.
+        clear_immutable(f.as_fd()).unwrap();
+        set_immutable(f.as_fd()).unwrap();
+        set_immutable(f.as_fd()).unwrap();
+        assert!(is_immutable(f.as_fd()).unwrap());
+        let e = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        let e = std::fs::remove_file(&path).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        // Cleared through a read-only fd.
+        let ro = std::fs::File::open(&path).unwrap();
+        clear_immutable(ro.as_fd()).unwrap();
+        assert!(!is_immutable(f.as_fd()).unwrap());
+        set_immutable(f.as_fd()).unwrap();
+        truncate_to_zero(f.as_fd()).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 0);
+        assert!(!is_immutable(f.as_fd()).unwrap());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -130,9 +130,7 @@ impl Inner {
                 })
             }
         };
-        let rfd = file
-            .open_readonly()
-            .map_err(|e| Error::io(file.label(), e))?;
+        let rfd = file.open_readonly()?;
         replica.attachments.insert(attachment);
         Ok(Attach::Replica {
             fd: rfd,

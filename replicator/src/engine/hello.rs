@@ -325,7 +325,12 @@ impl Inner {
                                         });
                                         Some((sources.len() - 1) as u32)
                                     }
-                                    (Err(err), _) | (_, Err(err)) => {
+                                    // The replica's error names its file.
+                                    (Err(err), _) => {
+                                        skipped.push(format!("{}: {err}", e.path));
+                                        None
+                                    }
+                                    (_, Err(err)) => {
                                         skipped.push(format!("{}: {err}", e.path));
                                         None
                                     }

@@ -20,8 +20,9 @@
 //!    Nothing left to hold: exit.
 //!  daemon silent longer than its deadline (stopped, hung), or the keeper
 //!  told to stop (SIGTERM, SIGINT):
-//!    truncate every replica it holds (the kernel unmaps them from every
-//!    process: readers fall back to the file), then release every lease
+//!    truncate every replica it holds (immutable flag cleared first; the
+//!    kernel unmaps them from every process: readers fall back to the
+//!    file), then release every lease
 //!    (any duplicate of the open file description may), then exit.
 //! ```
 //!
@@ -192,8 +193,9 @@ impl Handed {
         })
     }
 
-    /// Cut every replica to nothing, then release every lease: only then
-    /// may a writer go on.
+    /// Cut every replica to nothing (its immutable flag cleared first, see
+    /// [`sys::truncate_to_zero`]), then release every lease: only then may
+    /// a writer go on.
     pub fn revoke(&self) {
         for r in &self.replicas {
             let _ = sys::truncate_to_zero(r.as_fd());
@@ -801,9 +803,11 @@ fn end_keeper(run_dir: &Path) -> io::Result<()> {
     )))
 }
 
-/// Truncate every replica `pid` holds open (its fds into the node stores
-/// of `run_dir`, and its replicad memfds), before it is killed: a lease
-/// dies with it, and no replica it fenced may keep its bytes.
+/// Truncate every replica `pid` holds open (its replicad memfds, and its
+/// fds of files in `run_dir` that carry a replica's identity xattr: not
+/// the log or lock files beside them), clearing each one's immutable flag
+/// first, before it is killed: a lease dies with it, and no replica it
+/// fenced may keep its bytes.
 fn truncate_replicas_of(pid: u32, run_dir: &Path) {
     let proc = replicad_procfs::ProcReader::default();
     let Ok(Some(fds)) = proc.fds(pid) else {
@@ -814,17 +818,36 @@ fn truncate_replicas_of(pid: u32, run_dir: &Path) {
         let Ok(target) = std::fs::read_link(&path) else {
             continue;
         };
-        let bytes = target.as_os_str().as_encoded_bytes();
-        if target.starts_with(run_dir) || bytes.starts_with(b"/memfd:replicad:") {
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-                .open(&path)
-            {
-                if f.metadata().is_ok_and(|m| m.is_file()) {
-                    let _ = f.set_len(0);
-                }
-            }
+        let memfd = target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(b"/memfd:replicad:");
+        if !memfd && !target.starts_with(run_dir) {
+            continue;
+        }
+        // Read-only first: an immutable replica cannot be opened for
+        // writing until its flag is cleared.
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        let replica = f.metadata().is_ok_and(|m| m.is_file())
+            && (memfd
+                || sys::get_xattr(f.as_fd(), crate::store::XATTR_SOURCE)
+                    .is_ok_and(|v| v.is_some()));
+        if !replica {
+            continue;
+        }
+        let _ = sys::clear_immutable(f.as_fd());
+        if let Ok(w) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(proc.self_fd_path(f.as_raw_fd()))
+        {
+            let _ = w.set_len(0);
         }
     }
 }
