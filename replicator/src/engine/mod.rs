@@ -96,9 +96,10 @@ impl SourceLimit {
 
     /// The room `nofile` open files leave for sources on `nodes` nodes.
     pub fn new(nofile: u64, nodes: usize) -> Self {
-        // The source's fd (its lease), a replica per node, and a fresh fd
-        // of the replica while a client is given it.
-        let per_source = 2 + nodes as u64;
+        // The source's fd (its lease) and a replica per node; a client is
+        // given a fresh open of its replica, which lives only while the
+        // answer is sent (those are in the reserve).
+        let per_source = 1 + nodes as u64;
         SourceLimit {
             sources: (nofile.saturating_sub(Self::RESERVED) / per_source) as usize,
             nofile,

@@ -400,9 +400,9 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
 
 #[test]
 fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
-    // 256 kept back, 3 open files a source on one node: room for 2.
-    let limit = super::SourceLimit::new(256 + 6, 1);
-    assert_eq!((limit.sources, limit.per_source), (2, 3));
+    // 256 kept back, 2 open files a source on one node: room for 2.
+    let limit = super::SourceLimit::new(256 + 5, 1);
+    assert_eq!((limit.sources, limit.per_source), (2, 2));
     let rig = rig_with(Some(limit));
     let a = rig.source("a", b"one");
     let b = rig.source("b", b"two");
@@ -417,8 +417,8 @@ fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
             e,
             Error::TooManySources {
                 sources: 2,
-                nofile: 262,
-                per_source: 3,
+                nofile: 261,
+                per_source: 2,
                 ..
             }
         ),
@@ -426,7 +426,7 @@ fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
     );
     let text = e.to_string();
     assert!(
-        text.contains("RLIMIT_NOFILE 262") && text.contains("LimitNOFILE="),
+        text.contains("RLIMIT_NOFILE 261") && text.contains("LimitNOFILE="),
         "{text}"
     );
     assert_eq!(rig.engine.status().sources.len(), 2);
