@@ -346,14 +346,44 @@ fn viewer(peer: &PeerCred) -> Viewer {
     }
 }
 
-/// One page of what `peer` may see of the status.
+/// How long the list a first status page was cut from serves the pages
+/// that follow it: a caller paging through gets one consistent list, and
+/// the list is built once, not once a page.
+const STATUS_SNAPSHOT: Duration = Duration::from_secs(2);
+
+/// The list the last first page was cut from, for whom, and when.
+type Snapshot = (
+    std::time::Instant,
+    Viewer,
+    Arc<replicad_wire::proto::StatusReport>,
+);
+static SNAPSHOT: std::sync::Mutex<Option<Snapshot>> = std::sync::Mutex::new(None);
+
+/// One page of what `peer` may see of the status: the first from a list
+/// built now, the next ones from the same list while it is fresh.
 fn status_page(
     engine: &Replicator,
     peer: &PeerCred,
     after: Option<&replicad_wire::proto::StatusCursor>,
 ) -> replicad_wire::proto::StatusReport {
-    let full = wire::status(&engine.status_for(&viewer(peer)));
-    wire::status_page(full, after, wire::STATUS_PAGE_BYTES)
+    let viewer = viewer(peer);
+    let cached = after.and_then(|_| {
+        let guard = SNAPSHOT.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|(at, v, _)| *v == viewer && at.elapsed() < STATUS_SNAPSHOT)
+            .map(|(_, _, full)| full.clone())
+    });
+    let full = match cached {
+        Some(full) => full,
+        None => {
+            let full = Arc::new(wire::status(&engine.status_for(&viewer)));
+            *SNAPSHOT.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((std::time::Instant::now(), viewer, full.clone()));
+            full
+        }
+    };
+    wire::status_page(&full, after, wire::STATUS_PAGE_BYTES)
 }
 
 /// Whether `pid` is a process that a peer which connected as `uid` could

@@ -97,7 +97,7 @@ pub const STATUS_PAGE_BYTES: usize = 128 * 1024;
 /// `after` (from the start without), at most `budget` bytes of JSON, and
 /// at least one source. `left_alone` goes with the first page only.
 pub fn status_page(
-    full: proto::StatusReport,
+    full: &proto::StatusReport,
     after: Option<&proto::StatusCursor>,
     budget: usize,
 ) -> proto::StatusReport {
@@ -108,24 +108,24 @@ pub fn status_page(
     let mut used = 256;
     let mut left_alone = Vec::new();
     if after.is_none() {
-        for l in full.left_alone {
-            used += json_len(&l);
+        for l in &full.left_alone {
+            used += json_len(l);
             if used > budget / 4 {
                 break;
             }
-            left_alone.push(l);
+            left_alone.push(l.clone());
         }
     }
     let mut sources = Vec::new();
-    let mut rest = full.sources.into_iter().skip(start).peekable();
+    let mut rest = full.sources.iter().skip(start).peekable();
     while let Some(s) = rest.peek() {
-        let n = json_len(s);
+        let n = json_len(*s);
         if !sources.is_empty() && used + n > budget {
             break;
         }
         used += n;
         if let Some(s) = rest.next() {
-            sources.push(s);
+            sources.push(s.clone());
         }
     }
     let next = match (rest.peek(), sources.last()) {
@@ -364,7 +364,7 @@ mod tests {
         let mut after: Option<StatusCursor> = None;
         let mut pages = 0;
         loop {
-            let page = status_page(full.clone(), after.as_ref(), budget);
+            let page = status_page(&full, after.as_ref(), budget);
             let encoded = proto::Response::Status {
                 report: page.clone(),
             }
@@ -419,17 +419,17 @@ mod tests {
     #[test]
     fn a_huge_source_goes_alone_and_a_gone_cursor_moves_on() {
         let full = report(3, 4000);
-        let page = status_page(full.clone(), None, 1024);
+        let page = status_page(&full, None, 1024);
         assert_eq!(page.sources.len(), 1);
         let next = page.next.unwrap();
         let mut fewer = full.clone();
         fewer.sources.remove(1);
-        let page = status_page(fewer, Some(&next), 1 << 20);
+        let page = status_page(&fewer, Some(&next), 1 << 20);
         assert_eq!(page.sources.iter().map(|s| s.ino).collect::<Vec<_>>(), [2]);
         assert!(page.next.is_none());
         // Past the end: empty, no next.
         let last = StatusCursor::of(&full.sources[2]);
-        let page = status_page(full, Some(&last), 1 << 20);
+        let page = status_page(&full, Some(&last), 1 << 20);
         assert!(page.sources.is_empty() && page.next.is_none());
     }
 }
