@@ -165,45 +165,8 @@ fn time_command(argv: &[&str], runs: usize, check: &dyn Fn(&[u8])) -> (f64, f64)
     (p50, max)
 }
 
-const FLOOD: &str = r#"
-import socket, sys, time
-path, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conns, refused, end = [], 0, time.time() + secs
-while time.time() < end:
-    while len(conns) < n:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.setblocking(False)
-        try:
-            s.connect(path)
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            break
-        conns.append(s)
-    alive = []
-    for s in conns:
-        try:
-            got = s.recv(65536)
-            if b"limit" in got:
-                refused += 1
-            if b"limit" in got or got == b"":
-                s.close()
-                continue
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            continue
-        try:
-            s.send(b"garbage!")
-        except OSError:
-            pass
-        alive.append(s)
-    conns = alive
-    time.sleep(0.05)
-print("refused", refused)
-"#;
+/// The flooder tests/limits.rs runs too, copied where nobody may read it.
+const FLOOD: &str = include_str!("../tests/programs/flood.py");
 
 /// Root's status and uid 65533's map, 100 each: (status ms, map ms).
 fn serve_others(d: &Daemon, file: &Path) -> (Vec<f64>, Vec<f64>) {
@@ -344,8 +307,10 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let (mut fs, mut fm) = serve_others(&d, file);
     let out = flood.wait_with_output().unwrap();
-    let refused: usize = String::from_utf8_lossy(&out.stdout)
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let refused: usize = said
         .split_whitespace()
+        .skip_while(|w| *w != "refused")
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);

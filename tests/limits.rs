@@ -281,53 +281,8 @@ fn status_shows_each_user_only_what_it_may_read() {
     assert!(pids(&root).contains(&u64::from(me)), "{root}");
 }
 
-/// A python3 flooder run as nobody: keeps up to `n` connections to the
-/// socket open (as far as it knows: some wait in the listen backlog),
-/// sends a garbage packet on each every 50 ms, reconnects the ones the
-/// daemon closes, and at the end prints how many it had open at most and
-/// how many were refused with replicad's limit.
-const FLOOD: &str = r#"
-import socket, sys, time
-path, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conns, held, refused, end = [], 0, 0, time.time() + secs
-while time.time() < end:
-    while len(conns) < n:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.setblocking(False)
-        try:
-            s.connect(path)
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            break
-        conns.append(s)
-    alive = []
-    for s in conns:
-        try:
-            got = s.recv(65536)
-            if b"limit" in got:
-                refused += 1
-            if b"limit" in got or got == b"":
-                s.close()
-                continue
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            continue
-        try:
-            s.send(b"garbage!")
-            alive.append(s)
-        except BlockingIOError:
-            alive.append(s)
-        except OSError:
-            s.close()
-    conns = alive
-    held = max(held, len(conns))
-    time.sleep(0.05)
-print("held", held, "refused", refused)
-"#;
+/// The flooder (see its header), copied where nobody may read it.
+const FLOOD: &str = include_str!("programs/flood.py");
 
 #[test]
 fn a_flood_from_one_user_queues_no_one_else() {
