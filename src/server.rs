@@ -75,12 +75,14 @@ impl Fairness {
         let mine = c.entry(uid).or_insert(0);
         if *mine >= MAX_CONNECTIONS_PER_USER {
             return Err(format!(
-                "uid {uid} already holds {MAX_CONNECTIONS_PER_USER} connections to replicad,                  the most one user may: close some"
+                "uid {uid} already holds {MAX_CONNECTIONS_PER_USER} connections to replicad, \
+                 the most one user may: close some"
             ));
         }
         if total >= MAX_USER_CONNECTIONS {
             return Err(format!(
-                "replicad serves {MAX_USER_CONNECTIONS} connections of users other than root,                  the most it takes: try again later"
+                "replicad serves {MAX_USER_CONNECTIONS} connections of users other than root, \
+                 the most it takes: try again later"
             ));
         }
         *mine += 1;
