@@ -248,9 +248,13 @@ fn main() {
         "limits: {n} files of 4 KiB replicated in {:.1} s (wanted {want}; the daemon's open-file \
          limit leaves room for {room}), load average {}",
         t.elapsed().as_secs_f64(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        std::fs::read_to_string(
+            replicad_procfs::ProcReader::default()
+                .root()
+                .join("loadavg")
+        )
+        .unwrap_or_default()
+        .trim()
     );
     let ctl = env!("CARGO_BIN_EXE_replicactl");
     let sock = d.socket.display().to_string();
