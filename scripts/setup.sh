@@ -6,8 +6,9 @@ set -euo pipefail
 # Build: pkg-config libhwloc-dev libudev-dev gcc. Tests: util-linux
 # (setpriv), attr, python3 and coreutils (real programs under the shim),
 # qemu-system-x86 + busybox-static + binutils (the multi-NUMA test guest;
-# its kernel is fetched with apt-get download on first use).
-packages=(pkg-config libhwloc-dev libudev-dev gcc util-linux attr python3 coreutils
+# its kernel is fetched with apt-get download on first use). Fuzzing: g++
+# (libfuzzer-sys builds libFuzzer, which is C++).
+packages=(pkg-config libhwloc-dev libudev-dev gcc g++ util-linux attr python3 coreutils
           qemu-system-x86 busybox-static binutils)
 missing=()
 for p in "${packages[@]}"; do
@@ -23,4 +24,11 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found: install Rust 1.95 (https://rustup.rs), then run this again" >&2
   exit 1
 fi
-echo "setup: ok ($(cargo --version))"
+# cargo-fuzz (scripts/fuzz.sh), pinned, built from crates.io into
+# ~/.cargo/bin once (about a minute); a machine that keeps ~/.cargo keeps it.
+cargo_fuzz=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz" ]; then
+  echo "setup: installing cargo-fuzz $cargo_fuzz"
+  cargo install --locked cargo-fuzz --version "$cargo_fuzz"
+fi
+echo "setup: ok ($(cargo --version), $(cargo fuzz --version))"

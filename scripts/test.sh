@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every check CI runs: format, lints, and the whole test suite (unit,
-# integration with a real daemon and real processes).
+# Run every check CI runs: format, lints, the whole test suite (unit,
+# integration with a real daemon and real processes), then every fuzz
+# target for $FUZZ_SECONDS (default 60) seconds (scripts/fuzz.sh).
 #
 # Skips: a test that cannot run (not root, a missing tool such as cc,
 # taskset or qemu, a tmpfs mount that fails) prints SKIP and passes only
@@ -21,6 +22,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo fmt --check, cargo clippy: fuzz/ (a workspace of its own)"
+(cd fuzz && cargo fmt -- --check)
+cargo clippy --manifest-path fuzz/Cargo.toml --locked --all-targets --target-dir target -- -D warnings
 echo "== cargo test"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # The engine's state machine tests need no root (a stand-in for the kernel's
@@ -33,4 +37,16 @@ if [ "$(id -u)" = 0 ]; then
   [ -n "$bin" ] || { echo "test.sh: cannot find the replicator's unit-test binary" >&2; exit 1; }
   (cd / && setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \
      --bounding-set=-all "$OLDPWD/$bin" engine::tests fence::) 2>&1 | tee -a target/test.log
+fi
+# After the tests, not beside them: the fuzzers keep every CPU busy, and the
+# integration tests time real waits. cargo-fuzz missing is a skip, which
+# fails under REPLICAD_STRICT=1 like any other.
+echo "== fuzz (scripts/fuzz.sh, ${FUZZ_SECONDS:-60} s per target)"
+if cargo fuzz --version >/dev/null 2>&1; then
+  scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+elif [ "${REPLICAD_STRICT:-0}" = 1 ]; then
+  echo "test.sh: cargo-fuzz is not installed (scripts/setup.sh installs it)" >&2
+  exit 1
+else
+  echo "SKIP fuzz: cargo-fuzz is not installed (scripts/setup.sh installs it)"
 fi
