@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use replicad_wire::proto::{
     AttachRange, ErrorKind, LeftAlone, NodeSelection, ReplicaState, ReplicaStatus, Request,
-    Response, Skipped, SourceStatus, StatusReport, HEADER_LEN,
+    Response, Skipped, SourceStatus, StatusCursor, StatusReport, HEADER_LEN,
 };
 use replicad_wire::published::{nodes_mask, PublishedEntry, Writer, NODES_OTHER};
 
@@ -92,6 +92,16 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
             },
         ),
         ("request-status", Request::Status),
+        (
+            "request-status-from",
+            Request::StatusFrom {
+                after: StatusCursor {
+                    path: "/srv/index/seg-0001".into(),
+                    dev: 2049,
+                    ino: 131_073,
+                },
+            },
+        ),
         ("request-hello", Request::Hello { node: None }),
         (
             "request-replicate-pid",
@@ -131,6 +141,11 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
                         comm: "a b) (c".into(),
                         reason: "CPUs span nodes 0-1".into(),
                     }],
+                    next: Some(StatusCursor {
+                        path: "/srv/models/weights.bin".into(),
+                        dev: 2049,
+                        ino: 12,
+                    }),
                 },
             },
         ),
