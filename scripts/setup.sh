@@ -29,6 +29,6 @@ fi
 cargo_fuzz=0.13.2
 if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz" ]; then
   echo "setup: installing cargo-fuzz $cargo_fuzz"
-  cargo install --locked cargo-fuzz --version "$cargo_fuzz"
+  cargo install --quiet --locked cargo-fuzz --version "$cargo_fuzz"
 fi
 echo "setup: ok ($(cargo --version), $(cargo fuzz --version))"
