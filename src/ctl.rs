@@ -71,7 +71,10 @@ pub enum Command {
     /// Copy files into node-local memory and fence them against writes.
     ///
     /// Returns once every copy is valid: its bytes equal the file's and
-    /// every page sits on its node. Needs root.
+    /// every page sits on its node. Needs root. Every PATH is tried; each
+    /// failure is named (a file beyond the room the daemon's open-file
+    /// limit leaves says so, with the fix), and the exit status is 1 when
+    /// any file was not replicated.
     ///
     /// With --pid, replicates the text of a running process instead: its
     /// program and libraries (the files it maps private and executable).
@@ -94,6 +97,9 @@ pub enum Command {
         paths: Vec<PathBuf>,
     },
     /// Drop every replica of files and release their fences. Needs root.
+    ///
+    /// Every PATH is tried, whatever happens to the others; each failure is
+    /// named, and the exit status is 1 when any file was not evicted.
     Evict {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -101,6 +107,10 @@ pub enum Command {
     /// Show the replica list: source, generation, target, bytes, attached
     /// pids, state; then the processes the daemon left on their own
     /// mappings, and why.
+    ///
+    /// Root sees every file; another user the files it could read itself
+    /// and only its own processes. The list comes from the daemon in pages,
+    /// so it may hold any number of files.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
