@@ -24,7 +24,7 @@ use tokio::io::Interest;
 use tokio::sync::Semaphore;
 
 use replicad_procfs::ProcReader;
-use replicad_replicator::engine::{Attach, Viewer};
+use replicad_replicator::engine::{Attach, Hello, Viewer};
 use replicad_replicator::{debug_limited, warn_limited, Replicator};
 use replicad_wire::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_wire::sock::{self, PeerCred};
@@ -401,6 +401,15 @@ fn inspectable_by(pid: u32, uid: u32) -> bool {
     uid == 0 || ProcReader::default().proc_owner_uid(pid).ok().flatten() == Some(uid)
 }
 
+/// Tell the engine where the peer keeps its fallback table (its Hello or
+/// Map said so), if the peer still runs and is still its uid's to inspect:
+/// a revoke reads the table and writes the peer's memory (`carry.rs`).
+fn note_table(engine: &Replicator, peer: &PeerCred, alive: &PeerAlive, table: u64) {
+    if table != 0 && alive.check() && inspectable_by(peer.pid, peer.uid) {
+        engine.note_table(peer.pid, peer.uid, table);
+    }
+}
+
 /// Run one request on a blocking thread.
 fn handle(
     engine: &Replicator,
@@ -433,7 +442,7 @@ fn handle(
     }
     let from_engine = |e: replicad_replicator::Error| wire::error(&e);
     match req {
-        Request::Map { node } => {
+        Request::Map { node, table } => {
             if fds.len() != 1 {
                 return (
                     Response::error(
@@ -452,14 +461,17 @@ fn handle(
                     node,
                     generation,
                     size,
-                }) => (
-                    Response::Mapped {
-                        node,
-                        generation,
-                        size,
-                    },
-                    vec![fd],
-                ),
+                }) => {
+                    note_table(engine, &peer, alive, table);
+                    (
+                        Response::Mapped {
+                            node,
+                            generation,
+                            size,
+                        },
+                        vec![fd],
+                    )
+                }
                 Ok(Attach::Original { reason }) => (Response::Original { reason }, Vec::new()),
                 Err(e) => (from_engine(e), Vec::new()),
             }
@@ -506,10 +518,15 @@ fn handle(
         ),
         // The check again after the engine's maps read (`alive` runs
         // then): an exec between the first check and the read is caught.
-        Request::Hello { node } => match engine.hello(peer.pid, node, &|| {
+        Request::Hello { node, table } => match engine.hello(peer.pid, node, &|| {
             alive.check() && inspectable_by(peer.pid, peer.uid)
         }) {
-            Ok(h) => wire::hello(peer.pid, h),
+            Ok(h) => {
+                if matches!(&h, Hello::Attached(a) if !a.ranges.is_empty()) {
+                    note_table(engine, &peer, alive, table);
+                }
+                wire::hello(peer.pid, h)
+            }
             Err(e) => (from_engine(e), Vec::new()),
         },
         Request::ReplicatePid { pid, nodes } => {

@@ -558,11 +558,24 @@ fn hostile_control_messages() {
     sock::send(c.as_fd(), &Request::Status.encode(), &[f.as_fd()]).unwrap();
     expect_error(raw_answer(&c), ErrorKind::BadRequest, "carries no fds");
     // map with no fd, with two.
-    sock::send(c.as_fd(), &Request::Map { node: None }.encode(), &[]).unwrap();
+    sock::send(
+        c.as_fd(),
+        &Request::Map {
+            node: None,
+            table: 0,
+        }
+        .encode(),
+        &[],
+    )
+    .unwrap();
     expect_error(raw_answer(&c), ErrorKind::BadRequest, "exactly one fd");
     sock::send(
         c.as_fd(),
-        &Request::Map { node: None }.encode(),
+        &Request::Map {
+            node: None,
+            table: 0,
+        }
+        .encode(),
         &[f.as_fd(), f.as_fd()],
     )
     .unwrap();
@@ -577,7 +590,11 @@ fn hostile_control_messages() {
     d.ctl_ok(&["replicate", file.to_str().unwrap()]);
     sock::send(
         c.as_fd(),
-        &Request::Map { node: None }.encode(),
+        &Request::Map {
+            node: None,
+            table: 0,
+        }
+        .encode(),
         &[opath.as_fd()],
     )
     .unwrap();
@@ -593,7 +610,11 @@ fn hostile_control_messages() {
         .unwrap();
     sock::send(
         c.as_fd(),
-        &Request::Map { node: None }.encode(),
+        &Request::Map {
+            node: None,
+            table: 0,
+        }
+        .encode(),
         &[wo.as_fd()],
     )
     .unwrap();
@@ -601,7 +622,11 @@ fn hostile_control_messages() {
     // Node out of range on map.
     sock::send(
         c.as_fd(),
-        &Request::Map { node: Some(9) }.encode(),
+        &Request::Map {
+            node: Some(9),
+            table: 0,
+        }
+        .encode(),
         &[f.as_fd()],
     )
     .unwrap();
@@ -749,7 +774,10 @@ fn replica_fd_is_read_only() {
     let f = std::fs::File::open(&file).unwrap();
     let (resp, fds) = replicad_client::request(
         &d.socket,
-        &Request::Map { node: None },
+        &Request::Map {
+            node: None,
+            table: 0,
+        },
         &[f.as_fd()],
         Duration::from_secs(5),
     )

@@ -65,7 +65,10 @@ fn replica_fd(d: &Daemon, file: &Path) -> OwnedFd {
     let f = std::fs::File::open(file).unwrap();
     let (resp, mut fds) = replicad_client::request(
         &d.socket,
-        &Request::Map { node: Some(0) },
+        &Request::Map {
+            node: Some(0),
+            table: 0,
+        },
         &[f.as_fd()],
         Duration::from_secs(5),
     )

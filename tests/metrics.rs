@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// Families no outside scenario can move, each with the reason. Each must
-/// be covered by an engine unit test instead.
+/// Families this scenario cannot move, each with the reason. Each must be
+/// covered by an engine unit test or the outside test it names instead.
 const CANNOT_MOVE: &[(&str, &str)] = &[
     (
         "replicad_misplaced_pages_total",
@@ -31,6 +31,12 @@ const CANNOT_MOVE: &[(&str, &str)] = &[
      default, a global setting); moved by replicator \
      engine::tests::a_lease_the_kernel_broke_by_force_is_counted and, with the \
      setting lowered, by tests/forced_break.rs",
+    ),
+    (
+        "replicad_private_pages_carried_total",
+        "moves only when a program under the shim wrote privately (a debugger's \
+     breakpoint) in a replica-backed range before a revoke; moved by \
+     tests/private_pages.rs, which runs such a program",
     ),
 ];
 

@@ -45,8 +45,10 @@ use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use replicad_procfs::slots;
+
 /// Number of replica ranges one process can hold at once.
-pub(crate) const SLOTS: usize = 1024;
+pub(crate) const SLOTS: usize = slots::SLOTS;
 
 const FREE: u64 = 0;
 const CLAIMED: u64 = 1;
@@ -61,6 +63,9 @@ const STALE: u64 = 7;
 
 const STATE_MASK: u64 = 0xff;
 
+/// Laid out as [`replicad_procfs::slots`] says: the daemon reads the table
+/// (through `/proc/<pid>/mem`) during a revoke.
+#[repr(C)]
 struct Slot {
     /// `seq << 8 | state`. `seq` grows on every claim, so a handler that read
     /// `start`/`len` can tell whether they still belong to the same range.
@@ -82,6 +87,9 @@ struct Slot {
     offset: AtomicU64,
 }
 
+const _: () = assert!(std::mem::size_of::<Slot>() == slots::SLOT_WORDS * 8);
+const _: () = assert!(ACTIVE == slots::ACTIVE && STATE_MASK == slots::STATE_MASK);
+
 /// A shim slot's offset when its registrar did not give one.
 const OFFSET_UNCHECKED: u64 = u64::MAX;
 
@@ -97,6 +105,12 @@ const EMPTY_SLOT: Slot = Slot {
 };
 
 static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
+
+/// Where this process keeps its table, for the daemon (see
+/// [`replicad_procfs::slots`]).
+pub(crate) fn table_address() -> u64 {
+    TABLE.as_ptr() as u64
+}
 /// The page size, read once when the handler is installed.
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// One past the highest slot ever claimed: the handler scans only this far.
@@ -412,6 +426,13 @@ pub mod shim {
         Ok(slot)
     }
 
+    /// Where this process's fallback table lies, for the daemon's hello
+    /// and map requests (it carries private pages to the spares during a
+    /// revoke; see [`replicad_procfs::slots`]).
+    pub fn table_address() -> u64 {
+        super::table_address()
+    }
+
     /// Undo [`register`] after the swap failed: the range is still the
     /// program's original; the spare is unmapped.
     pub fn unregister(slot: usize) {
@@ -501,6 +522,11 @@ pub mod shim {
                         continue;
                     }
                     let spare = slot.spare.load(Ordering::Relaxed);
+                    // The program's private pages in the range (what a
+                    // debugger or a `/proc/self/mem` write left there) go
+                    // with it, as they would stay without replicad.
+                    carry_own(start, slot_len, spare);
+                    wait_revokes();
                     let ok = sys::mremap_fixed(spare, slot_len, start);
                     if ok {
                         FALLBACKS.fetch_add(1, Ordering::Relaxed);
@@ -556,6 +582,8 @@ pub mod shim {
         {
             return;
         }
+        // As in `release`: not while a revoke may write to the spare.
+        wait_revokes();
         // SAFETY: the spare is the shim's own mapping and was never moved
         // (the slot was ACTIVE); only its part under the hole goes.
         unsafe {
@@ -622,6 +650,9 @@ pub mod shim {
             return;
         }
         if unmap_spare {
+            // A revoke may be copying private pages into the spare: the
+            // address must not be handed out again meanwhile.
+            wait_revokes();
             let spare = slot.spare.load(Ordering::Relaxed);
             let len = slot.len.load(Ordering::Relaxed);
             // SAFETY: the spare is the shim's own mapping and was never moved
@@ -697,6 +728,63 @@ pub mod shim {
         }
         true
     }
+}
+
+/// Copy this process's private (anonymous) pages in `start..start+len`
+/// to the same offsets of `spare` (a `MAP_PRIVATE` mapping of the file),
+/// so that moving the spare over the range keeps them. Found with
+/// `PAGEMAP_SCAN` on our own pagemap, written through our own
+/// `/proc/self/mem` (which, as for a debugger, may write a read-only
+/// private mapping): raw syscalls only, nothing allocated. Best effort: a
+/// kernel without `PAGEMAP_SCAN` (before 6.7) carries nothing.
+fn carry_own(start: usize, len: usize, spare: usize) {
+    let pagemap = sys::open_raw(replicad_procfs::SELF_PAGEMAP_C, libc::O_RDONLY);
+    if pagemap < 0 {
+        return;
+    }
+    let mem = sys::open_raw(replicad_procfs::SELF_MEM_C, libc::O_RDWR);
+    if mem < 0 {
+        sys::close(pagemap);
+        return;
+    }
+    const BATCH: usize = 16;
+    let end = start.wrapping_add(len);
+    let mut from = start;
+    while from < end {
+        let mut vec = std::mem::MaybeUninit::<[replicad_procfs::PageRegion; BATCH]>::uninit();
+        let mut arg = replicad_procfs::PmScanArg::private_pages(
+            from as u64,
+            end as u64,
+            vec.as_mut_ptr() as u64,
+            BATCH as u64,
+        );
+        let n = sys::ioctl_raw(
+            pagemap,
+            replicad_procfs::PAGEMAP_SCAN,
+            &mut arg as *mut replicad_procfs::PmScanArg as usize,
+        );
+        if n <= 0 {
+            break;
+        }
+        let base = vec.as_ptr().cast::<replicad_procfs::PageRegion>();
+        let mut i = 0;
+        while i < n as usize && i < BATCH {
+            // SAFETY: the kernel filled the first n (<= BATCH) regions.
+            let (rs, re) = unsafe { ((*base.add(i)).start, (*base.add(i)).end) };
+            let (rs, re) = (rs as usize, re as usize);
+            if start <= rs && rs < re && re <= end {
+                let to = spare.wrapping_add(rs - start);
+                sys::pwrite_raw(mem, rs, re - rs, to);
+            }
+            i += 1;
+        }
+        if (n as usize) < BATCH || arg.walk_end as usize <= from {
+            break;
+        }
+        from = arg.walk_end as usize;
+    }
+    sys::close(mem);
+    sys::close(pagemap);
 }
 
 /// Whether `start..start+len` still maps the file `dev`
@@ -1301,16 +1389,37 @@ mod sys {
 
     /// `open("/proc/self/maps", O_RDONLY | O_CLOEXEC)`: an fd or < 0.
     pub(super) fn open_maps() -> isize {
-        const PATH: &[u8] = replicad_procfs::SELF_MAPS_C;
+        open_raw(replicad_procfs::SELF_MAPS_C, libc::O_RDONLY)
+    }
+
+    /// `open(path, flags | O_CLOEXEC)` of a NUL-terminated path: an fd or
+    /// < 0.
+    pub(super) fn open_raw(path: &[u8], flags: libc::c_int) -> isize {
         syscall6(
             libc::SYS_openat,
             libc::AT_FDCWD as isize as usize,
-            PATH.as_ptr() as usize,
-            (libc::O_RDONLY | libc::O_CLOEXEC) as usize,
+            path.as_ptr() as usize,
+            (flags | libc::O_CLOEXEC) as usize,
             0,
             0,
             0,
         )
+    }
+
+    /// `ioctl(fd, req, arg)`: its result, < 0 on error.
+    pub(super) fn ioctl_raw(fd: isize, req: u64, arg: usize) -> isize {
+        syscall6(libc::SYS_ioctl, fd as usize, req as usize, arg, 0, 0, 0)
+    }
+
+    /// `pwrite(fd, buf, len, offset)` with an address as the offset (for
+    /// `/proc/self/mem`), retried on EINTR.
+    pub(super) fn pwrite_raw(fd: isize, buf: usize, len: usize, offset: usize) -> isize {
+        loop {
+            let n = syscall6(libc::SYS_pwrite64, fd as usize, buf, len, offset, 0, 0);
+            if n != -(libc::EINTR as isize) {
+                return n;
+            }
+        }
     }
 
     /// `read(fd, buf, len)`, retried on EINTR, into memory that may be

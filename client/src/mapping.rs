@@ -296,7 +296,10 @@ fn attach(
     let socket = opts.socket.display();
     let answer = match crate::request_trusting(
         &opts.socket,
-        &Request::Map { node: opts.node },
+        &Request::Map {
+            node: opts.node,
+            table: 0,
+        },
         &[file],
         crate::RequestLimits::new(opts.timeout),
         trust,

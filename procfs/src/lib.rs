@@ -31,6 +31,7 @@ mod cpulist;
 pub mod maps;
 mod pagemap;
 mod parse;
+pub mod slots;
 #[cfg(test)]
 mod test;
 
@@ -41,7 +42,10 @@ use std::path::{Path, PathBuf};
 
 pub use cpulist::{format_cpulist, parse_cpulist, MAX_LIST_ID};
 pub use maps::{parse_smaps, MapsLine, OwnedMapsLine, SmapsEntry, SmapsError};
-pub use pagemap::{written_pages, PAGEMAP_CHUNK};
+pub use pagemap::{
+    private_runs, written_pages, PageRegion, PmScanArg, PAGEMAP_CHUNK, PAGEMAP_SCAN, PAGE_IS_FILE,
+    PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+};
 pub use parse::{
     parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,
     parse_stat, parse_status, unescape_octal, CgroupEntry, FdInfo, MountInfo, NumaMapsEntry,
@@ -54,6 +58,10 @@ pub const PROC_ROOT: &str = "/proc";
 /// NUL-terminated `"/proc/self/maps"` for an async-signal-safe raw
 /// `open(2)` (the shim's SIGBUS handler), which cannot build a path.
 pub const SELF_MAPS_C: &[u8] = b"/proc/self/maps\0";
+/// NUL-terminated `"/proc/self/pagemap"`, as [`SELF_MAPS_C`].
+pub const SELF_PAGEMAP_C: &[u8] = b"/proc/self/pagemap\0";
+/// NUL-terminated `"/proc/self/mem"`, as [`SELF_MAPS_C`].
+pub const SELF_MEM_C: &[u8] = b"/proc/self/mem\0";
 
 /// How a message names a process's file: `/proc/<pid>/<file>`, the name
 /// people know it by, whatever root the reader has.
@@ -367,6 +375,19 @@ impl ProcReader {
     pub fn pagemap(&self, pid: u32) -> Result<Option<std::fs::File>> {
         let path = self.file(pid, "pagemap");
         gone_or(&path, std::fs::File::open(&path))
+    }
+
+    /// `<pid>/mem`, open for reading and writing (ptrace access: root, or
+    /// the process's own user while it is not dumpable-protected).
+    pub fn mem(&self, pid: u32) -> Result<Option<std::fs::File>> {
+        let path = self.file(pid, "mem");
+        gone_or(
+            &path,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path),
+        )
     }
 
     /// `<pid>/numa_maps`, parsed by [`parse_numa_maps`].

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub adopted_replicas: IntCounter,
     /// Leases the kernel broke by force (`lease-break-time` passed first).
     pub forced_breaks: IntCounter,
+    /// Private pages of attached processes carried to their way back
+    /// before a revoke truncated the replica under them.
+    pub carried_pages: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
     families: Arc<[Family]>,
@@ -211,6 +214,11 @@ impl Metrics {
         )?;
         register(Box::new(adopted_replicas.clone()))?;
         register(Box::new(forced_breaks.clone()))?;
+        let carried_pages = IntCounter::new(
+            "replicad_private_pages_carried_total",
+            "Pages a program wrote privately in a replica-backed range (a debugger's breakpoint), copied to its way back before a revoke",
+        )?;
+        register(Box::new(carried_pages.clone()))?;
         register(Box::new(build_info.clone()))?;
         Ok(Metrics {
             build_info,
@@ -230,6 +238,7 @@ impl Metrics {
             leftovers_removed,
             adopted_replicas,
             forced_breaks,
+            carried_pages,
         })
     }
 

@@ -237,7 +237,11 @@ fn hello(args: &[String]) -> Value {
         b.extend_from_slice(br#"{"op":"hello","node":null,"pid":1}"#);
         b
     } else {
-        Request::Hello { node: None }.encode()
+        Request::Hello {
+            node: None,
+            table: 0,
+        }
+        .encode()
     };
     let conn = connect();
     let fds: Vec<BorrowedFd<'_>> = with_fd.iter().map(|f| f.as_fd()).collect();
@@ -354,7 +358,15 @@ fn inherit(file: &str, exe: &str, exe_args: &[String]) -> ! {
     let mut leaked_bytes = 0usize;
     let mut ranges_of_file = 0usize;
     while t0.elapsed() < Duration::from_secs(3) {
-        match exchange(conn.as_fd(), &Request::Hello { node: None }.encode(), &[]) {
+        match exchange(
+            conn.as_fd(),
+            &Request::Hello {
+                node: None,
+                table: 0,
+            }
+            .encode(),
+            &[],
+        ) {
             Ok((resp, fds)) => {
                 if let Response::Attached { ranges, .. } = &resp {
                     let hits: Vec<_> = ranges.iter().filter(|r| r.ino == target_ino).collect();

@@ -80,7 +80,14 @@ pub enum Request {
     /// Give me a read-only fd of the replica of the file whose fd rides
     /// along, on `node` (or on the node the caller's CPUs are bound to).
     /// Answered by `Mapped` (with the replica fd) or `Original`.
-    Map { node: Option<u32> },
+    Map {
+        node: Option<u32>,
+        /// Where the caller keeps its fallback table
+        /// (`replicad_procfs::slots`), 0 if it has none: the daemon reads it during
+        /// a revoke to carry the caller's private pages to the way back.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        table: u64,
+    },
     /// Replicate a file onto nodes (root only). Answered by `Replicated`.
     Replicate { path: PathBuf, nodes: NodeSelection },
     /// Drop every replica of a file (root only). Answered by `Evicted`.
@@ -97,11 +104,20 @@ pub enum Request {
     /// request names another process) and answers `Attached` with two fds
     /// per source (the replica's, then a fresh one of the source for the
     /// way back), or `Original` when the process is left alone.
-    Hello { node: Option<u32> },
+    Hello {
+        node: Option<u32>,
+        /// As in `Map`.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        table: u64,
+    },
     /// Replicate the files whose text `pid` maps (executable private file
     /// mappings: its program and libraries) onto `nodes` (root only).
     /// Answered by `ReplicatedPid`.
     ReplicatePid { pid: u32, nodes: NodeSelection },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One mapping of the caller that a replica may back, in an `Attached`
@@ -397,8 +413,14 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let reqs = [
-            Request::Map { node: Some(1) },
-            Request::Map { node: None },
+            Request::Map {
+                node: Some(1),
+                table: 0,
+            },
+            Request::Map {
+                node: None,
+                table: 0x7f00_1234_5000,
+            },
             Request::Replicate {
                 path: "/usr/lib/x".into(),
                 nodes: NodeSelection::List(vec![0, 1]),
@@ -416,8 +438,14 @@ mod tests {
                     ino: 2,
                 },
             },
-            Request::Hello { node: None },
-            Request::Hello { node: Some(3) },
+            Request::Hello {
+                node: None,
+                table: 0,
+            },
+            Request::Hello {
+                node: Some(3),
+                table: 0x5555_0000_1000,
+            },
             Request::ReplicatePid {
                 pid: 42,
                 nodes: NodeSelection::All,

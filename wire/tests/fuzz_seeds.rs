@@ -69,8 +69,27 @@ fn source() -> SourceStatus {
 
 fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let requests = [
-        ("request-map-node", Request::Map { node: Some(1) }),
-        ("request-map-any-node", Request::Map { node: None }),
+        (
+            "request-map-node",
+            Request::Map {
+                node: Some(1),
+                table: 0,
+            },
+        ),
+        (
+            "request-map-any-node",
+            Request::Map {
+                node: None,
+                table: 0,
+            },
+        ),
+        (
+            "request-map-table",
+            Request::Map {
+                node: None,
+                table: 0x7f12_3456_7000,
+            },
+        ),
         (
             "request-replicate-list",
             Request::Replicate {
@@ -102,7 +121,20 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 },
             },
         ),
-        ("request-hello", Request::Hello { node: None }),
+        (
+            "request-hello",
+            Request::Hello {
+                node: None,
+                table: 0,
+            },
+        ),
+        (
+            "request-hello-table",
+            Request::Hello {
+                node: Some(0),
+                table: 0x5612_0000_4000,
+            },
+        ),
         (
             "request-replicate-pid",
             Request::ReplicatePid {

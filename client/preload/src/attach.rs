@@ -155,7 +155,14 @@ fn hello_with(why: &str, maps: Option<String>) {
     let Some(st) = guard.as_mut() else {
         return;
     };
-    let answer = match ask(st, &Request::Hello { node: st.asked }, &[]) {
+    let answer = match ask(
+        st,
+        &Request::Hello {
+            node: st.asked,
+            table: shim::table_address(),
+        },
+        &[],
+    ) {
         Ok(a) => a,
         Err(e) => {
             debug!("{why}: {e}; the program runs on its own mappings");
@@ -666,7 +673,14 @@ pub(crate) fn on_mmap(
             return;
         }
     }
-    let answer = match ask(st, &Request::Map { node: Some(node) }, &[file]) {
+    let answer = match ask(
+        st,
+        &Request::Map {
+            node: Some(node),
+            table: shim::table_address(),
+        },
+        &[file],
+    ) {
         Ok(a) => a,
         Err(e) => {
             debug!("mmap of fd {fd}: {e}");

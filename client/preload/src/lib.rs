@@ -19,9 +19,10 @@
 //!              published set shows a replica of on our node: Map{node} + fd
 //!  munmap()  ─ the real one, then forget the ranges unmapped (and those a
 //!              new mmap replaced): their fallback entries and spares
-//!  mprotect(PROT_WRITE), mremap() ─ the file back first (as a revoke
-//!              would), then the real one: what the program changes lives
-//!              on the file's mapping
+//!  mprotect(PROT_WRITE), pkey_mprotect(PROT_WRITE), mremap() ─ the file
+//!              back first (as a revoke would, private pages carried),
+//!              then the real one: what the program changes lives on the
+//!              file's mapping
 //!  sigaction(SIGBUS) / signal(SIGBUS) ─ once our handler is installed, the
 //!              program's action becomes the one we chain to
 //!  SIGBUS in a range after a revoke ─ mremap(spare -> range): the file again
@@ -215,6 +216,34 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_
     // SAFETY: the mprotect syscall with the caller's arguments; libc's
     // syscall() sets errno and returns -1 on failure.
     unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot as libc::c_long) as c_int }
+}
+
+/// `pkey_mprotect(2)` for the program: as [`mprotect`], with a protection
+/// key.
+///
+/// # Safety
+/// As `pkey_mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn pkey_mprotect(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    pkey: c_int,
+) -> c_int {
+    if prot & libc::PROT_WRITE != 0 {
+        replicad_client::shim::fall_back(addr as usize, len);
+    }
+    // SAFETY: the pkey_mprotect syscall with the caller's arguments;
+    // libc's syscall() sets errno and returns -1 on failure.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pkey_mprotect,
+            addr,
+            len,
+            prot as libc::c_long,
+            pkey as libc::c_long,
+        ) as c_int
+    }
 }
 
 /// `mremap(2)` for the program: a range the shim moved onto a replica goes

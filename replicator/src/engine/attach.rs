@@ -36,6 +36,14 @@ impl Replicator {
         inner.metrics.attaches.with_label_values(&[label]).inc();
         result
     }
+
+    /// `pid`, which connected as `uid`, keeps its fallback table at
+    /// `table` (its Hello or Map said so): a revoke carries its private
+    /// pages to its spares (`carry.rs`) while it is still `uid`'s to
+    /// inspect.
+    pub fn note_table(&self, pid: u32, uid: u32, table: u64) {
+        self.inner.note_table(pid, uid, table);
+    }
 }
 
 impl Inner {

@@ -6,6 +6,7 @@
 //!  revoke.rs    a writer (or evict, unlink, shutdown) arrives: revoke every
 //!               replica, then release; refence: a new generation after it
 //!  attach.rs    a client's Map: one replica fd for a file it opened
+//!  carry.rs     before a truncate: private pages to each process's spare
 //!  hello.rs     the preload shim's Hello: the mappings replicas may back
 //!  pid.rs       replicate --pid: the text a running process maps
 //!  prune.rs     dead attachments, unlinked sources; the generation worker
@@ -45,6 +46,7 @@ use crate::{Error, Metrics, Result, Topology};
 
 mod adopt;
 mod attach;
+mod carry;
 mod hello;
 mod keeper;
 mod overlay;
@@ -198,6 +200,9 @@ struct Inner {
     held_gates: Mutex<Vec<revoke::HeldGate>>,
     /// `cfg.home_nodes`, replaced on reload.
     home_nodes: RwLock<Vec<HomeNode>>,
+    /// Where attached processes keep their fallback tables (see
+    /// `carry.rs`), pruned when they exit.
+    tables: Mutex<std::collections::BTreeMap<Attachment, (u64, u32)>>,
 }
 
 #[derive(Default)]
@@ -380,6 +385,7 @@ impl Replicator {
             home_nodes: RwLock::new(home_nodes),
             publisher: Mutex::new(wiring.publisher),
             held_gates: Mutex::new(Vec::new()),
+            tables: Mutex::new(std::collections::BTreeMap::new()),
         });
         let fence = if wiring.fence_thread {
             let weak = Arc::downgrade(&inner);

@@ -41,6 +41,10 @@ impl Inner {
         let left: Vec<Attachment> = relock(&self.left_alone).iter().map(|(a, _)| *a).collect();
         let gone: BTreeSet<Attachment> = left.into_iter().filter(|a| !self.still_runs(a)).collect();
         relock(&self.left_alone).retain(|(a, _)| !gone.contains(a));
+        let tables: Vec<Attachment> = relock(&self.tables).keys().copied().collect();
+        let exited: BTreeSet<Attachment> =
+            tables.into_iter().filter(|a| !self.still_runs(a)).collect();
+        relock(&self.tables).retain(|a, _| !exited.contains(a));
         let mut list = lock(&self.list);
         for src in list.iter_mut() {
             for r in &mut src.replicas {

@@ -19,12 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::carry::Truncating;
 use super::{lock, relock, Inner, Job, Reason, Replicator};
 use crate::fence::{FenceEvent, Lease};
 use crate::list::ReplicaList;
 use crate::model::{FenceKind, Publisher, ReplicaState, SourceKey};
 use crate::{Error, Result};
 use nix::sys::inotify::WatchDescriptor;
+use replicad_procfs::slots;
 
 impl Replicator {
     /// Drop every replica of `path` and its fence. Returns how many
@@ -85,6 +87,26 @@ impl Inner {
             .iter()
             .any(|r| r.file.is_some())
             .then(|| RevokeGate::close(&self.publisher));
+        // 3a. The truncate drops, with the replica's pages, every page a
+        // program wrote privately over them (a debugger's breakpoint): copy
+        // those to each program's way back first (`carry.rs`).
+        let truncating: Vec<Truncating> = src
+            .replicas
+            .iter()
+            .filter(|r| !r.attachments.is_empty())
+            .filter_map(|r| {
+                let st = self.ops.stat(r.file.as_ref()?.as_fd()).ok()?;
+                Some(Truncating {
+                    dev: slots::dev_word(st.dev),
+                    ino: st.ino,
+                    size: r.generation.size,
+                    attached: r.attachments.iter().copied().collect(),
+                })
+            })
+            .collect();
+        if !truncating.is_empty() {
+            self.carry_private(&truncating);
+        }
         let mut n = 0;
         for mut r in src.replicas.drain(..) {
             r.state = ReplicaState::Gone;

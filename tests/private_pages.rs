@@ -1,0 +1,142 @@
+//! Private pages across a revoke: what a program writes privately in a
+//! replica-backed range (a debugger's breakpoint through `/proc/self/mem`,
+//! a write after `pkey_mprotect`) is what it reads back after the revoke,
+//! exactly as without replicad (`replicator/src/engine/carry.rs`, and the
+//! shim's own carry when it puts the file back).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+const PAGES: usize = 8;
+const PAGE: usize = 4096;
+
+/// A file of `PAGES` pages, page `i` all `base + i`.
+fn paged(path: &Path, base: u8) {
+    let mut bytes = Vec::with_capacity(PAGES * PAGE);
+    for i in 0..PAGES {
+        bytes.extend(std::iter::repeat_n(base + i as u8, PAGE));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Write the second generation in place (one write-open: one lease break).
+fn rewrite(path: &Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for i in 0..PAGES {
+        f.write_at(&vec![b'a' + i as u8; PAGE], (i * PAGE) as u64)
+            .unwrap();
+    }
+}
+
+/// Run `replicad-private A B` as `cmd` says; rewrite both files once it is
+/// ready; its two JSON lines.
+fn run(mut cmd: Command, a: &Path, b: &Path) -> (Value, Value) {
+    let mut child = cmd
+        .arg(a)
+        .arg(b)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let mut stderr = || {
+        let mut s = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut s).ok();
+        }
+        s
+    };
+    if line.is_empty() {
+        panic!("replicad-private printed nothing: {}", stderr());
+    }
+    let ready = json(&line);
+    rewrite(a);
+    rewrite(b);
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "replicad-private: {status}");
+    (ready, json(&line))
+}
+
+fn files(dir: &Path) -> (PathBuf, PathBuf) {
+    let a = dir.join("mem-text");
+    let b = dir.join("pkey-text");
+    paged(&a, b'A');
+    paged(&b, b'A');
+    (a, b)
+}
+
+/// What a range must read after the rewrite, with or without replicad.
+fn check(after: &Value, what: &str) {
+    for range in ["mem", "pkey"] {
+        let r = &after[range];
+        assert_eq!(
+            r["breakpoint"], 0xcc,
+            "{what}: {range}: the breakpoint is gone: {after}"
+        );
+        // The private page keeps the bytes it was copied from...
+        assert_eq!(r["page1"], b'B', "{what}: {range}: {after}");
+        // ...and a page never written shows the file as it is now.
+        assert_eq!(r["page2"], b'c', "{what}: {range}: {after}");
+    }
+    assert_eq!(
+        after["pkey"]["written"], 0x90,
+        "{what}: the pkey write is gone: {after}"
+    );
+    assert_eq!(after["pkey"]["page3"], b'D', "{what}: {after}");
+}
+
+#[test]
+fn private_pages_survive_a_revoke_as_without_replicad() {
+    if !root_or_skip("private_pages_survive_a_revoke_as_without_replicad") {
+        return;
+    }
+    // Without replicad: what the kernel does.
+    let plain = scratch("private-plain");
+    let (a, b) = files(plain.path());
+    let (_, after) = run(Command::new(program("replicad-private")), &a, &b);
+    check(&after, "without replicad");
+
+    let d = Daemon::start("");
+    let dir = scratch("private");
+    let (a, b) = files(dir.path());
+    d.ctl_ok(&["replicate", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let mut cmd = Command::new(REPLICACTL);
+    cmd.arg("--socket")
+        .arg(&d.socket)
+        .args(["run", "--node", "0", "--shim"])
+        .arg(shim_path())
+        .arg("--")
+        .arg(program("replicad-private"))
+        .env("REPLICAD_DEBUG", "1")
+        .env_remove("LD_PRELOAD");
+    let (ready, after) = run(cmd, &a, &b);
+    assert_eq!(ready["mem_on_replica"], true, "{ready}\n{}", d.log());
+    assert_eq!(ready["pkey_on_replica"], true, "{ready}");
+    // Made writable: the shim put the file back first, its breakpoint
+    // carried along.
+    assert_eq!(ready["pkey_on_replica_after_mprotect"], false, "{ready}");
+    eprintln!("with replicad: {ready}\n{after}");
+    check(&after, "with replicad");
+    // The revoke took the other range off its replica, and carried its
+    // breakpoint page to the way back first.
+    assert_eq!(after["mem"]["on_replica"], false, "{after}");
+    assert!(
+        d.metric("replicad_private_pages_carried_total") >= 1.0,
+        "{}",
+        d.log()
+    );
+}

@@ -1,0 +1,147 @@
+//! Test program: private changes a program makes in replica-backed text
+//! survive a revoke, as they do without replicad.
+//!
+//! `replicad-private MEM_FILE PKEY_FILE`: map each file whole,
+//! `PROT_READ|PROT_EXEC`, `MAP_PRIVATE` (under the shim, on its replica),
+//! and touch every page. Then:
+//! - MEM_FILE: write `0xcc` at page 1, byte 7, through `/proc/self/mem`
+//!   (a debugger's breakpoint: the mapping stays read-only);
+//! - PKEY_FILE: the same breakpoint, then `pkey_mprotect` page 3 writable
+//!   (with a fresh protection key, or -1 where the CPU has none) and write
+//!   `0x90` at its byte 11.
+//!
+//! Prints `{"ready":..., "mem_on_replica":..., "pkey_on_replica":...}`,
+//! waits for a line on stdin (the test writes both files meanwhile), then
+//! prints what each range reads now: its page-1 breakpoint byte, the first
+//! byte of page 1 (a private page keeps the bytes it was copied from),
+//! page 2 (never written: the file's bytes now), and for PKEY_FILE page
+//! 3's bytes 0 and 11; and whether each range is still on a replica.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::BufRead;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use serde_json::json;
+
+const PAGE: usize = 4096;
+
+// glibc's (2.27+); the `libc` crate does not declare them. The shim
+// interposes `pkey_mprotect` as it does `mprotect`.
+extern "C" {
+    fn pkey_alloc(flags: libc::c_uint, access: libc::c_uint) -> libc::c_int;
+    fn pkey_mprotect(
+        addr: *mut libc::c_void,
+        len: libc::size_t,
+        prot: libc::c_int,
+        pkey: libc::c_int,
+    ) -> libc::c_int;
+}
+
+fn map(path: &str) -> (usize, usize) {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a private read-only mapping of a file we opened; the fd may
+    // be closed afterwards.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap {path}");
+    let p = p as usize;
+    for i in (0..len).step_by(PAGE) {
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::read_volatile((p + i) as *const u8) };
+    }
+    (p, len)
+}
+
+/// Whether the maps line holding `addr` names a file other than `path`
+/// (the replica).
+fn on_replica(addr: usize, path: &str) -> bool {
+    let maps = replicad_procfs::ProcReader::default()
+        .self_maps_text()
+        .unwrap();
+    maps.lines().any(|l| {
+        let range = l.split_whitespace().next().unwrap_or("");
+        let (s, e) = range.split_once('-').unwrap_or(("0", "0"));
+        let (s, e) = (
+            usize::from_str_radix(s, 16).unwrap_or(0),
+            usize::from_str_radix(e, 16).unwrap_or(0),
+        );
+        s <= addr && addr < e && !l.ends_with(path) && l.contains('/')
+    })
+}
+
+fn byte(addr: usize) -> u8 {
+    // SAFETY: inside one of our mappings (a SIGBUS here is the shim's to
+    // fix; without it, the test fails loudly).
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (mem_file, pkey_file) = (&args[1], &args[2]);
+    let (m, _) = map(mem_file);
+    let (k, _) = map(pkey_file);
+    let mem_on = on_replica(m, mem_file);
+    let pkey_on = on_replica(k, pkey_file);
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(replicad_procfs::ProcReader::default().self_path("mem"))
+        .unwrap();
+    mem.write_at(&[0xcc], (m + PAGE + 7) as u64).unwrap();
+    mem.write_at(&[0xcc], (k + PAGE + 7) as u64).unwrap();
+    // SAFETY: plain syscalls wrappers; the key is freed at exit.
+    let pkey = unsafe { pkey_alloc(0, 0) };
+    // SAFETY: page 3 of our own mapping.
+    let rc = unsafe {
+        pkey_mprotect(
+            (k + 3 * PAGE) as *mut libc::c_void,
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            pkey,
+        )
+    };
+    assert_eq!(rc, 0, "pkey_mprotect: {}", std::io::Error::last_os_error());
+    // SAFETY: the page was just made writable.
+    unsafe { std::ptr::write_volatile((k + 3 * PAGE + 11) as *mut u8, 0x90) };
+    println!(
+        "{}",
+        json!({
+            "ready": true,
+            "mem_on_replica": mem_on,
+            "pkey_on_replica": pkey_on,
+            "pkey_on_replica_after_mprotect": on_replica(k, pkey_file),
+            "pkey": pkey,
+        })
+    );
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).unwrap();
+    println!(
+        "{}",
+        json!({
+            "mem": {
+                "breakpoint": byte(m + PAGE + 7),
+                "page1": byte(m + PAGE),
+                "page2": byte(m + 2 * PAGE),
+                "on_replica": on_replica(m, mem_file),
+            },
+            "pkey": {
+                "breakpoint": byte(k + PAGE + 7),
+                "page1": byte(k + PAGE),
+                "page2": byte(k + 2 * PAGE),
+                "page3": byte(k + 3 * PAGE),
+                "written": byte(k + 3 * PAGE + 11),
+                "on_replica": on_replica(k, pkey_file),
+            },
+        })
+    );
+}
