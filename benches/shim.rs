@@ -15,6 +15,17 @@
 //!       plain   the file's page cache, no LD_PRELOAD
 //!       shim    the shim's mmap wrapper swaps the replica in
 //!     per file size (1, 8, 64, 256 MiB): medians, and µs per MiB
+//!
+//!  3. revoke: the writer's open of a replicated 8 MiB file while
+//!     REPLICAD_BENCH_HOLDERS (default 16) processes (this bench again)
+//!     map it, interleaved by round
+//!       client   through replicad_client::map (no fallback table: the
+//!                revoke has no private pages to look for)
+//!       shim     the shim's mmap wrapper swaps the replica in (the revoke
+//!                asks pagemap about each holder's range first)
+//!       shim+bp  as shim, one holder wrote a breakpoint through
+//!                /proc/self/mem (the revoke copies it to its way back)
+//!     median and p90 of REPLICAD_BENCH_REVOKE_RUNS (default 15) opens each
 //! ```
 //!
 //! `cargo bench --bench shim` (root: the daemon mounts its node stores and
@@ -24,8 +35,8 @@
 //! on replicad-preload). `REPLICAD_BENCH_RUNS` sets the start-up runs per
 //! variant (default 100), `REPLICAD_BENCH_MAP_RUNS` the attach runs per size
 //! (default 20), `REPLICAD_BENCH_SIZES` the file sizes in MiB (default
-//! `1,8,64,256`), `REPLICAD_BENCH_PART` `startup` or `attach` to run only
-//! one part.
+//! `1,8,64,256`), `REPLICAD_BENCH_PART` `startup`, `attach` or `revoke`
+//! to run only one part.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use replicad_procfs::ProcReader;
@@ -42,6 +53,8 @@ const PYTHON: &str = "/usr/bin/python3";
 const TRUE: &str = "/bin/true";
 /// The argument that makes this binary the part-2 mapping program.
 const MAP_CHILD: &str = "__replicad_shim_bench_map";
+/// The argument that makes this binary a part-3 holder.
+const HOLD_CHILD: &str = "__replicad_shim_bench_hold";
 const PAGE: usize = 4096;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for a writer of a file to be replicated to go away.
@@ -744,6 +757,10 @@ fn main() {
         map_child(Path::new(&args[2]));
         return;
     }
+    if args.get(1).map(String::as_str) == Some(HOLD_CHILD) {
+        hold_child(&args[2], Path::new(&args[3]), Path::new(&args[4]));
+        return;
+    }
     if args.iter().any(|a| a == "--list") {
         return;
     }
@@ -777,5 +794,169 @@ fn main() {
     }
     if part.is_empty() || part == "attach" {
         attach(&setup, &daemon, map_runs, &sizes);
+    }
+    if part.is_empty() || part == "revoke" {
+        let holders = env_num("REPLICAD_BENCH_HOLDERS", 16).max(1);
+        let runs = env_num("REPLICAD_BENCH_REVOKE_RUNS", 15).max(1);
+        revoke(&setup, &daemon, holders, runs);
+    }
+}
+
+/// A part-3 holder (this binary, re-run): map FILE read-only and private
+/// (`client`: through replicad_client::map), touch every page, with `bp`
+/// write one byte of page 1 through /proc/self/mem; print 1 if the range
+/// is on a replica (else 0), then hold it until stdin closes.
+fn hold_child(mode: &str, file: &Path, socket: &Path) {
+    let f = std::fs::File::open(file).unwrap();
+    let meta = f.metadata().unwrap();
+    let len = meta.len() as usize;
+    let mut kept = None;
+    let p = if mode == "client" {
+        let opts = replicad_client::MapOptions {
+            socket: socket.to_path_buf(),
+            ..Default::default()
+        };
+        let m = replicad_client::map_with(file, &opts).unwrap();
+        let p = m.as_ptr() as usize;
+        kept = Some(m);
+        p
+    } else {
+        // SAFETY: a fresh read-only private mapping of our own open file,
+        // through the PLT (the shim's wrapper sees it).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as usize
+    };
+    for off in (0..len).step_by(PAGE) {
+        // SAFETY: inside the mapping of the whole file.
+        unsafe { std::ptr::read_volatile((p + off) as *const u8) };
+    }
+    if mode == "bp" {
+        let mem = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ProcReader::default().self_path("mem"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_at(&mem, &[0xcc], (p + PAGE) as u64).unwrap();
+    }
+    let on = match &kept {
+        Some(m) => m.on_replica(),
+        None => {
+            let maps = ProcReader::default().self_maps_text().unwrap();
+            let prefix = format!("{p:x}-");
+            maps.lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.split_whitespace().nth(4))
+                .and_then(|i| i.parse::<u64>().ok())
+                .is_some_and(|ino| ino != meta.ino())
+        }
+    };
+    println!("{}", u8::from(on));
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(kept);
+}
+
+/// Part 3: see the top of the file.
+fn revoke(setup: &Setup, daemon: &Daemon, holders: usize, runs: usize) {
+    let dir = tempfile::Builder::new()
+        .prefix("replicad-bench-revoke-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let file = dir.path().join("held");
+    std::fs::write(&file, vec![7u8; 8 << 20]).unwrap();
+    daemon.replicate(&file);
+    let me = std::env::current_exe().unwrap();
+    let modes = ["client", "shim", "bp"];
+    let mut waits: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut off_replica = 0;
+    for _ in 0..runs {
+        for (i, mode) in modes.iter().enumerate() {
+            wait_valid(daemon, &file);
+            let mut kids: Vec<Child> = (0..holders)
+                .map(|k| {
+                    let m = if *mode == "bp" && k > 0 { "shim" } else { mode };
+                    let mut c = setup.command(
+                        me.to_str().unwrap(),
+                        &[
+                            HOLD_CHILD,
+                            m,
+                            file.to_str().unwrap(),
+                            daemon.socket.to_str().unwrap(),
+                        ],
+                        if *mode == "client" {
+                            Variant::Plain
+                        } else {
+                            Variant::Shim
+                        },
+                    );
+                    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+                    c.spawn().unwrap()
+                })
+                .collect();
+            for k in &mut kids {
+                let mut line = String::new();
+                BufReader::new(k.stdout.as_mut().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
+                if line.trim() != "1" {
+                    off_replica += 1;
+                }
+            }
+            let t = Instant::now();
+            let w = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+            waits[i].push(t.elapsed().as_secs_f64() * 1e6);
+            drop(w);
+            for mut k in kids {
+                drop(k.stdin.take());
+                let _ = k.wait();
+            }
+        }
+    }
+    println!(
+        "\nrevoke: writer's open, {holders} holders of an 8 MiB replica, {runs} rounds \
+         ({off_replica} holders found themselves off the replica)"
+    );
+    let base = median(&waits[0]);
+    for (i, mode) in modes.iter().enumerate() {
+        waits[i].sort_by(f64::total_cmp);
+        println!(
+            "  {mode:<8} median {:>7.0} µs  p90 {:>7.0} µs  ({:.2}x client)",
+            median(&waits[i]),
+            p90(&waits[i]),
+            median(&waits[i]) / base
+        );
+    }
+}
+
+/// Wait until `file`'s current generation has a valid replica again.
+fn wait_valid(daemon: &Daemon, file: &Path) {
+    let ino = std::fs::metadata(file).unwrap().ino();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Response::Status { report }) = daemon.ask(&Request::Status) {
+            if report.sources.iter().any(|s| {
+                s.ino == ino
+                    && s.replicas
+                        .iter()
+                        .any(|r| r.state == replicad_wire::proto::ReplicaState::Valid)
+            }) {
+                return;
+            }
+        }
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "no valid replica of {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 use replicad_procfs::ProcReader;
 use replicad_replicator::engine::{Attach, Hello, Viewer};
+use replicad_replicator::model::SourceKey;
 use replicad_replicator::{debug_limited, warn_limited, Replicator};
 use replicad_wire::proto::{ErrorKind, Request, Response, MAX_REQUEST};
 use replicad_wire::sock::{self, PeerCred};
@@ -401,13 +402,33 @@ fn inspectable_by(pid: u32, uid: u32) -> bool {
     uid == 0 || ProcReader::default().proc_owner_uid(pid).ok().flatten() == Some(uid)
 }
 
-/// Tell the engine where the peer keeps its fallback table (its Hello or
-/// Map said so), if the peer still runs and is still its uid's to inspect:
-/// a revoke reads the table and writes the peer's memory (`carry.rs`).
-fn note_table(engine: &Replicator, peer: &PeerCred, alive: &PeerAlive, table: u64) {
-    if table != 0 && alive.check() && inspectable_by(peer.pid, peer.uid) {
-        engine.note_table(peer.pid, peer.uid, table);
+/// Tell the engine where the peer keeps its fallback table and which of
+/// its ranges replicas back now (its Hello or Map said so), if the peer
+/// still runs and is still its uid's to inspect: a revoke looks at those
+/// ranges for private pages and may write the peer's memory (`carry.rs`).
+fn note_table(
+    engine: &Replicator,
+    peer: &PeerCred,
+    alive: &PeerAlive,
+    table: u64,
+    ranges: &[(SourceKey, u64, u64)],
+) {
+    let ranges: Vec<_> = ranges.iter().filter(|r| r.1 < r.2).copied().collect();
+    if table != 0 && !ranges.is_empty() && alive.check() && inspectable_by(peer.pid, peer.uid) {
+        engine.note_table(peer.pid, peer.uid, table, &ranges);
     }
+}
+
+/// The device and inode of a client's fd.
+fn source_key(fd: std::os::fd::BorrowedFd<'_>) -> Option<SourceKey> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::File::from(fd.try_clone_to_owned().ok()?)
+        .metadata()
+        .ok()?;
+    Some(SourceKey {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
 }
 
 /// Run one request on a blocking thread.
@@ -442,7 +463,12 @@ fn handle(
     }
     let from_engine = |e: replicad_replicator::Error| wire::error(&e);
     match req {
-        Request::Map { node, table } => {
+        Request::Map {
+            node,
+            table,
+            at,
+            len,
+        } => {
             if fds.len() != 1 {
                 return (
                     Response::error(
@@ -462,7 +488,10 @@ fn handle(
                     generation,
                     size,
                 }) => {
-                    note_table(engine, &peer, alive, table);
+                    if let Some(key) = source_key(fds[0].as_fd()) {
+                        let range = (key, at, at.saturating_add(len));
+                        note_table(engine, &peer, alive, table, &[range]);
+                    }
                     (
                         Response::Mapped {
                             node,
@@ -522,8 +551,9 @@ fn handle(
             alive.check() && inspectable_by(peer.pid, peer.uid)
         }) {
             Ok(h) => {
-                if matches!(&h, Hello::Attached(a) if !a.ranges.is_empty()) {
-                    note_table(engine, &peer, alive, table);
+                if let Hello::Attached(a) = &h {
+                    let ranges: Vec<_> = a.ranges.iter().map(|r| (r.key, r.start, r.end)).collect();
+                    note_table(engine, &peer, alive, table, &ranges);
                 }
                 wire::hello(peer.pid, h)
             }

@@ -563,6 +563,8 @@ fn hostile_control_messages() {
         &Request::Map {
             node: None,
             table: 0,
+            at: 0,
+            len: 0,
         }
         .encode(),
         &[],
@@ -574,6 +576,8 @@ fn hostile_control_messages() {
         &Request::Map {
             node: None,
             table: 0,
+            at: 0,
+            len: 0,
         }
         .encode(),
         &[f.as_fd(), f.as_fd()],
@@ -593,6 +597,8 @@ fn hostile_control_messages() {
         &Request::Map {
             node: None,
             table: 0,
+            at: 0,
+            len: 0,
         }
         .encode(),
         &[opath.as_fd()],
@@ -613,6 +619,8 @@ fn hostile_control_messages() {
         &Request::Map {
             node: None,
             table: 0,
+            at: 0,
+            len: 0,
         }
         .encode(),
         &[wo.as_fd()],
@@ -625,6 +633,8 @@ fn hostile_control_messages() {
         &Request::Map {
             node: Some(9),
             table: 0,
+            at: 0,
+            len: 0,
         }
         .encode(),
         &[f.as_fd()],
@@ -777,6 +787,8 @@ fn replica_fd_is_read_only() {
         &Request::Map {
             node: None,
             table: 0,
+            at: 0,
+            len: 0,
         },
         &[f.as_fd()],
         Duration::from_secs(5),

@@ -68,6 +68,8 @@ fn replica_fd(d: &Daemon, file: &Path) -> OwnedFd {
         &Request::Map {
             node: Some(0),
             table: 0,
+            at: 0,
+            len: 0,
         },
         &[f.as_fd()],
         Duration::from_secs(5),

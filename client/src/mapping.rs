@@ -299,6 +299,8 @@ fn attach(
         &Request::Map {
             node: opts.node,
             table: 0,
+            at: 0,
+            len: 0,
         },
         &[file],
         crate::RequestLimits::new(opts.timeout),

@@ -131,6 +131,26 @@ pub fn private_runs(
     start: u64,
     end: u64,
 ) -> std::io::Result<Vec<(u64, u64)>> {
+    scan_runs(pagemap, start, end, true)
+}
+
+/// Runs of pages in `start..end` that are in memory or swap, of any
+/// kind: the pages a read would not have to fault in. Kernels without
+/// `PAGEMAP_SCAN` get the whole range.
+pub fn present_runs(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    scan_runs(pagemap, start, end, false)
+}
+
+fn scan_runs(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    private: bool,
+) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     const BATCH: usize = 64;
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -138,13 +158,20 @@ pub fn private_runs(
     while from < end {
         let mut vec = [PageRegion::default(); BATCH];
         let mut arg = PmScanArg::private_pages(from, end, vec.as_mut_ptr() as u64, BATCH as u64);
+        if !private {
+            arg.category_inverted = 0;
+            arg.category_mask = 0;
+        }
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // regions into `vec`, both live on this stack frame.
         let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::ENOTTY) | Some(libc::EINVAL) => runs_by_entries(pagemap, start, end),
+                Some(libc::ENOTTY) | Some(libc::EINVAL) if private => {
+                    runs_by_entries(pagemap, start, end)
+                }
+                Some(libc::ENOTTY) | Some(libc::EINVAL) => Ok(vec![(start, end)]),
                 _ => Err(e),
             };
         }
@@ -264,6 +291,11 @@ mod tests {
             vec![]
         );
         assert_eq!(written_pages(&pagemap, p, p + len as u64).unwrap(), 3);
+        // Every page was touched: all of it is present.
+        assert_eq!(
+            present_runs(&pagemap, p, p + len as u64).unwrap(),
+            vec![(p, p + len as u64)]
+        );
         // SAFETY: our own mapping.
         unsafe { libc::munmap(p as *mut libc::c_void, len) };
     }

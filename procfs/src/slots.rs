@@ -82,30 +82,41 @@ impl SlotView {
     }
 }
 
-/// Decode a table read from a process (`bytes` may be short: the slots it
-/// holds whole).
-pub fn decode(bytes: &[u8]) -> Vec<SlotView> {
+/// The slots of a table read from a process (`bytes` may be short: the
+/// slots it holds whole) that still map the replica `dev`, `ino`
+/// ([`SlotView::active_on`]). Reads one word of every other slot: most
+/// are free.
+pub fn active_on(bytes: &[u8], dev: u64, ino: u64) -> impl Iterator<Item = SlotView> + '_ {
     bytes
         .chunks_exact(SLOT_WORDS * 8)
-        .map(|s| {
-            let w = |i: usize| {
-                let mut b = [0u8; 8];
-                if let Some(src) = s.get(i * 8..i * 8 + 8) {
-                    b.copy_from_slice(src);
-                }
-                u64::from_ne_bytes(b)
-            };
-            SlotView {
-                word: w(WORD),
-                start: w(START),
-                len: w(LEN),
-                spare: w(SPARE),
-                dev: w(DEV),
-                ino: w(INO),
-                offset: w(OFFSET),
-            }
-        })
-        .collect()
+        .filter(|s| word(s, WORD) & STATE_MASK == ACTIVE)
+        .map(view)
+        .filter(move |v| v.active_on(dev, ino))
+}
+
+/// Every whole slot of a table read from a process.
+pub fn decode(bytes: &[u8]) -> Vec<SlotView> {
+    bytes.chunks_exact(SLOT_WORDS * 8).map(view).collect()
+}
+
+fn word(slot: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    if let Some(src) = slot.get(i * 8..i * 8 + 8) {
+        b.copy_from_slice(src);
+    }
+    u64::from_ne_bytes(b)
+}
+
+fn view(s: &[u8]) -> SlotView {
+    SlotView {
+        word: word(s, WORD),
+        start: word(s, START),
+        len: word(s, LEN),
+        spare: word(s, SPARE),
+        dev: word(s, DEV),
+        ino: word(s, INO),
+        offset: word(s, OFFSET),
+    }
 }
 
 /// `st_dev` as the table stores it.
@@ -137,6 +148,8 @@ mod tests {
         assert!(slots[0].active_on(8 << 32 | 3, 42));
         assert!(!slots[0].active_on(8 << 32 | 3, 43));
         assert!(!slots[1].active_on(0, 0));
+        assert_eq!(active_on(&bytes, 8 << 32 | 3, 42).count(), 1);
+        assert_eq!(active_on(&bytes, 8 << 32 | 3, 41).count(), 0);
         let mut wrapped = slots[0];
         wrapped.start = u64::MAX;
         assert!(!wrapped.active_on(8 << 32 | 3, 42));

@@ -87,6 +87,13 @@ pub enum Request {
         /// a revoke to carry the caller's private pages to the way back.
         #[serde(default, skip_serializing_if = "is_zero")]
         table: u64,
+        /// Where the caller mapped the file and how much (0: not said):
+        /// the range the daemon looks at for private pages during a
+        /// revoke.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        at: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        len: u64,
     },
     /// Replicate a file onto nodes (root only). Answered by `Replicated`.
     Replicate { path: PathBuf, nodes: NodeSelection },
@@ -416,10 +423,14 @@ mod tests {
             Request::Map {
                 node: Some(1),
                 table: 0,
+                at: 0,
+                len: 0,
             },
             Request::Map {
                 node: None,
                 table: 0x7f00_1234_5000,
+                at: 0x7f00_2000_0000,
+                len: 1 << 20,
             },
             Request::Replicate {
                 path: "/usr/lib/x".into(),

@@ -74,6 +74,8 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
             Request::Map {
                 node: Some(1),
                 table: 0,
+                at: 0,
+                len: 0,
             },
         ),
         (
@@ -81,6 +83,8 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
             Request::Map {
                 node: None,
                 table: 0,
+                at: 0,
+                len: 0,
             },
         ),
         (
@@ -88,6 +92,8 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
             Request::Map {
                 node: None,
                 table: 0x7f12_3456_7000,
+                at: 0x7f12_0000_0000,
+                len: 1 << 21,
             },
         ),
         (

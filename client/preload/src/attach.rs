@@ -678,6 +678,8 @@ pub(crate) fn on_mmap(
         &Request::Map {
             node: Some(node),
             table: shim::table_address(),
+            at: start as u64,
+            len: len as u64,
         },
         &[file],
     ) {

@@ -38,11 +38,11 @@ impl Replicator {
     }
 
     /// `pid`, which connected as `uid`, keeps its fallback table at
-    /// `table` (its Hello or Map said so): a revoke carries its private
-    /// pages to its spares (`carry.rs`) while it is still `uid`'s to
-    /// inspect.
-    pub fn note_table(&self, pid: u32, uid: u32, table: u64) {
-        self.inner.note_table(pid, uid, table);
+    /// `table` and has `ranges` (source, start, end) on replicas (its
+    /// Hello or Map said so): a revoke carries its private pages there to
+    /// its spares (`carry.rs`) while it is still `uid`'s to inspect.
+    pub fn note_table(&self, pid: u32, uid: u32, table: u64, ranges: &[(SourceKey, u64, u64)]) {
+        self.inner.note_table(pid, uid, table, ranges);
     }
 }
 

@@ -22,25 +22,30 @@
 //! and each process gets at most [`MAX_SLOTS`] slots and [`MAX_BYTES`]
 //! copied per revoke (a breakpoint is one page). Reading and writing
 //! another process's memory can wait on whatever backs it (a FUSE file a
-//! hostile program mapped where it said its table is): the copies run on
-//! a thread of their own, and the revoke waits for them at most
+//! hostile program mapped where it said its table is), and even pagemap
+//! waits for the process's `mmap_lock`: the scans and copies run on a
+//! thread of their own, and the revoke waits for them at most
 //! [`DEADLINE`], then truncates anyway (the thread, told to stop, writes
-//! nothing more once it wakes); while [`MAX_STUCK`] such threads are
-//! still waiting, nothing is carried. A program writing
+//! nothing more once it wakes). A thread still busy at the next revoke is
+//! stuck: a new one takes its place, and the uid of the process it waits
+//! on is carried for no more; while [`MAX_STUCK`] such threads wait,
+//! nothing is carried. The scan costs about 15 ns per 4 KiB page mapped
+//! (a 2 MiB page is one entry), so the deadline also ends carrying for
+//! very large 4 KiB-mapped ranges. A program writing
 //! privately while its replica is being revoked may lose that one write
 //! (between the copy and the truncate); one whose daemon died (the keeper
 //! fences alone) keeps nothing.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use replicad_procfs::{slots, ProcReader};
 
 use super::Inner;
-use crate::model::Attachment;
+use crate::model::{Attachment, SourceKey};
 
 /// Slots of one process looked at per revoke.
 const MAX_SLOTS: usize = 64;
@@ -49,9 +54,11 @@ const MAX_BYTES: u64 = 16 << 20;
 /// One copy's buffer.
 const CHUNK: usize = 64 << 10;
 /// Longest a revoke waits for the copies.
-pub(super) const DEADLINE: Duration = Duration::from_millis(5);
+pub(super) const DEADLINE: Duration = Duration::from_millis(20);
 /// Copy threads past their deadline and still running, at most.
-const MAX_STUCK: usize = 4;
+const MAX_STUCK: usize = 16;
+/// Ranges remembered per process.
+const MAX_RANGES: usize = 1024;
 /// Copy threads running now.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
@@ -65,87 +72,167 @@ pub(super) struct Truncating {
     pub attached: Vec<Attachment>,
 }
 
-/// One process's share: where its table is, the uid it connected as, and
-/// its replicas.
-type Work = Vec<(Attachment, (u64, u32), Vec<Truncating>)>;
+/// What a process told us: where its table is, the uid it connected as,
+/// and the ranges (source, start, end) its Hello and Map requests put on
+/// replicas, oldest first (some may since be unmapped: they cost a scan
+/// that finds nothing of ours).
+#[derive(Debug, Clone)]
+pub(super) struct Carrying {
+    table: u64,
+    uid: u32,
+    ranges: Vec<(SourceKey, u64, u64)>,
+    /// Its pagemap, opened when it told us (for the first [`MAX_CACHED`]
+    /// processes; the others' is opened at the revoke): one open less on
+    /// the writer's path.
+    pagemap: Option<Arc<Cached>>,
+}
+
+/// A pagemap kept open, counted against [`MAX_CACHED`].
+#[derive(Debug)]
+pub(super) struct Cached(std::fs::File);
+
+impl Drop for Cached {
+    fn drop(&mut self) {
+        CACHED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Pagemaps kept open at most (out of the daemon's reserve of open files).
+const MAX_CACHED: usize = 64;
+static CACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// `pid`'s pagemap to keep, if fewer than [`MAX_CACHED`] are kept.
+fn cache_pagemap(proc: &ProcReader, pid: u32) -> Option<Arc<Cached>> {
+    if CACHED.fetch_add(1, Ordering::AcqRel) >= MAX_CACHED {
+        CACHED.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    match proc.pagemap(pid) {
+        Ok(Some(f)) => Some(Arc::new(Cached(f))),
+        _ => {
+            CACHED.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
+/// One process's share: where its table is and the uid it connected as,
+/// its pagemap if kept, its ranges of the source, and its replicas.
+type Work = Vec<(
+    Attachment,
+    (u64, u32),
+    Option<Arc<Cached>>,
+    Vec<(u64, u64)>,
+    Vec<Truncating>,
+)>;
 
 impl Inner {
     /// Remember where `pid` (which connected as `uid`) keeps its fallback
-    /// table (0: it has none).
-    pub(super) fn note_table(&self, pid: u32, uid: u32, table: u64) {
+    /// table, and `ranges` (source, start, end) it has on replicas now.
+    pub(super) fn note_table(
+        &self,
+        pid: u32,
+        uid: u32,
+        table: u64,
+        ranges: &[(SourceKey, u64, u64)],
+    ) {
         if table == 0 {
             return;
         }
         let a = self.attachment(pid);
-        if a.start_time != 0 {
-            super::relock(&self.tables).insert(a, (table, uid));
+        if a.start_time == 0 {
+            return;
+        }
+        // Opened anew each time: after an exec the old one shows the old
+        // image.
+        let pagemap = cache_pagemap(&self.proc, pid);
+        let mut tables = super::relock(&self.tables);
+        let c = tables.entry(a).or_insert_with(|| Carrying {
+            table,
+            uid,
+            ranges: Vec::new(),
+            pagemap: None,
+        });
+        c.table = table;
+        c.uid = uid;
+        if pagemap.is_some() {
+            c.pagemap = pagemap;
+        }
+        for r in ranges {
+            if !c.ranges.contains(r) {
+                if c.ranges.len() >= MAX_RANGES {
+                    c.ranges.remove(0);
+                }
+                c.ranges.push(*r);
+            }
+        }
+        drop(tables);
+        // The copier starts here, not on a revoke's path.
+        if super::relock(&self.carrier).is_none() {
+            let _ = self.carrier();
         }
     }
 
     /// Carry the private pages of every process attached to `replicas` to
     /// its spares, waiting at most [`DEADLINE`]. Returns the pages
     /// carried.
-    pub(super) fn carry_private(&self, replicas: &[Truncating]) -> u64 {
-        let mut per_process: BTreeMap<Attachment, ((u64, u32), Vec<Truncating>)> = BTreeMap::new();
+    pub(super) fn carry_private(&self, key: SourceKey, replicas: &[Truncating]) -> u64 {
+        let mut per_process: BTreeMap<Attachment, (Carrying, Vec<Truncating>)> = BTreeMap::new();
         {
             let tables = super::relock(&self.tables);
             for r in replicas {
                 for a in &r.attached {
-                    if let Some(&table) = tables.get(a) {
+                    if let Some(c) = tables.get(a) {
                         per_process
                             .entry(*a)
-                            .or_insert((table, Vec::new()))
+                            .or_insert_with(|| (c.clone(), Vec::new()))
                             .1
                             .push(r.clone());
                     }
                 }
             }
         }
-        if per_process.is_empty() {
-            return 0;
-        }
         let work: Work = per_process
             .into_iter()
-            .map(|(a, (table, on))| (a, table, on))
+            .map(|(a, (c, on))| {
+                let ranges = c
+                    .ranges
+                    .iter()
+                    .filter(|r| r.0 == key)
+                    .map(|r| (r.1, r.2))
+                    .collect::<Vec<_>>();
+                (a, (c.table, c.uid), c.pagemap.clone(), ranges, on)
+            })
+            .filter(|w| !w.3.is_empty())
             .collect();
-        if RUNNING.load(Ordering::Acquire) >= MAX_STUCK {
+        let banned = super::relock(&self.carry_banned).clone();
+        let work: Work = work
+            .into_iter()
+            .filter(|w| !banned.contains(&w.1 .1))
+            .collect();
+        if work.is_empty() {
+            return 0;
+        }
+        let pids = pids(&work);
+        let Some(worker) = self.carrier() else {
             crate::warn_limited!(
-                "{MAX_STUCK} copies of private pages are still waiting on process memory: \
-                 this revoke carries none (pids {})",
-                pids(&work)
+                "{MAX_STUCK} copiers of private pages are still waiting on process memory: \
+                 this revoke carries none (pids {pids})"
             );
             return 0;
-        }
-        let proc = self.proc.clone();
-        let counter = self.metrics.carried_pages.clone();
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::sync_channel(1);
-        let stopped = stop.clone();
-        let pids = pids(&work);
-        RUNNING.fetch_add(1, Ordering::AcqRel);
-        let spawned = std::thread::Builder::new()
-            .name("carry".into())
-            .spawn(move || {
-                let mut pages = 0;
-                for (a, table, on) in &work {
-                    match carry_one(&proc, *a, *table, on, &stopped) {
-                        Ok(n) => pages += n,
-                        Err(why) => crate::debug_limited!(
-                            "pid {}: private pages not carried before the revoke: {why}",
-                            a.pid
-                        ),
-                    }
-                }
-                counter.inc_by(pages);
-                RUNNING.fetch_sub(1, Ordering::AcqRel);
-                let _ = tx.send(pages);
-            });
-        if let Err(e) = spawned {
-            RUNNING.fetch_sub(1, Ordering::AcqRel);
-            crate::warn_limited!("cannot start a thread to carry private pages: {e}");
+        let (done, result) = mpsc::sync_channel(1);
+        worker.busy.store(true, Ordering::Release);
+        let job = CarryJob {
+            work,
+            stop: stop.clone(),
+            done,
+        };
+        if worker.jobs.send(job).is_err() {
             return 0;
         }
-        match rx.recv_timeout(DEADLINE) {
+        match result.recv_timeout(DEADLINE) {
             Ok(pages) => pages,
             Err(_) => {
                 stop.store(true, Ordering::Release);
@@ -157,23 +244,198 @@ impl Inner {
             }
         }
     }
+
+    /// The copier thread, started if there is none or the one there is
+    /// still busy with an earlier revoke: stuck past its deadline on some
+    /// process's memory, whose uid is carried for no more (a program can
+    /// make reading its memory wait forever; it must not take carrying
+    /// away from everyone else). `None` if [`MAX_STUCK`] are stuck already
+    /// or none can be started.
+    pub(super) fn carrier(&self) -> Option<Carrier> {
+        let mut current = super::relock(&self.carrier);
+        if let Some(c) = current.as_ref() {
+            if !c.busy.load(Ordering::Acquire) {
+                return Some(c.clone());
+            }
+            let uid = c.on.load(Ordering::Acquire);
+            if let Ok(uid) = u32::try_from(uid) {
+                crate::warn_limited!(
+                    "a copy of private pages is still waiting on the memory of a process of \
+                     uid {uid}: that uid's programs keep no private pages across revokes from \
+                     now on"
+                );
+                super::relock(&self.carry_banned).insert(uid);
+            }
+        }
+        // None yet, or stuck: a new one (the stuck one ends once it wakes,
+        // its queue gone).
+        *current = None;
+        if RUNNING.load(Ordering::Acquire) >= MAX_STUCK {
+            return None;
+        }
+        let (jobs, queue) = mpsc::channel::<CarryJob>();
+        let busy = Arc::new(AtomicBool::new(false));
+        let on = Arc::new(AtomicU64::new(u64::MAX));
+        let proc = self.proc.clone();
+        let counter = self.metrics.carried_pages.clone();
+        let (idle, working_on) = (busy.clone(), on.clone());
+        RUNNING.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name("carry".into())
+            .spawn(move || {
+                // As the fence thread it serves: a revoke waits for it.
+                if let Err(e) = crate::sys::realtime_thread() {
+                    tracing::debug!("private-page copier without SCHED_FIFO: {e}");
+                }
+                let mut buf = vec![0u8; slots::TABLE_BYTES];
+                while let Ok(job) = queue.recv() {
+                    let mut pages = 0;
+                    for (a, table, pagemap, ranges, on) in &job.work {
+                        working_on.store(u64::from(table.1), Ordering::Release);
+                        let told = Told {
+                            a: *a,
+                            table: *table,
+                            pagemap: pagemap.as_deref(),
+                            ranges,
+                        };
+                        match carry_one(&proc, &told, on, &job.stop, &mut buf) {
+                            Ok(n) => pages += n,
+                            Err(why) => crate::debug_limited!(
+                                "pid {}: private pages not carried before the revoke: {why}",
+                                a.pid
+                            ),
+                        }
+                    }
+                    working_on.store(u64::MAX, Ordering::Release);
+                    counter.inc_by(pages);
+                    idle.store(false, Ordering::Release);
+                    let _ = job.done.send(pages);
+                }
+                RUNNING.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            RUNNING.fetch_sub(1, Ordering::AcqRel);
+            crate::warn_limited!("cannot start a thread to carry private pages: {e}");
+            return None;
+        }
+        let c = Carrier { jobs, busy, on };
+        *current = Some(c.clone());
+        Some(c)
+    }
+}
+
+/// The copier thread's queue, and whether it is working on a job.
+#[derive(Debug, Clone)]
+pub(super) struct Carrier {
+    jobs: mpsc::Sender<CarryJob>,
+    busy: Arc<AtomicBool>,
+    /// The uid of the process it works on, `u64::MAX` between them.
+    on: Arc<AtomicU64>,
+}
+
+/// One revoke's copies.
+#[derive(Debug)]
+struct CarryJob {
+    work: Work,
+    stop: Arc<AtomicBool>,
+    done: mpsc::SyncSender<u64>,
 }
 
 fn pids(work: &Work) -> String {
-    let v: Vec<String> = work.iter().map(|(a, _, _)| a.pid.to_string()).collect();
+    let v: Vec<String> = work.iter().map(|w| w.0.pid.to_string()).collect();
     v.join(", ")
 }
 
-/// One process: read its table, find its ranges on `on`, copy each run
-/// of private pages to the same offsets of the range's spare.
+/// What one process told us, as a revoke's copier reads it.
+struct Told<'a> {
+    a: Attachment,
+    /// Its table's address, and the uid it connected as.
+    table: (u64, u32),
+    pagemap: Option<&'a Cached>,
+    ranges: &'a [(u64, u64)],
+}
+
+/// The slots of a table (`bytes`) that map one of `on`, each with the
+/// length it may cover (at most its replica's size), at most
+/// [`MAX_SLOTS`].
+fn matching(bytes: &[u8], on: &[Truncating]) -> Vec<(slots::SlotView, u64)> {
+    let page = replicad_procfs::page_size() as u64;
+    let mut found = Vec::new();
+    for r in on {
+        let cap = r.size.div_ceil(page) * page;
+        found.extend(slots::active_on(bytes, r.dev, r.ino).map(|s| (s, s.len.min(cap))));
+    }
+    found.truncate(MAX_SLOTS);
+    found
+}
+
+/// A slot and the runs of private pages in its range.
+type SlotRuns = (slots::SlotView, Vec<(u64, u64)>);
+
+/// Of `mine`, the slots with private pages, and their runs.
+fn private_slots(
+    mine: &[(slots::SlotView, u64)],
+    pagemap: &std::fs::File,
+) -> Result<Vec<SlotRuns>, String> {
+    let mut found = Vec::new();
+    for &(s, len) in mine {
+        let runs = replicad_procfs::private_runs(pagemap, s.start, s.start + len)
+            .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
+        if !runs.is_empty() {
+            found.push((s, runs));
+        }
+    }
+    Ok(found)
+}
+
+/// One process: find its ranges on `on` that hold private pages, copy
+/// each run to the same offsets of the range's spare. The common case
+/// (nothing written privately) asks pagemap about the ranges the process
+/// told us of, one ioctl each, and reads none of its memory.
 fn carry_one(
     proc: &ProcReader,
-    a: Attachment,
-    (table, uid): (u64, u32),
+    told: &Told<'_>,
     on: &[Truncating],
     stop: &AtomicBool,
+    buf: &mut [u8],
 ) -> Result<u64, String> {
+    let Told {
+        a,
+        table: (table, uid),
+        ranges,
+        ..
+    } = *told;
     let gone = || "the process is gone".to_string();
+    let opened;
+    let pagemap = match told.pagemap {
+        Some(Cached(f)) => f,
+        None => {
+            opened = proc
+                .pagemap(a.pid)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(gone)?;
+            &opened
+        }
+    };
+    let mut any = false;
+    for &(start, end) in ranges {
+        if stop.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let runs = replicad_procfs::private_runs(pagemap, start, end)
+            .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
+        if !runs.is_empty() {
+            any = true;
+            break;
+        }
+    }
+    if !any {
+        return Ok(0);
+    }
+    // Something to carry (rare): from here on, everything goes through
+    // fds opened on the process the pid names now, checked to be the one
+    // that told us and still its uid's (no set-user-ID exec since); the
+    // table and the scan are read again through them.
     let mem = proc
         .mem(a.pid)
         .map_err(|e| e.to_string())?
@@ -182,34 +444,39 @@ fn carry_one(
         .pagemap(a.pid)
         .map_err(|e| e.to_string())?
         .ok_or_else(gone)?;
-    // Both were opened on the process the pid names now: is it the one
-    // that told us, and still its uid's (no set-user-ID exec since)?
     if proc.start_time(a.pid).ok().flatten() != Some(a.start_time) {
         return Err(gone());
     }
     if uid != 0 && proc.proc_owner_uid(a.pid).ok().flatten() != Some(uid) {
         return Err(format!("it is no longer uid {uid}'s to inspect"));
     }
-    let mut buf = vec![0u8; slots::TABLE_BYTES];
-    let got = mem
-        .read_at(&mut buf, table)
-        .map_err(|e| format!("reading its fallback table at {table:#x}: {e}"))?;
+    let page = replicad_procfs::page_size() as u64;
+    // The table by pid (one process_vm_readv, where a read through mem
+    // goes page by page): were the pid recycled since the check, this
+    // reads another process, but every write below goes through `mem`,
+    // which is the checked process's (or of nothing).
+    // Only its pages in memory: the rest of the table was never written
+    // (all slots free), and reading it would fault each page in.
+    let size = buf.len() as u64;
+    buf.fill(0);
+    let present = replicad_procfs::present_runs(&pagemap, table & !(page - 1), table + size)
+        .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
+    for (from, to) in present {
+        let (from, to) = (from.max(table), to.min(table + size));
+        let Some(part) = buf.get_mut((from - table) as usize..(to - table) as usize) else {
+            continue;
+        };
+        crate::sys::read_remote(a.pid, from, part)
+            .or_else(|_| mem.read_at(part, from))
+            .map_err(|e| format!("reading its fallback table at {from:#x}: {e}"))?;
+    }
+    let got = buf.len();
     let page = replicad_procfs::page_size() as u64;
     let mut carried = 0u64;
     let mut budget = MAX_BYTES;
     let mut chunk = vec![0u8; CHUNK];
-    let mut looked = 0;
-    for s in slots::decode(buf.get(..got).unwrap_or(&[])) {
-        let Some(r) = on.iter().find(|r| s.active_on(r.dev, r.ino)) else {
-            continue;
-        };
-        looked += 1;
-        if looked > MAX_SLOTS {
-            break;
-        }
-        let len = s.len.min(r.size.div_ceil(page) * page);
-        let runs = replicad_procfs::private_runs(&pagemap, s.start, s.start + len)
-            .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
+    let mine = matching(buf.get(..got).unwrap_or(&[]), on);
+    for (s, runs) in private_slots(&mine, &pagemap)? {
         for (from, to) in runs {
             let mut at = from;
             while at < to && budget > 0 {

@@ -202,7 +202,11 @@ struct Inner {
     home_nodes: RwLock<Vec<HomeNode>>,
     /// Where attached processes keep their fallback tables (see
     /// `carry.rs`), pruned when they exit.
-    tables: Mutex<std::collections::BTreeMap<Attachment, (u64, u32)>>,
+    tables: Mutex<std::collections::BTreeMap<Attachment, carry::Carrying>>,
+    /// The thread that scans and copies for `carry.rs`.
+    carrier: Mutex<Option<carry::Carrier>>,
+    /// Uids whose process memory kept a copier waiting (`carry.rs`).
+    carry_banned: Mutex<BTreeSet<u32>>,
 }
 
 #[derive(Default)]
@@ -386,6 +390,8 @@ impl Replicator {
             publisher: Mutex::new(wiring.publisher),
             held_gates: Mutex::new(Vec::new()),
             tables: Mutex::new(std::collections::BTreeMap::new()),
+            carrier: Mutex::new(None),
+            carry_banned: Mutex::new(BTreeSet::new()),
         });
         let fence = if wiring.fence_thread {
             let weak = Arc::downgrade(&inner);

@@ -105,7 +105,7 @@ impl Inner {
             })
             .collect();
         if !truncating.is_empty() {
-            self.carry_private(&truncating);
+            self.carry_private(key, &truncating);
         }
         let mut n = 0;
         for mut r in src.replicas.drain(..) {
