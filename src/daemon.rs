@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use replicad_procfs::ProcReader;
 use replicad_replicator::engine::SourceLimit;
+use replicad_replicator::store::StoreKind;
 use replicad_replicator::{fence, info_limited, warn_limited, Metrics, Replicator, Topology};
 
 use crate::config::Config;
@@ -70,9 +71,22 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
         .with_context(|| format!("creating run directory {}", cfg.daemon.run_dir.display()))?;
     let publisher = crate::wire::publisher(&cfg.daemon.run_dir);
     let mut engine_cfg = cfg.engine();
-    engine_cfg.max_sources = Some(open_file_room(topology.nodes.len()));
+    let nodes = topology.nodes.len();
+    let limit = raise_open_files();
+    // Counted again by the engine for the store it opens (a tmpfs
+    // replica holds no fd; a memfd one does).
+    engine_cfg.max_sources = Some(SourceLimit::new(limit.soft, &vec![StoreKind::Memfd; nodes]));
     let engine = Replicator::start(engine_cfg, topology, metrics, publisher)
         .context("starting the replica engine")?;
+    if let Some(room) = engine.source_limit() {
+        tracing::info!(
+            "open-file limit {} (was {}, hard {}): room for {} replicated files on {nodes} node(s)",
+            limit.soft,
+            limit.was,
+            limit.hard,
+            room.sources
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -88,8 +102,9 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
 
 /// Raise the open-file limit as far as it goes (as root up to
 /// `fs.nr_open`), before the engine and its fence keeper start (the keeper
-/// inherits it), and say how many sources it leaves room for.
-fn open_file_room(nodes: usize) -> SourceLimit {
+/// inherits it); the daemon logs the room it leaves once the engine counted
+/// it for its store.
+fn raise_open_files() -> replicad_replicator::sys::NofileLimit {
     let nr_open = std::fs::read_to_string(ProcReader::default().root().join("sys/fs/nr_open"))
         .ok()
         .and_then(|s| s.trim().parse().ok());
@@ -104,15 +119,7 @@ fn open_file_room(nodes: usize) -> SourceLimit {
             }
         }
     };
-    let room = SourceLimit::new(limit.soft, nodes);
-    tracing::info!(
-        "open-file limit {} (was {}, hard {}): room for {} replicated files on {nodes} node(s)",
-        limit.soft,
-        limit.was,
-        limit.hard,
-        room.sources
-    );
-    room
+    limit
 }
 
 async fn serve(

@@ -207,6 +207,7 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         Error::Io { .. }
         | Error::Immutable { .. }
         | Error::Mount { .. }
+        | Error::StoreDirUnsafe { .. }
         | Error::Topology(_)
         | Error::Metrics(_)
         | Error::Proc { .. }

@@ -5,9 +5,12 @@
 //! For each size (`REPLICAD_BENCH_SIZES`, default `2m,16m`) and store (tmpfs
 //! with `huge=within_size`, the default, and memfd + mbind) it makes
 //! replicas the way the daemon does (`Store::create`, `fill`, `seal`: the
-//! last sets `FS_IMMUTABLE_FL`) and cuts them the way a revoke does, on the
-//! daemon's read-write fd, timing each step: `FS_IOC_GETFLAGS`,
-//! `FS_IOC_SETFLAGS` (the clear), `ftruncate(0)`, unlink. Every other
+//! last sets `FS_IMMUTABLE_FL`) and cuts them the way a revoke does,
+//! timing each step: `FS_IOC_GETFLAGS`, `FS_IOC_SETFLAGS` (the clear),
+//! `ftruncate(0)`, unlink. A memfd replica is cut on the daemon's fd; a
+//! tmpfs one holds no fd once sealed, so the revoke opens its path
+//! read-only (in the total, not in a step) and, for the truncate, for
+//! writing (in the truncate step), as `ReplicaPath::truncate` does. Every other
 //! replica has its flag cleared before the clock starts: there the clear
 //! finds nothing to do (one `FS_IOC_GETFLAGS`), as before issue 10 but for
 //! that one call. `REPLICAD_BENCH_RUNS` (default 100) replicas per size and
@@ -21,6 +24,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -115,18 +119,33 @@ fn run() -> io::Result<()> {
             let mut without = Steps::default();
             for i in 0..runs * 2 {
                 let id = ReplicaIdent::of_file(src.path(), &md, i as u64 + 1);
-                let r = store.create(0, &id).map_err(io::Error::other)?;
+                let mut r = store.create(0, &id).map_err(io::Error::other)?;
                 r.fill(src.as_file().as_fd(), size, &no, &id)
                     .map_err(io::Error::other)?;
                 r.seal().map_err(io::Error::other)?;
                 let immutable = i % 2 == 0;
                 if !immutable {
-                    sys::clear_immutable(r.as_fd())?;
+                    sys::clear_immutable(r.open_readonly().map_err(io::Error::other)?.as_fd())?;
                 }
                 let steps = if immutable { &mut with } else { &mut without };
                 let path = PathBuf::from(r.label());
-                let fd = r.as_fd();
                 let t0 = Instant::now();
+                let opened = match r.fd() {
+                    Some(_) => None,
+                    None => Some(
+                        std::fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                            .open(&path)?,
+                    ),
+                };
+                let fd = match (&opened, r.fd()) {
+                    (Some(f), _) => f.as_fd(),
+                    (None, Some(fd)) => fd,
+                    (None, None) => {
+                        return Err(io::Error::other("a replica with no fd and no path"))
+                    }
+                };
                 let t = Instant::now();
                 let flags = sys::inode_flags(fd)?;
                 steps.get.push(micros(t));
@@ -136,7 +155,15 @@ fn run() -> io::Result<()> {
                     steps.set.push(micros(t));
                 }
                 let t = Instant::now();
-                nix::unistd::ftruncate(fd, 0)?;
+                if opened.is_some() {
+                    let w = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                        .open(&path)?;
+                    nix::unistd::ftruncate(&w, 0)?;
+                } else {
+                    nix::unistd::ftruncate(fd, 0)?;
+                }
                 steps.truncate.push(micros(t));
                 if kind == StoreKind::Tmpfs {
                     let t = Instant::now();
@@ -182,7 +209,7 @@ fn attach_fd(store: &Store, kind: StoreKind, no: &AtomicBool) -> io::Result<()> 
     src.as_file().set_len(2 * MIB)?;
     let md = src.as_file().metadata()?;
     let id = ReplicaIdent::of_file(src.path(), &md, 1 << 40);
-    let r = store.create(0, &id).map_err(io::Error::other)?;
+    let mut r = store.create(0, &id).map_err(io::Error::other)?;
     r.fill(src.as_file().as_fd(), 2 * MIB, no, &id)
         .map_err(io::Error::other)?;
     r.seal().map_err(io::Error::other)?;

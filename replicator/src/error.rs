@@ -63,6 +63,13 @@ pub enum Error {
     )]
     Immutable { path: PathBuf, source: io::Error },
 
+    #[error(
+        "the replica store directory {dir} {why}: populated tmpfs replicas are held by their \
+         path there, so nobody but replicad's uid may write it (chown it to that uid, chmod \
+         go-w)"
+    )]
+    StoreDirUnsafe { dir: PathBuf, why: String },
+
     #[error("cannot mount the store for node {node} at {dir}: {source}")]
     Mount {
         node: u32,

@@ -15,6 +15,13 @@
 //! -> [`ReplicaFile::revoke`] (clear the flag, truncate: the kernel unmaps
 //! it from every process) -> [`ReplicaFile::remove`].
 //!
+//! Open files: a tmpfs replica holds its fd only while it is filled and
+//! sealed; from then on it is held by its path in the node store plus its
+//! (dev, ino) ([`ReplicaPath`]), and every operation opens it for that
+//! moment (`O_NOFOLLOW`, then checks it is still that inode). So is it in
+//! the fence keeper. A source then costs one open file, its lease, however
+//! many nodes it is on. A memfd has no path: it keeps its fd.
+//!
 //! The source is never mapped, only read, so a writer that truncates it
 //! cannot crash the daemon; the daemon never touches a replica's bytes from
 //! userspace either (only the kernel does, through syscalls), so a revoke
@@ -247,8 +254,21 @@ impl Store {
             store.leftovers += remove_leftovers(&dir, keep)?;
             dirs.push((node, dir));
         }
+        // Populated tmpfs replicas are held by their path there: nobody
+        // else may write the run directory or a node store.
+        if !cfg.force_memfd {
+            check_private(&cfg.run_dir)?;
+        }
         for (node, dir) in dirs {
             let ns = store.open_node(node, dir)?;
+            if ns.kind == StoreKind::Tmpfs {
+                if let Err(e) = check_private(&ns.dir) {
+                    if ns.mounted {
+                        let _ = nix::mount::umount2(&ns.dir, MntFlags::MNT_DETACH);
+                    }
+                    return Err(e);
+                }
+            }
             store.nodes.insert(node, ns);
         }
         Ok(store)
@@ -411,6 +431,13 @@ impl Store {
             .open(&path)
             .map_err(|e| self.create_error(node, ns, ident, &path, e))?;
         let fd = OwnedFd::from(file);
+        let st = match nix::sys::stat::fstat(&fd) {
+            Ok(st) => st,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(Error::io(&path, e.into()));
+            }
+        };
         if let Err(e) =
             set_xattrs(fd.as_fd(), ident).and_then(|()| set_node_xattr(fd.as_fd(), node))
         {
@@ -418,7 +445,9 @@ impl Store {
             return Err(self.create_error(node, ns, ident, &path, e));
         }
         Ok(ReplicaFile {
-            fd,
+            fd: Some(fd),
+            dev: st.st_dev,
+            ino: st.st_ino,
             node,
             dir: ns.dir.clone(),
             backing: Backing::Tmpfs(path),
@@ -440,8 +469,11 @@ impl Store {
         {
             tracing::debug!(replica = %label.display(), error = %e, "memfd replica without xattrs");
         }
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io(&label, e.into()))?;
         Ok(ReplicaFile {
-            fd,
+            fd: Some(fd),
+            dev: st.st_dev,
+            ino: st.st_ino,
             node,
             dir: ns.dir.clone(),
             backing: Backing::Memfd(name),
@@ -470,36 +502,16 @@ impl Store {
     }
 
     /// Take over a replica file a fence keeper held through a daemon's
-    /// death: its identity and node from its xattrs, where it lives from
+    /// death (a memfd, or a tmpfs replica an fd store of an earlier version
+    /// kept): its identity and node from its xattrs, where it lives from
     /// `/proc/self/fd`. `Err` says why it cannot be served (then the caller
     /// truncates it): no readable identity, a node this store does not
-    /// serve, unlinked (revoked), or cut short.
+    /// serve, unlinked (revoked), or cut short. An adopted tmpfs replica
+    /// keeps no fd (it is held by its path, as [`Store::adopt_path`]).
     pub fn adopt(
         &self,
         fd: OwnedFd,
     ) -> std::result::Result<(ReplicaFile, ReplicaIdent), (OwnedFd, String)> {
-        use std::os::unix::fs::MetadataExt;
-        let (ident, node) = match ReplicaIdent::from_xattrs(fd.as_fd()) {
-            Ok(x) => x,
-            Err(why) => return Err((fd, why)),
-        };
-        let Some(ns) = self.nodes.get(&node) else {
-            return Err((
-                fd,
-                format!("it is for node {node}, which this store does not serve"),
-            ));
-        };
-        let st = match nix::sys::stat::fstat(&fd) {
-            Ok(st) => st,
-            Err(e) => return Err((fd, format!("fstat: {e}"))),
-        };
-        if st.st_size as u64 != ident.size {
-            let why = format!(
-                "{} bytes where its generation has {}",
-                st.st_size, ident.size
-            );
-            return Err((fd, why));
-        }
         let link = match fs::read_link(ProcReader::default().self_fd_path(fd.as_raw_fd())) {
             Ok(l) => l.into_os_string().into_vec(),
             Err(e) => return Err((fd, format!("cannot name it: {e}"))),
@@ -508,25 +520,86 @@ impl Store {
             let name = name.strip_suffix(b" (deleted)").unwrap_or(name);
             Backing::Memfd(String::from_utf8_lossy(name).into_owned())
         } else {
-            let path = PathBuf::from(OsStr::from_bytes(&link));
-            let here = fs::symlink_metadata(&path)
+            Backing::Tmpfs(PathBuf::from(OsStr::from_bytes(&link)))
+        };
+        match self.check_adopted(fd.as_fd(), backing) {
+            Ok((mut file, ident)) => {
+                if file.is_memfd() {
+                    file.fd = Some(fd);
+                }
+                Ok((file, ident))
+            }
+            Err(why) => Err((fd, why)),
+        }
+    }
+
+    /// Take over the tmpfs replica at `replica.path` (handed by a fence
+    /// keeper, or found in the store for what systemd's fd store kept),
+    /// checked as [`Store::adopt`] does, through an open of that moment
+    /// that must be `replica`'s inode. `Err` says why it cannot be served
+    /// (then the caller truncates it, see [`ReplicaPath::truncate`]).
+    pub fn adopt_path(
+        &self,
+        replica: ReplicaPath,
+    ) -> std::result::Result<(ReplicaFile, ReplicaIdent), (ReplicaPath, String)> {
+        let file = match replica.open() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                let why = format!(
+                    "{} is no longer in the store (nothing, or another file, is there now)",
+                    replica.path.display()
+                );
+                return Err((replica, why));
+            }
+            Err(e) => {
+                let why = format!("cannot open {}: {e}", replica.path.display());
+                return Err((replica, why));
+            }
+        };
+        let backing = Backing::Tmpfs(replica.path.clone());
+        self.check_adopted(file.as_fd(), backing)
+            .map_err(|why| (replica, why))
+    }
+
+    /// What [`Store::adopt`] and [`Store::adopt_path`] check, on an open
+    /// `fd` of the replica; the file returned holds no fd.
+    fn check_adopted(
+        &self,
+        fd: BorrowedFd<'_>,
+        backing: Backing,
+    ) -> std::result::Result<(ReplicaFile, ReplicaIdent), String> {
+        use std::os::unix::fs::MetadataExt;
+        let (ident, node) = ReplicaIdent::from_xattrs(fd)?;
+        let Some(ns) = self.nodes.get(&node) else {
+            return Err(format!(
+                "it is for node {node}, which this store does not serve"
+            ));
+        };
+        let st = nix::sys::stat::fstat(fd).map_err(|e| format!("fstat: {e}"))?;
+        if st.st_size as u64 != ident.size {
+            return Err(format!(
+                "{} bytes where its generation has {}",
+                st.st_size, ident.size
+            ));
+        }
+        if let Backing::Tmpfs(path) = &backing {
+            let here = fs::symlink_metadata(path)
                 .is_ok_and(|m| (m.dev(), m.ino()) == (st.st_dev, st.st_ino));
             if !here || path.parent() != Some(ns.dir.as_path()) {
-                return Err((
-                    fd,
-                    format!("{} is no longer in the node {node} store", path.display()),
+                return Err(format!(
+                    "{} is no longer in the node {node} store",
+                    path.display()
                 ));
             }
-            Backing::Tmpfs(path)
-        };
+        }
         // Immutable already, unless an earlier version of replicad made
         // it: from now on it is.
-        if let Err(e) = make_immutable(fd.as_fd(), &backing) {
-            return Err((fd, format!("cannot make it immutable: {e}")));
-        }
+        make_immutable(fd, &backing).map_err(|e| format!("cannot make it immutable: {e}"))?;
         Ok((
             ReplicaFile {
-                fd,
+                fd: None,
+                dev: st.st_dev,
+                ino: st.st_ino,
                 node,
                 dir: ns.dir.clone(),
                 backing,
@@ -803,15 +876,230 @@ enum Backing {
     Memfd(String),
 }
 
+/// A populated tmpfs replica as the daemon and the fence keeper hold it: no
+/// open file, its path in the node store (a directory only replicad's uid
+/// may write, see [`Store::open`]) and the inode that path must name. The
+/// path is resolved again at every use, so each use opens it with
+/// `O_NOFOLLOW` and checks the inode before it touches anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaPath {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl ReplicaPath {
+    /// Open it read-only for this moment: `Ok(None)` when the path names
+    /// nothing now, or another file (the replica is gone: whoever unlinked
+    /// it truncated it first).
+    pub fn open(&self) -> io::Result<Option<fs::File>> {
+        self.open_with(false)
+    }
+
+    fn open_with(&self, write: bool) -> io::Result<Option<fs::File>> {
+        let opened = fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&self.path);
+        let file = match opened {
+            Ok(f) => f,
+            // ELOOP: a symlink in its place, not our file.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let st = nix::sys::stat::fstat(&file)?;
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        Ok(((st.st_dev, st.st_ino) == (self.dev, self.ino) && regular).then_some(file))
+    }
+
+    /// Cut it to nothing: the kernel unmaps it from every process. Opened
+    /// read-only first (an immutable file cannot be opened for writing),
+    /// checked to be this inode, its immutable flag cleared, then opened
+    /// for writing, checked again, and `ftruncate`d. `Ok(false)`: it was
+    /// gone already (see [`ReplicaPath::open`]), nothing to cut.
+    pub fn truncate(&self) -> io::Result<bool> {
+        let Some(file) = self.open()? else {
+            return Ok(false);
+        };
+        let cleared = sys::clear_immutable(file.as_fd());
+        let writable = match self.open_with(true) {
+            // Mode 0400: root opens it anyway; a daemon of another uid,
+            // its owner, makes it writable for itself first.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                nix::sys::stat::fchmod(
+                    &file,
+                    nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+                )?;
+                self.open_with(true)?
+            }
+            other => other?,
+        };
+        let Some(writable) = writable else {
+            return Ok(false);
+        };
+        nix::unistd::ftruncate(&writable, 0)?;
+        cleared.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("truncated, but its immutable flag cannot be cleared: {e}"),
+            )
+        })?;
+        Ok(true)
+    }
+
+    /// [`ReplicaPath::truncate`], naming the replica and what to do in
+    /// the error, and saying (rate-limited) when it was gone already.
+    pub fn revoke(&self) -> io::Result<()> {
+        match self.truncate() {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                crate::debug_limited!(
+                    "replica {} is gone from the store already (truncated by whoever unlinked it)",
+                    self.path.display()
+                );
+                Ok(())
+            }
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot truncate the replica {}: {e}; processes that map it keep its bytes \
+                     until it is removed (`chattr -i` it, then truncate or remove it)",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
+    /// Unlink it, if the path still names it (a truncated replica has no
+    /// immutable flag left).
+    pub fn unlink(&self) -> io::Result<()> {
+        let Some(file) = self.open()? else {
+            return Ok(());
+        };
+        let _ = sys::clear_immutable(file.as_fd());
+        drop(file);
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// Check that `dir` is a directory owned by this process's uid that no one
+/// else may write: replicas are found again by their path there.
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir).map_err(|e| Error::io(dir, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let why = if !md.is_dir() {
+        Some("is not a directory".to_string())
+    } else if md.uid() != me {
+        Some(format!("is owned by uid {}, not {me}", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        Some(format!(
+            "has mode {:o}, writable by others",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::StoreDirUnsafe {
+            dir: dir.to_path_buf(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Every regular file in the node stores `<run_dir>/node<N>` of `nodes`
+/// that names a source in its identity xattr: `(source (dev, ino), where it
+/// is)`. A daemon taking over what systemd's fd store kept finds its
+/// tmpfs replicas so (the store keeps only their sources' lease fds);
+/// [`Store::adopt_path`] then checks each one whole.
+pub fn replicas_in(run_dir: &Path, nodes: &[u32]) -> Vec<((u64, u64), ReplicaPath)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    for node in nodes {
+        let dir = run_dir.join(format!("node{node}"));
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(md) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !md.file_type().is_file() {
+                continue;
+            }
+            let at = ReplicaPath {
+                path,
+                dev: md.dev(),
+                ino: md.ino(),
+            };
+            let Ok(Some(file)) = at.open() else {
+                continue;
+            };
+            let source = sys::get_xattr(file.as_fd(), XATTR_SOURCE)
+                .ok()
+                .flatten()
+                .and_then(|v| {
+                    let text = String::from_utf8(v).ok()?;
+                    let (dev, ino) = text.split_once(':')?;
+                    Some((dev.parse().ok()?, ino.parse().ok()?))
+                });
+            if let Some(source) = source {
+                found.push((source, at));
+            }
+        }
+    }
+    found
+}
+
+/// An open fd of a replica for one operation: the one it holds, or one
+/// opened for the moment (a populated tmpfs replica holds none).
+#[derive(Debug)]
+enum Handle<'a> {
+    Held(BorrowedFd<'a>),
+    Opened(fs::File),
+}
+
+impl AsFd for Handle<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Handle::Held(fd) => *fd,
+            Handle::Opened(f) => f.as_fd(),
+        }
+    }
+}
+
 /// One replica file.
 #[derive(Debug)]
 pub struct ReplicaFile {
-    fd: OwnedFd,
+    /// A memfd's, always; a tmpfs replica's only until [`ReplicaFile::seal`].
+    fd: Option<OwnedFd>,
+    dev: u64,
+    ino: u64,
     node: u32,
     dir: PathBuf,
     backing: Backing,
     method: CopyMethod,
     threads: usize,
+}
+
+/// Why a replica cannot be written: it holds no fd any more.
+fn sealed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the replica is sealed (it holds no writable fd)",
+    )
 }
 
 impl ReplicaFile {
@@ -869,11 +1157,15 @@ impl ReplicaFile {
         if abort.load(Ordering::Acquire) {
             return Err(CopyError::Aborted);
         }
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| CopyError::Write(sealed_error()))?;
         // Full size first: tmpfs `huge=within_size` then uses huge pages for
         // the whole file, and the mapping below covers it.
         let size = libc::off_t::try_from(len)
             .map_err(|_| CopyError::Write(io::Error::from_raw_os_error(libc::EFBIG)))?;
-        if let Err(errno) = nix::unistd::ftruncate(&self.fd, size) {
+        if let Err(errno) = nix::unistd::ftruncate(fd, size) {
             let e = io::Error::from(errno);
             return Err(if is_no_space(&e) {
                 CopyError::NoSpace(e)
@@ -881,11 +1173,11 @@ impl ReplicaFile {
                 CopyError::Write(e)
             });
         }
-        let memfd = matches!(self.backing, Backing::Memfd(_));
+        let memfd = self.is_memfd();
         let mut map = None;
         if len > 0 && (memfd || method.needs_mapping()) {
             let m = Mapping::shared(
-                self.fd.as_fd(),
+                fd.as_fd(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 0,
@@ -909,7 +1201,7 @@ impl ReplicaFile {
         }
         copy::copy(&CopyJob {
             src,
-            dst: self.fd.as_fd(),
+            dst: fd.as_fd(),
             dst_map: map.as_ref(),
             len,
             method,
@@ -942,8 +1234,36 @@ impl ReplicaFile {
         }
     }
 
-    fn size(&self) -> io::Result<u64> {
-        Ok(nix::sys::stat::fstat(&self.fd)?.st_size as u64)
+    fn is_memfd(&self) -> bool {
+        matches!(self.backing, Backing::Memfd(_))
+    }
+
+    /// An fd of the replica for one operation: the one it holds, or (a
+    /// populated tmpfs replica) a read-only open of its path, checked to
+    /// be its inode.
+    fn handle(&self) -> io::Result<Handle<'_>> {
+        if let Some(fd) = &self.fd {
+            return Ok(Handle::Held(fd.as_fd()));
+        }
+        let at = self.replica_path().ok_or_else(sealed_error)?;
+        match at.open()? {
+            Some(f) => Ok(Handle::Opened(f)),
+            None => Err(io::Error::other(
+                "another file has taken the replica's place in the store, or it is gone",
+            )),
+        }
+    }
+
+    /// Its size now.
+    pub fn size(&self) -> Result<u64> {
+        let io_err = |e| Error::Io {
+            path: self.label_path(),
+            source: e,
+        };
+        let h = self.handle().map_err(io_err)?;
+        Ok(nix::sys::stat::fstat(&h)
+            .map_err(|e| io_err(e.into()))?
+            .st_size as u64)
     }
 
     /// Where the replica's pages are.
@@ -952,17 +1272,17 @@ impl ReplicaFile {
             path: self.label_path(),
             source: e,
         };
-        let len = self.size().map_err(io_err)?;
+        let h = self.handle().map_err(io_err)?;
+        let len = nix::sys::stat::fstat(&h)
+            .map_err(|e| io_err(e.into()))?
+            .st_size as u64;
         if len == 0 {
             return Ok(Placement::default());
         }
-        let map = Mapping::shared(
-            self.fd.as_fd(),
-            len as usize,
-            libc::PROT_READ,
-            libc::MAP_POPULATE,
-        )
-        .map_err(io_err)?;
+        let map = Mapping::shared(h.as_fd(), len as usize, libc::PROT_READ, libc::MAP_POPULATE)
+            .map_err(io_err)?;
+        // The mapping keeps the file; the open goes now.
+        drop(h);
         let page = page_size();
         let pages = len.div_ceil(page as u64);
         let node = self.node as i32;
@@ -986,25 +1306,30 @@ impl ReplicaFile {
 
     /// Make the replica read-only for good: mode 0400, memfd seals, then
     /// the immutable flag (last: the mode, like xattrs, cannot change on
-    /// an immutable file).
-    pub fn seal(&self) -> Result<()> {
+    /// an immutable file). A tmpfs replica then closes its fd: from here
+    /// on it is held by its path ([`ReplicaFile::replica_path`]).
+    pub fn seal(&mut self) -> Result<()> {
         let io_err = |e| Error::Io {
             path: self.label_path(),
             source: e,
         };
-        nix::sys::stat::fchmod(&self.fd, nix::sys::stat::Mode::S_IRUSR)
-            .map_err(|e| io_err(e.into()))?;
+        let fd = self.fd.as_ref().ok_or_else(|| io_err(sealed_error()))?;
+        nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::S_IRUSR).map_err(|e| io_err(e.into()))?;
         if let Backing::Memfd(_) = self.backing {
             // `fill` keeps no writable mapping, so F_SEAL_WRITE cannot be
             // refused with EBUSY. Shrinking stays allowed: `revoke` needs it.
             use nix::fcntl::{fcntl, FcntlArg, SealFlag};
             let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-            fcntl(&self.fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| io_err(e.into()))?;
+            fcntl(fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| io_err(e.into()))?;
         }
-        make_immutable(self.fd.as_fd(), &self.backing).map_err(|source| Error::Immutable {
+        make_immutable(fd.as_fd(), &self.backing).map_err(|source| Error::Immutable {
             path: self.label_path(),
             source,
-        })
+        })?;
+        if !self.is_memfd() {
+            self.fd = None;
+        }
+        Ok(())
     }
 
     /// A read-only fd for one client: a fresh open file description of
@@ -1017,22 +1342,28 @@ impl ReplicaFile {
             path: self.label_path(),
             source,
         };
-        let (path, flags) = match &self.backing {
-            Backing::Tmpfs(path) => (path.clone(), libc::O_CLOEXEC | libc::O_NOFOLLOW),
+        let path = match (&self.backing, &self.fd) {
+            (Backing::Tmpfs(_), _) => {
+                let at = self.replica_path().ok_or_else(|| err(sealed_error()))?;
+                return match at.open().map_err(err)? {
+                    Some(f) => Ok(OwnedFd::from(f)),
+                    None => Err(err(io::Error::other(
+                        "another file has taken the replica's place in the store (or it is \
+                         gone): not served; replicate it again",
+                    ))),
+                };
+            }
             // The magic link must be followed.
-            Backing::Memfd(_) => (
-                ProcReader::default().self_fd_path(self.fd.as_raw_fd()),
-                libc::O_CLOEXEC,
-            ),
+            (Backing::Memfd(_), Some(fd)) => ProcReader::default().self_fd_path(fd.as_raw_fd()),
+            (Backing::Memfd(_), None) => return Err(err(sealed_error())),
         };
         let file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(flags | libc::O_NOCTTY)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
             .open(path)
             .map_err(err)?;
-        let want = nix::sys::stat::fstat(&self.fd).map_err(|e| err(e.into()))?;
         let got = nix::sys::stat::fstat(&file).map_err(|e| err(e.into()))?;
-        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino) {
+        if (got.st_dev, got.st_ino) != (self.dev, self.ino) {
             return Err(err(io::Error::other(
                 "another file has taken the replica's place in the store",
             )));
@@ -1041,11 +1372,18 @@ impl ReplicaFile {
     }
 
     fn truncate(&self) -> io::Result<()> {
-        sys::truncate_to_zero(self.fd.as_fd())
+        match &self.fd {
+            Some(fd) => sys::truncate_to_zero(fd.as_fd()),
+            None => match self.replica_path() {
+                Some(at) => at.revoke(),
+                None => Err(sealed_error()),
+            },
+        }
     }
 
     /// Clear the immutable flag and truncate to 0: the kernel unmaps it
-    /// from every process.
+    /// from every process. A tmpfs replica whose path names nothing or
+    /// another file now is gone already (its remover truncated it).
     pub fn revoke(&self) -> std::io::Result<()> {
         self.truncate()
     }
@@ -1055,16 +1393,12 @@ impl ReplicaFile {
         if let Err(e) = self.revoke() {
             crate::warn_limited!("cannot truncate the replica {}: {e}", self.label());
         }
-        if let Backing::Tmpfs(path) = &self.backing {
-            match fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    crate::warn_limited!("cannot unlink the replica {}: {e}", path.display())
-                }
+        if let Some(at) = self.replica_path() {
+            if let Err(e) = at.unlink() {
+                crate::warn_limited!("cannot unlink the replica {}: {e}", at.path.display())
             }
         }
-        // The fd closes as `self` drops.
+        // A held fd closes as `self` drops.
     }
 
     /// The node it is on.
@@ -1087,10 +1421,30 @@ impl ReplicaFile {
         }
     }
 
-    /// The replica's own read-write fd, for the daemon's use (device upload,
-    /// checks); clients get [`ReplicaFile::open_readonly`] fds only.
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The replica's inode: `(dev, ino)`.
+    pub fn dev_ino(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// Where a tmpfs replica is (how the daemon and the fence keeper hold
+    /// it once populated); `None` for a memfd.
+    pub fn replica_path(&self) -> Option<ReplicaPath> {
+        match &self.backing {
+            Backing::Tmpfs(path) => Some(ReplicaPath {
+                path: path.clone(),
+                dev: self.dev,
+                ino: self.ino,
+            }),
+            Backing::Memfd(_) => None,
+        }
+    }
+
+    /// The fd the replica holds, for the daemon's use (device upload, the
+    /// fence keeper): a memfd's, or a tmpfs replica's until it is sealed
+    /// (`None` after: it is held by path). Clients get
+    /// [`ReplicaFile::open_readonly`] fds only.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -1290,7 +1644,7 @@ mod tests {
             return;
         }
         assert!(
-            sys::is_immutable(r.as_fd()).unwrap(),
+            sys::is_immutable(r.open_readonly().unwrap().as_fd()).unwrap(),
             "{ctx}: a sealed {kind:?} replica is not immutable"
         );
         let mut paths = vec![ProcReader::default().self_fd_path(ro.as_raw_fd())];
@@ -1334,7 +1688,7 @@ mod tests {
                 generation += 1;
                 let ctx = format!("{test} {method} {len}");
                 let id = ident(&src, generation);
-                let r = store.create(0, &id).unwrap();
+                let mut r = store.create(0, &id).unwrap();
                 assert_eq!(r.node(), 0);
                 let stats = r
                     .fill_with(src.as_file().as_fd(), len, &no, &id, method, 2)
@@ -1346,7 +1700,9 @@ mod tests {
                 assert_eq!(p.pages, len.div_ceil(4096), "{ctx}");
                 assert_eq!(p.misplaced, 0, "{ctx}");
                 // Identity in xattrs.
-                let fd = r.as_fd();
+                // The memfd's own fd; a tmpfs replica holds none: an open.
+                let opened = r.open_readonly().unwrap();
+                let fd = r.fd().unwrap_or(opened.as_fd());
                 let got = |name| sys::get_xattr(fd, name).unwrap();
                 match got(XATTR_SOURCE) {
                     Some(v) => {
@@ -1542,14 +1898,18 @@ mod tests {
                 "was opened for writing",
                 &format!("{test} {method} before"),
             );
-            assert_eq!(blocks(r.as_fd()), 0, "{method}: pages kept after abort");
+            assert_eq!(
+                blocks(r.fd().unwrap()),
+                0,
+                "{method}: pages kept after abort"
+            );
             r.remove();
             // Set while copying: once the replica has its first pages.
             let r = store.create(0, &id).unwrap();
             let abort = AtomicBool::new(false);
             let done = AtomicBool::new(false);
             let res = std::thread::scope(|s| {
-                let (abort, done, fd) = (&abort, &done, r.as_fd());
+                let (abort, done, fd) = (&abort, &done, r.fd().unwrap());
                 s.spawn(move || when_filling(fd, done, || abort.store(true, Ordering::Release)));
                 let res = r.fill_with(src.as_file().as_fd(), len, abort, &id, method, 2);
                 done.store(true, Ordering::Release);
@@ -1598,7 +1958,7 @@ mod tests {
             let r = store.create(0, &id).unwrap();
             let done = AtomicBool::new(false);
             let res = std::thread::scope(|s| {
-                let (done, fd, writer) = (&done, r.as_fd(), &writer);
+                let (done, fd, writer) = (&done, r.fd().unwrap(), &writer);
                 s.spawn(move || when_filling(fd, done, || writer.set_len(MIB).unwrap()));
                 let res = r.fill_with(src.as_file().as_fd(), len, &no, &id, method, 2);
                 done.store(true, Ordering::Release);
@@ -1619,6 +1979,137 @@ mod tests {
         shrink_suite("store_memfd_truncated_source_is_shrank", StoreKind::Memfd);
     }
 
+    /// How many of this process's fds name a file in `dir` (through
+    /// `/proc/self/fd`, read with the procfs crate's reader).
+    fn fds_into(dir: &Path) -> usize {
+        let proc = ProcReader::default();
+        let me = std::process::id();
+        proc.fds(me)
+            .unwrap()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|fd| fs::read_link(proc.fd_path(me, fd)).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    /// A populated (sealed) tmpfs replica holds no open file: it is held
+    /// by its path and opened only for what each operation needs, which
+    /// closes again.
+    #[test]
+    fn store_tmpfs_populated_replica_holds_no_fd() {
+        let test = "store_tmpfs_populated_replica_holds_no_fd";
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
+            return;
+        };
+        let dir = fs::canonicalize(store.dir(0).unwrap()).unwrap();
+        let bytes = pattern(3 * 4096, 21);
+        let src = source(&bytes);
+        let mut replicas = Vec::new();
+        for generation in 1..=8 {
+            let id = ident(&src, generation);
+            let r = store.create(0, &id).unwrap();
+            r.fill(
+                src.as_file().as_fd(),
+                3 * 4096,
+                &AtomicBool::new(false),
+                &id,
+            )
+            .unwrap();
+            replicas.push(r);
+        }
+        // Filling, each holds its read-write fd.
+        assert_eq!(fds_into(&dir), 8, "{test}: while filling");
+        for r in &mut replicas {
+            r.seal().unwrap();
+            assert!(
+                r.fd().is_none(),
+                "{test}: a sealed tmpfs replica keeps its fd"
+            );
+        }
+        assert_eq!(fds_into(&dir), 0, "{test}: populated replicas hold fds");
+        // Every operation opens it for its moment only.
+        let r = &replicas[0];
+        assert_eq!(r.placement().unwrap().pages, 3, "{test}");
+        assert_eq!(r.size().unwrap(), 3 * 4096, "{test}");
+        let ro = r.open_readonly().unwrap();
+        assert_eq!(fds_into(&dir), 1, "{test}: the client's fd");
+        assert!(read_all(ro) == bytes, "{test}");
+        assert_eq!(fds_into(&dir), 0, "{test}: after the client's fd closed");
+        let at = r.replica_path().unwrap();
+        assert_eq!(r.dev_ino(), (at.dev, at.ino));
+        // A revoke truncates it by path (immutable flag cleared first).
+        let mapped = r.open_readonly().unwrap();
+        r.revoke().unwrap();
+        assert_eq!(nix::sys::stat::fstat(&mapped).unwrap().st_size, 0, "{test}");
+        drop(mapped);
+        assert_eq!(fds_into(&dir), 0, "{test}: after revoke");
+        for r in replicas {
+            r.remove();
+        }
+        assert_eq!(dir_entries(&dir), 0, "{test}: removed replicas stay");
+    }
+
+    /// A path re-resolved at each use is checked: nothing, another file or
+    /// a symlink in the replica's place is not the replica (gone: nothing
+    /// truncated, nothing served).
+    #[test]
+    fn store_tmpfs_replica_path_checks_the_inode() {
+        let test = "store_tmpfs_replica_path_checks_the_inode";
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
+            return;
+        };
+        let src = source(&pattern(5000, 3));
+        let id = ident(&src, 1);
+        let mut r = store.create(0, &id).unwrap();
+        r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
+            .unwrap();
+        r.seal().unwrap();
+        let at = r.replica_path().unwrap();
+        // Replaced by another file, then by a symlink to a file of ours.
+        let ro = r.open_readonly().unwrap();
+        sys::clear_immutable(ro.as_fd()).unwrap();
+        let other = at.path.with_file_name("other");
+        fs::write(&other, b"not the replica").unwrap();
+        fs::rename(&other, &at.path).unwrap();
+        assert!(at.open().unwrap().is_none(), "{test}: another file");
+        assert!(!at.truncate().unwrap(), "{test}: another file is truncated");
+        assert_eq!(fs::read(&at.path).unwrap(), b"not the replica");
+        assert!(r.open_readonly().is_err(), "{test}: another file is served");
+        fs::remove_file(&at.path).unwrap();
+        std::os::unix::fs::symlink(src.path(), &at.path).unwrap();
+        assert!(at.open().unwrap().is_none(), "{test}: a symlink");
+        assert!(!at.truncate().unwrap(), "{test}: a symlink is followed");
+        assert_eq!(src.as_file().metadata().unwrap().len(), 5000);
+        fs::remove_file(&at.path).unwrap();
+        // Nothing there: gone already, and a revoke says so without error.
+        assert!(at.open().unwrap().is_none());
+        r.revoke().unwrap();
+        drop(ro);
+        r.remove();
+    }
+
+    /// The store directory is where replicas are found by path: one that
+    /// others may write is refused.
+    #[test]
+    fn store_tmpfs_dir_writable_by_others_is_refused() {
+        let test = "store_tmpfs_dir_writable_by_others_is_refused";
+        if !is_root() {
+            return skip(test, "mounting tmpfs needs root");
+        }
+        let rd = RunDir::new();
+        fs::set_permissions(rd.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        match Store::open(&rd.cfg(StoreKind::Tmpfs, None), &[0], &Default::default()) {
+            Err(Error::StoreDirUnsafe { dir, why }) => {
+                assert_eq!(dir, rd.dir.path(), "{test}");
+                assert!(why.contains("writable by others"), "{why}");
+            }
+            other => panic!("{test}: expected StoreDirUnsafe, got {other:?}"),
+        }
+    }
+
     #[test]
     fn store_tmpfs_leftovers_are_removed_by_next_open() {
         let test = "store_tmpfs_leftovers_are_removed_by_next_open";
@@ -1630,7 +2121,7 @@ mod tests {
         let mut held = Vec::new();
         for generation in [1, 2] {
             let id = ident(&src, generation);
-            let r = first.create(0, &id).unwrap();
+            let mut r = first.create(0, &id).unwrap();
             r.fill(src.as_file().as_fd(), 10_000, &AtomicBool::new(false), &id)
                 .unwrap();
             if generation == 2 {
@@ -1709,7 +2200,7 @@ mod tests {
         let bytes = pattern(MIB, 11);
         let src = source(&bytes);
         let id = ident(&src, 1);
-        let r = store.create(0, &id).unwrap();
+        let mut r = store.create(0, &id).unwrap();
         r.fill(src.as_file().as_fd(), MIB, &AtomicBool::new(false), &id)
             .unwrap();
         r.seal().unwrap();
@@ -1768,7 +2259,7 @@ mod tests {
         let bytes = pattern(3 * 4096, 5);
         let src = source(&bytes);
         let id = ident(&src, 1);
-        let r = store.create(0, &id).unwrap();
+        let mut r = store.create(0, &id).unwrap();
         r.fill(
             src.as_file().as_fd(),
             bytes.len() as u64,
@@ -1813,7 +2304,7 @@ mod tests {
         if kind == StoreKind::Tmpfs {
             // Another file in the replica's place is not handed out.
             let path = PathBuf::from(r.label());
-            sys::clear_immutable(r.as_fd()).unwrap();
+            sys::clear_immutable(r.open_readonly().unwrap().as_fd()).unwrap();
             fs::remove_file(&path).unwrap();
             fs::write(&path, b"other").unwrap();
             match r.open_readonly() {
@@ -1862,21 +2353,27 @@ mod tests {
         let src = source(&bytes);
         for mutable in [false, true] {
             let id = ident(&src, 1 + u64::from(mutable));
-            let r = store.create(0, &id).unwrap();
+            let mut r = store.create(0, &id).unwrap();
             r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
                 .unwrap();
             r.seal().unwrap();
             if mutable {
-                sys::clear_immutable(r.as_fd()).unwrap();
+                sys::clear_immutable(r.open_readonly().unwrap().as_fd()).unwrap();
             }
-            // What the keeper hands over: a duplicate of the read-write fd.
-            let (adopted, got) = store
-                .adopt(r.as_fd().try_clone_to_owned().unwrap())
-                .unwrap_or_else(|(_, why)| panic!("{test}: not adopted: {why}"));
+            // What the keeper hands over: a duplicate of a memfd's fd, a
+            // tmpfs replica's path and inode.
+            let (adopted, got) = match r.replica_path() {
+                Some(at) => store
+                    .adopt_path(at)
+                    .unwrap_or_else(|(_, why)| panic!("{test}: not adopted: {why}")),
+                None => store
+                    .adopt(r.fd().unwrap().try_clone_to_owned().unwrap())
+                    .unwrap_or_else(|(_, why)| panic!("{test}: not adopted: {why}")),
+            };
             assert_eq!(got, id, "{test}");
             assert_eq!(adopted.label(), r.label(), "{test}");
             assert!(
-                sys::is_immutable(adopted.as_fd()).unwrap(),
+                sys::is_immutable(adopted.open_readonly().unwrap().as_fd()).unwrap(),
                 "{test}: an adopted replica (mutable before: {mutable}) is not immutable"
             );
             assert!(

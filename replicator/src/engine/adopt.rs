@@ -2,9 +2,11 @@
 //! over what that daemon's fence keeper kept fencing, copying nothing.
 //!
 //! ```text
-//!  keeper ── Handed {source, lease fds, replica fds} ──▶ adopt_one
-//!    1. each replica: identity, generation and node from its xattrs,
-//!       still in the store and whole (else truncated)
+//!  keeper ── Handed {source, lease fds, memfd replica fds,
+//!                    tmpfs replica paths} ──▶ adopt_one
+//!    1. each replica: identity, generation and node from its xattrs
+//!       (a tmpfs one opened by its path, which must still name its
+//!       inode), still in the store and whole (else truncated)
 //!    2. the list locked: watch, take every lease over (F_SETLEASE again:
 //!       breaks now reach this daemon; EAGAIN: a writer waits)
 //!    3. the source's fstat still matches the replicas' generation
@@ -92,6 +94,7 @@ impl Inner {
             key,
             leases,
             replicas,
+            paths,
             ..
         } = h;
         let release = |leases: &[Arc<OwnedFd>]| {
@@ -105,8 +108,23 @@ impl Inner {
         };
         // 1. The replicas, each checked on its own.
         let mut files: Vec<(ReplicaFile, ReplicaIdent)> = Vec::new();
+        let mut adopted = Vec::with_capacity(replicas.len() + paths.len());
         for fd in replicas {
-            match self.store.adopt(fd) {
+            adopted.push(self.store.adopt(fd).map_err(|(fd, why)| {
+                crate::warn_limited!("a replica of {}:{}: {why}: revoked", key.dev, key.ino);
+                let _ = sys::truncate_to_zero(fd.as_fd());
+            }));
+        }
+        for at in paths {
+            adopted.push(self.store.adopt_path(at).map_err(|(at, why)| {
+                crate::warn_limited!("a replica of {}:{}: {why}: revoked", key.dev, key.ino);
+                if let Err(e) = at.revoke() {
+                    crate::warn_limited!("{e}");
+                }
+            }));
+        }
+        for result in adopted {
+            match result {
                 Ok((file, ident)) if (ident.dev, ident.ino) == (key.dev, key.ino) => {
                     files.push((file, ident));
                 }
@@ -121,10 +139,7 @@ impl Inner {
                     );
                     self.ops.truncate(file);
                 }
-                Err((fd, why)) => {
-                    crate::warn_limited!("a replica of {}:{}: {why}: revoked", key.dev, key.ino);
-                    let _ = sys::truncate_to_zero(fd.as_fd());
-                }
+                Err(()) => {}
             }
         }
         // Replicas first, then every lease (ours through `Lease`, the rest
@@ -198,7 +213,7 @@ impl Inner {
                 == (key.dev, key.ino, first.size, first.mtime_ns, first.ctime_ns)
         }) && files.iter().all(|(f, _)| {
             // Still whole: a keeper that gave up meanwhile cut it.
-            nix::sys::stat::fstat(f.as_fd()).is_ok_and(|st| st.st_size as u64 == first.size)
+            f.size().is_ok_and(|size| size == first.size)
         });
         if !same || taken.iter().any(Lease::break_pending) {
             drop(list);
@@ -288,10 +303,9 @@ impl Inner {
             let list = lock(&self.list);
             list.iter()
                 .flat_map(|s| {
-                    s.replicas.iter().filter_map(move |r| {
-                        let st = nix::sys::stat::fstat(r.file.as_ref()?.as_fd()).ok()?;
-                        Some(((st.st_dev, st.st_ino), (s.key, r.target)))
-                    })
+                    s.replicas
+                        .iter()
+                        .filter_map(move |r| Some((r.file.as_ref()?.dev_ino(), (s.key, r.target))))
                 })
                 .collect()
         };

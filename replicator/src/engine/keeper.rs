@@ -11,6 +11,7 @@ use super::{lock, Inner, Job, Reason};
 use crate::fence::keeper::PING;
 use crate::list::Source;
 use crate::model::ReplicaState;
+use crate::store::ReplicaPath;
 
 impl Inner {
     /// Tell the keeper to hold `src`'s lease and valid replicas (the list
@@ -20,15 +21,22 @@ impl Inner {
         if src.lease.is_none() || (self.keeper.is_none() && self.fd_store.is_none()) {
             return;
         }
-        let replicas: Vec<BorrowedFd<'_>> = src
+        // memfds by fd; tmpfs replicas (no fd once populated) by path.
+        let valid: Vec<&crate::store::ReplicaFile> = src
             .replicas
             .iter()
             .filter(|r| r.state == ReplicaState::Valid)
-            .filter_map(|r| r.file.as_ref().map(|f| f.as_fd()))
+            .filter_map(|r| r.file.as_ref())
             .collect();
-        if replicas.is_empty() {
+        if valid.is_empty() {
             return;
         }
+        let paths: Vec<ReplicaPath> = valid.iter().filter_map(|f| f.replica_path()).collect();
+        let replicas: Vec<BorrowedFd<'_>> = valid
+            .iter()
+            .filter(|f| f.replica_path().is_none())
+            .filter_map(|f| f.fd())
+            .collect();
         let leases: Vec<BorrowedFd<'_>> = std::iter::once(src.fd.as_fd())
             .chain(
                 src.layers
@@ -44,6 +52,7 @@ impl Inner {
                 (g.size, g.mtime_ns, g.ctime_ns),
                 &leases,
                 &replicas,
+                &paths,
             ) {
                 crate::warn_limited!(
                     "{}: the fence keeper did not take it: {e}",

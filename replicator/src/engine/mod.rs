@@ -41,7 +41,7 @@ use crate::fence::fdstore::{self, FdStore};
 use crate::fence::{self, FenceOps, FenceThread, KeeperLink, KernelOps, ModifyWatch};
 use crate::list::ReplicaList;
 use crate::model::{Attachment, LeftAlone, NodeSelection, Publisher, SourceKey, Target};
-use crate::store::{Store, StoreConfig};
+use crate::store::{Store, StoreConfig, StoreKind};
 use crate::{Error, Metrics, Result, Topology};
 
 mod adopt;
@@ -78,7 +78,9 @@ pub struct EngineConfig {
     /// Home nodes by cgroup, for processes whose CPUs span several nodes.
     pub home_nodes: Vec<HomeNode>,
     /// The most sources the daemon's open-file limit leaves room for
-    /// (`None`: no limit checked).
+    /// (`None`: no limit checked). The engine counts it again for the
+    /// store it opened ([`Replicator::source_limit`]): its `nofile` is
+    /// what counts.
     pub max_sources: Option<SourceLimit>,
 }
 
@@ -96,12 +98,16 @@ impl SourceLimit {
     /// Open files kept for everything else (sockets, the store, /proc).
     pub const RESERVED: u64 = 256;
 
-    /// The room `nofile` open files leave for sources on `nodes` nodes.
-    pub fn new(nofile: u64, nodes: usize) -> Self {
-        // The source's fd (its lease) and a replica per node; a client is
-        // given a fresh open of its replica, which lives only while the
-        // answer is sent (those are in the reserve).
-        let per_source = 1 + nodes as u64;
+    /// The room `nofile` open files leave for sources replicated onto
+    /// node stores of these kinds (one a node).
+    pub fn new(nofile: u64, stores: &[StoreKind]) -> Self {
+        // The source's fd (its lease), and a replica fd for each node whose
+        // store is memfds: a populated tmpfs replica holds no fd (it is held
+        // by its path). A client is given a fresh open of its replica,
+        // which lives only while the answer is sent, and every tmpfs
+        // operation opens one for its moment (those are in the reserve).
+        let memfds = stores.iter().filter(|k| **k == StoreKind::Memfd).count();
+        let per_source = 1 + memfds as u64;
         SourceLimit {
             sources: (nofile.saturating_sub(Self::RESERVED) / per_source) as usize,
             nofile,
@@ -334,7 +340,8 @@ impl Replicator {
         // What systemd kept for us: taken over when no keeper survived (the
         // daemon and its keeper died together); else the keeper's own.
         let stored = fdstore::take_captured();
-        let handed = if handed.is_empty() && !stored.is_empty() {
+        let from_fd_store = handed.is_empty() && !stored.is_empty();
+        let handed = if from_fd_store {
             tracing::info!(
                 sources = stored.len(),
                 "taking over the leases and replicas systemd's fd store kept"
@@ -350,11 +357,30 @@ impl Replicator {
             }
             handed
         };
+        let mut handed = handed;
+        if from_fd_store {
+            // systemd kept the leases (and memfd replicas); the tmpfs
+            // replicas are where they were, in the store: found by the
+            // source their xattrs name, and checked whole by `adopt`.
+            let mut found: std::collections::BTreeMap<(u64, u64), Vec<_>> = Default::default();
+            for (source, at) in crate::store::replicas_in(&cfg.store.run_dir, &nodes) {
+                found.entry(source).or_default().push(at);
+            }
+            for h in &mut handed {
+                h.paths
+                    .extend(found.remove(&(h.key.dev, h.key.ino)).unwrap_or_default());
+            }
+        }
         let keep: BTreeSet<(u64, u64)> = handed
             .iter()
             .flat_map(|h| h.replicas.iter())
             .filter_map(|fd| nix::sys::stat::fstat(fd).ok())
             .map(|st| (st.st_dev, st.st_ino))
+            .chain(
+                handed
+                    .iter()
+                    .flat_map(|h| h.paths.iter().map(|p| (p.dev, p.ino))),
+            )
             .collect();
         let store = Store::open(&cfg.store, &nodes, &keep)?;
         if store.leftovers_removed() > 0 {
@@ -368,6 +394,12 @@ impl Replicator {
             .inc_by(store.leftovers_removed() as u64);
         for n in &nodes {
             metrics.add_target(&Target::Node(*n).to_string());
+        }
+        // What a source costs depends on what backs each node's store.
+        let mut cfg = cfg;
+        if let Some(limit) = cfg.max_sources {
+            let kinds: Vec<StoreKind> = nodes.iter().filter_map(|n| store.kind(*n)).collect();
+            cfg.max_sources = Some(SourceLimit::new(limit.nofile, &kinds));
         }
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
@@ -460,6 +492,12 @@ impl Replicator {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// How many sources the open-file limit leaves room for, counted for
+    /// the store this engine opened (`None`: no limit checked).
+    pub fn source_limit(&self) -> Option<SourceLimit> {
+        self.inner.cfg.max_sources
     }
 
     /// The run directory the store lives in.

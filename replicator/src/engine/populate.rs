@@ -479,7 +479,7 @@ impl Inner {
         let Some(node) = target.node() else {
             return Err(Error::NoDeviceBackend { target });
         };
-        let file = self.store.create(node, ident)?;
+        let mut file = self.store.create(node, ident)?;
         let done = (|| {
             let stats = file.fill(src, ident.size, abort, ident)?;
             let t = target.to_string();

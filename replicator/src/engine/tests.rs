@@ -399,9 +399,36 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
 }
 
 #[test]
+fn a_source_costs_one_open_file_on_tmpfs_and_one_more_per_memfd_node() {
+    use crate::store::StoreKind::{Memfd, Tmpfs};
+    // A populated tmpfs replica holds no fd: only the source's lease counts.
+    for nodes in [1, 2, 8] {
+        let limit = super::SourceLimit::new(20_000, &vec![Tmpfs; nodes]);
+        assert_eq!(
+            (limit.per_source, limit.sources),
+            (1, 20_000 - 256),
+            "{nodes}"
+        );
+        // memfd replicas keep their fd: one more a node.
+        let limit = super::SourceLimit::new(20_000, &vec![Memfd; nodes]);
+        assert_eq!(limit.per_source, 1 + nodes as u64, "{nodes}");
+        assert_eq!(limit.sources, (20_000 - 256) / (1 + nodes), "{nodes}");
+    }
+    // A mixed store: the memfd nodes count.
+    let limit = super::SourceLimit::new(1024, &[Tmpfs, Memfd, Tmpfs]);
+    assert_eq!(
+        (limit.per_source, limit.sources, limit.nofile),
+        (2, 384, 1024)
+    );
+    // The goal of issue 10: 10,000 sources under a hard limit of 20000.
+    assert!(super::SourceLimit::new(20_000, &[Tmpfs]).sources >= 10_000);
+    assert_eq!(super::SourceLimit::new(100, &[Tmpfs]).sources, 0);
+}
+
+#[test]
 fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
     // 256 kept back, 2 open files a source on one node: room for 2.
-    let limit = super::SourceLimit::new(256 + 5, 1);
+    let limit = super::SourceLimit::new(256 + 5, &[crate::store::StoreKind::Memfd]);
     assert_eq!((limit.sources, limit.per_source), (2, 2));
     let rig = rig_with(Some(limit));
     let a = rig.source("a", b"one");

@@ -1,5 +1,7 @@
 //! systemd's file descriptor store (`FDSTORE=1`): under systemd every lease
-//! fd and replica fd the keeper holds is also handed to systemd, so that
+//! fd and memfd replica fd the keeper holds is also handed to systemd (a
+//! tmpfs replica needs none: the file stays in the store, found again by
+//! its identity xattrs, [`crate::store::replicas_in`]), so that
 //! when the daemon and its keeper die together the leases live on (a
 //! writer waits, up to lease-break-time) until the restarted daemon takes
 //! them back from `LISTEN_FDS` and adopts them as it would from a keeper.
@@ -7,7 +9,7 @@
 //! ```text
 //!  keep(source)   FDSTORE=1 FDNAME=src-<dev>-<ino>  [the source's lease fd]
 //!                 FDSTORE=1 FDNAME=lay-<dev>-<ino>  [its layers' lease fds]
-//!                 FDSTORE=1 FDNAME=rep-<dev>-<ino>  [its replicas]
+//!                 FDSTORE=1 FDNAME=rep-<dev>-<ino>  [its memfd replicas]
 //!  unkeep(source) FDSTOREREMOVE=1 FDNAME=... each
 //!  main (first)   LISTEN_PID = us: fds 3.. named by LISTEN_FDNAMES taken
 //!  engine start   adopted when no keeper survived
@@ -80,7 +82,8 @@ impl FdStore {
         Ok(())
     }
 
-    /// Store `key`'s lease fds (the source's first) and replicas.
+    /// Store `key`'s lease fds (the source's first) and memfd replicas
+    /// (none for a source whose replicas are all tmpfs).
     pub fn store(
         &self,
         key: SourceKey,
@@ -91,6 +94,9 @@ impl FdStore {
         self.notify(&entry("FDSTORE=1", "src", key), &[*first])?;
         if !layers.is_empty() {
             self.notify(&entry("FDSTORE=1", "lay", key), layers)?;
+        }
+        if replicas.is_empty() {
+            return Ok(());
         }
         self.notify(&entry("FDSTORE=1", "rep", key), replicas)
     }
@@ -170,7 +176,9 @@ pub fn take_captured() -> Vec<Handed> {
 }
 
 /// Group named fds (`src-`, `lay-`, `rep-<dev>-<ino>`) by source; sources
-/// without a lease fd or a replica are dropped (their fds close).
+/// without a lease fd are dropped (their fds close). A source with no
+/// replica fd may have tmpfs replicas, which stay in the store: the engine
+/// finds them by path (and revokes a source with none).
 pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Handed> {
     #[derive(Default)]
     struct Parts {
@@ -199,7 +207,7 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
     by.into_iter()
         .filter_map(|(key, p)| {
             let src = p.src?;
-            if p.replicas.is_empty() || p.duplicate {
+            if p.duplicate {
                 return None;
             }
             let mut leases = vec![src];
@@ -208,6 +216,7 @@ pub fn group<'a>(fds: impl IntoIterator<Item = (&'a str, OwnedFd)>) -> Vec<Hande
                 key,
                 leases,
                 replicas: p.replicas,
+                paths: Vec::new(),
                 stamp: None,
             })
         })
@@ -241,7 +250,7 @@ mod tests {
             ("src-1-2", fd()),
             ("lay-1-2", fd()),
             ("rep-1-2", fd()),
-            ("src-3-4", fd()), // no replica: dropped
+            ("src-3-4", fd()), // no replica fd: its tmpfs replicas are in the store
             ("src-7-8", fd()), // two lease fds: dropped
             ("src-7-8", fd()),
             ("rep-7-8", fd()),
@@ -249,10 +258,12 @@ mod tests {
             ("other", fd()),
             ("src-x-1", fd()),
         ]);
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 2);
         assert_eq!(got[0].key, SourceKey { dev: 1, ino: 2 });
         assert_eq!(got[0].leases.len(), 2);
         assert_eq!(got[0].replicas.len(), 2);
+        assert_eq!(got[1].key, SourceKey { dev: 3, ino: 4 });
+        assert_eq!((got[1].leases.len(), got[1].replicas.len()), (1, 0));
         assert_eq!(
             parse_name("rep-18446744073709551615-1").map(|p| p.1.dev),
             Some(u64::MAX)

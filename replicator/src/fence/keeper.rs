@@ -1,12 +1,14 @@
 //! The fence keeper: a small process of its own that holds a duplicate of
-//! every lease fd and every valid replica fd, so that no single replicad
-//! process that dies or stops lets a writer reach a file while a replica
-//! of it is mapped.
+//! every lease fd and every valid replica (a memfd's fd; a tmpfs replica's
+//! path in the store and its inode, [`ReplicaPath`]: no open file), so
+//! that no single replicad process that dies or stops lets a writer reach
+//! a file while a replica of it is mapped.
 //!
 //! ```text
 //!  daemon ── socketpair (SOCK_SEQPACKET) ── keeper (re-exec of replicad,
-//!    │  Hold{source, leases} + [lease fds,         no threads, no runtime,
-//!    │        replica fds]                          SCHED_FIFO, mlocked,
+//!    │  Hold{source, leases, tmpfs replicas:       no threads, no runtime,
+//!    │       (dev, ino, path)...}                   SCHED_FIFO, mlocked,
+//!    │    + [lease fds, memfd replica fds]
 //!    │  Drop{source}                                oom_score_adj -1000)
 //!    │  Ping every PING
 //!    │
@@ -49,6 +51,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::socket::{self as socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use crate::model::SourceKey;
+use crate::store::ReplicaPath;
 use crate::sys;
 
 /// The hidden first argument that makes `replicad` the keeper.
@@ -77,19 +80,27 @@ pub const LOCK_NAME: &str = "keeper.lock";
 const MESSAGE_LEN: usize = 24;
 /// A `Hold` also carries the generation the daemon read under the lease.
 const HOLD_LEN: usize = MESSAGE_LEN + 24;
+/// Then its tmpfs replicas (their count in byte 2), each `dev`, `ino` (8
+/// bytes each), the path's length (2) and bytes; the whole message at
+/// most this long.
+const MAX_HOLD: usize = 64 * 1024;
+/// Byte 3 of a long `Hold`: its stamp is not known (zeros stand in).
+const NO_STAMP: u8 = 1;
 
 /// What a source's `fstat` said when its replicas were copied: size,
 /// mtime and ctime (ns). A file whose stamp moved has changed.
 pub type Stamp = (u64, i64, i64);
 
 /// A parsed message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Msg {
     kind: u8,
     /// `Hold`: how many of its fds are leases.
     count: u8,
     key: SourceKey,
     stamp: Option<Stamp>,
+    /// `Hold`: its tmpfs replicas, held by path.
+    paths: Vec<ReplicaPath>,
 }
 
 /// A message: its kind, a small count, a source.
@@ -102,18 +113,70 @@ fn message(kind: u8, count: u8, key: SourceKey) -> [u8; MESSAGE_LEN] {
     m
 }
 
-/// A `Hold` of `key` whose first `leases` fds are leases, at `stamp`.
-fn hold_message(leases: u8, key: SourceKey, stamp: Stamp) -> [u8; HOLD_LEN] {
-    let mut m = [0u8; HOLD_LEN];
-    m[..MESSAGE_LEN].copy_from_slice(&message(HOLD, leases, key));
-    m[24..32].copy_from_slice(&stamp.0.to_le_bytes());
-    m[32..40].copy_from_slice(&stamp.1.to_le_bytes());
-    m[40..48].copy_from_slice(&stamp.2.to_le_bytes());
-    m
+/// A `Hold` of `key` whose first `leases` fds are leases, at `stamp`
+/// (`None`: not known), with the tmpfs replicas `paths`. `EINVAL`: more
+/// than 255 paths, or longer than [`MAX_HOLD`] in all.
+fn hold_message(
+    leases: u8,
+    key: SourceKey,
+    stamp: Option<Stamp>,
+    paths: &[ReplicaPath],
+) -> io::Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let invalid = || io::Error::from_raw_os_error(libc::EINVAL);
+    let mut m = Vec::with_capacity(HOLD_LEN);
+    m.extend_from_slice(&message(HOLD, leases, key));
+    m[2] = u8::try_from(paths.len()).map_err(|_| invalid())?;
+    if stamp.is_none() {
+        m[3] = NO_STAMP;
+    }
+    let stamp = stamp.unwrap_or_default();
+    m.extend_from_slice(&stamp.0.to_le_bytes());
+    m.extend_from_slice(&stamp.1.to_le_bytes());
+    m.extend_from_slice(&stamp.2.to_le_bytes());
+    for p in paths {
+        let bytes = p.path.as_os_str().as_bytes();
+        let len = u16::try_from(bytes.len()).map_err(|_| invalid())?;
+        m.extend_from_slice(&p.dev.to_le_bytes());
+        m.extend_from_slice(&p.ino.to_le_bytes());
+        m.extend_from_slice(&len.to_le_bytes());
+        m.extend_from_slice(bytes);
+    }
+    if m.len() > MAX_HOLD {
+        return Err(invalid());
+    }
+    Ok(m)
+}
+
+/// The tmpfs replicas of a long `Hold`: `count` records in `rest`, which
+/// they must fill exactly.
+fn parse_paths(mut rest: &[u8], count: u8) -> Option<Vec<ReplicaPath>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut paths = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let word = |at: usize| -> Option<u64> {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(rest.get(at..at + 8)?);
+            Some(u64::from_le_bytes(b))
+        };
+        let (dev, ino) = (word(0)?, word(8)?);
+        let len = usize::from(u16::from_le_bytes([*rest.get(16)?, *rest.get(17)?]));
+        let bytes = rest.get(18..18 + len)?;
+        if bytes.is_empty() || bytes.contains(&0) {
+            return None;
+        }
+        paths.push(ReplicaPath {
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(bytes)),
+            dev,
+            ino,
+        });
+        rest = &rest[18 + len..];
+    }
+    rest.is_empty().then_some(paths)
 }
 
 fn parse(m: &[u8]) -> Option<Msg> {
-    if m.len() != MESSAGE_LEN && m.len() != HOLD_LEN {
+    if m.len() != MESSAGE_LEN && m.len() < HOLD_LEN {
         return None;
     }
     let word = |at: usize| {
@@ -121,7 +184,8 @@ fn parse(m: &[u8]) -> Option<Msg> {
         b.copy_from_slice(m.get(at..at + 8)?);
         Some(b)
     };
-    let stamp = if m.len() == HOLD_LEN {
+    let long = m.len() >= HOLD_LEN;
+    let stamp = if long && m[3] & NO_STAMP == 0 {
         Some((
             u64::from_le_bytes(word(24)?),
             i64::from_le_bytes(word(32)?),
@@ -129,6 +193,11 @@ fn parse(m: &[u8]) -> Option<Msg> {
         ))
     } else {
         None
+    };
+    let paths = if long {
+        parse_paths(&m[HOLD_LEN..], m[2])?
+    } else {
+        Vec::new()
     };
     Some(Msg {
         kind: m[0],
@@ -138,6 +207,7 @@ fn parse(m: &[u8]) -> Option<Msg> {
             ino: u64::from_le_bytes(word(16)?),
         },
         stamp,
+        paths,
     })
 }
 
@@ -152,12 +222,16 @@ pub fn deadline(proc: &replicad_procfs::ProcReader) -> Duration {
 
 /// What the keeper holds for one source, and what a daemon that adopts it
 /// is handed: the lease fds (the source's, then its overlay layers'), then
-/// its valid replicas (read-write fds).
+/// its valid replicas: memfds as read-write fds, tmpfs replicas by path.
 #[derive(Debug)]
 pub struct Handed {
     pub key: SourceKey,
     pub leases: Vec<OwnedFd>,
+    /// memfd replicas (and tmpfs ones an fd store of an earlier version
+    /// kept).
     pub replicas: Vec<OwnedFd>,
+    /// tmpfs replicas: no open file, their path in the store and inode.
+    pub paths: Vec<ReplicaPath>,
     /// The source's stamp when its replicas were copied, if known.
     pub stamp: Option<Stamp>,
 }
@@ -165,7 +239,7 @@ pub struct Handed {
 impl Handed {
     fn from_message(m: Msg, mut fds: Vec<OwnedFd>) -> Option<Handed> {
         let n = usize::from(m.count);
-        if m.kind != HOLD || n == 0 || fds.len() <= n {
+        if m.kind != HOLD || n == 0 || fds.len() < n || (fds.len() == n && m.paths.is_empty()) {
             return None;
         }
         let replicas = fds.split_off(n);
@@ -173,8 +247,38 @@ impl Handed {
             key: m.key,
             leases: fds,
             replicas,
+            paths: m.paths,
             stamp: m.stamp,
         })
+    }
+
+    /// How many replicas it holds.
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len() + self.paths.len()
+    }
+
+    /// Cut every replica to nothing (the immutable flag cleared first, see
+    /// [`sys::truncate_to_zero`] and [`ReplicaPath::truncate`]; one whose
+    /// path names nothing or another file now is gone already).
+    fn truncate_replicas(&self) {
+        for r in &self.replicas {
+            let _ = sys::truncate_to_zero(r.as_fd());
+        }
+        for p in &self.paths {
+            match p.truncate() {
+                Ok(true) => {}
+                Ok(false) => eprintln!(
+                    "replicad fence keeper: replica {} is gone from the store already \
+                     (truncated by whoever removed it)",
+                    p.path.display()
+                ),
+                Err(e) => eprintln!(
+                    "replicad fence keeper: cannot truncate the replica {}: {e}; processes \
+                     that map it keep its bytes (`chattr -i` and truncate it by hand)",
+                    p.path.display()
+                ),
+            }
+        }
     }
 
     /// Whether the source is no longer what its replicas copy (a change no
@@ -197,9 +301,7 @@ impl Handed {
     /// [`sys::truncate_to_zero`]), then release every lease: only then may
     /// a writer go on.
     pub fn revoke(&self) {
-        for r in &self.replicas {
-            let _ = sys::truncate_to_zero(r.as_fd());
-        }
+        self.truncate_replicas();
         for l in &self.leases {
             let _ = sys::release_lease(l.as_fd());
         }
@@ -267,7 +369,7 @@ impl Keeper {
                      released",
                     h.key.dev,
                     h.key.ino,
-                    h.replicas.len()
+                    h.replica_count()
                 );
             } else {
                 i += 1;
@@ -363,11 +465,15 @@ impl Keeper {
                 .chain(&h.replicas)
                 .map(|f| f.as_fd())
                 .collect();
-            let m = hold_message(h.leases.len() as u8, h.key, h.stamp.unwrap_or_default());
-            let sent = if h.stamp.is_some() {
-                sys::send_with_fds(conn.as_fd(), &m, &fds)
+            let sent = if h.stamp.is_none() && h.paths.is_empty() {
+                sys::send_with_fds(
+                    conn.as_fd(),
+                    &message(HOLD, h.leases.len() as u8, h.key),
+                    &fds,
+                )
             } else {
-                sys::send_with_fds(conn.as_fd(), &m[..MESSAGE_LEN], &fds)
+                hold_message(h.leases.len() as u8, h.key, h.stamp, &h.paths)
+                    .and_then(|m| sys::send_with_fds(conn.as_fd(), &m, &fds))
             };
             if sent.is_err() {
                 return false;
@@ -534,7 +640,7 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
     let mut link = Some(sock);
     let mut orphan: Option<Orphan> = None;
     let mut last = Instant::now();
-    let mut buf = [0u8; 64];
+    let mut buf = vec![0u8; MAX_HOLD];
     let why = 'life: loop {
         // Signals: a stop always; breaks only matter when alone.
         let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(4);
@@ -593,8 +699,9 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
                         last = Instant::now();
                         match buf.get(..n).and_then(parse) {
                             Some(m) if m.kind == HOLD => {
+                                let key = m.key;
                                 if let Some(h) = Handed::from_message(m, fds) {
-                                    k.held.retain(|h| h.key != m.key);
+                                    k.held.retain(|h| h.key != key);
                                     k.held.push(h);
                                 }
                             }
@@ -682,12 +789,10 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
         }
     };
     drop(orphan);
-    let replicas: usize = k.held.iter().map(|h| h.replicas.len()).sum();
+    let replicas: usize = k.held.iter().map(Handed::replica_count).sum();
     // Every replica first: only then may any writer go on.
     for h in &k.held {
-        for r in &h.replicas {
-            let _ = sys::truncate_to_zero(r.as_fd());
-        }
+        h.truncate_replicas();
     }
     for h in &k.held {
         for l in &h.leases {
@@ -809,6 +914,9 @@ fn end_keeper(run_dir: &Path) -> io::Result<()> {
 /// first, before it is killed: a lease dies with it, and no replica it
 /// fenced may keep its bytes.
 fn truncate_replicas_of(pid: u32, run_dir: &Path) {
+    // The tmpfs replicas it holds by path: every replica in the node
+    // stores (what it did not hold is not fenced either).
+    truncate_store_replicas(run_dir);
     let proc = replicad_procfs::ProcReader::default();
     let Ok(Some(fds)) = proc.fds(pid) else {
         return;
@@ -848,6 +956,24 @@ fn truncate_replicas_of(pid: u32, run_dir: &Path) {
             .open(proc.self_fd_path(f.as_raw_fd()))
         {
             let _ = w.set_len(0);
+        }
+    }
+}
+
+/// Truncate every replica in the node stores `<run_dir>/node<N>` (regular
+/// files that carry a replica's identity xattr), by path: a keeper that
+/// must be killed holds its tmpfs replicas so.
+fn truncate_store_replicas(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    let nodes: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
+        .collect();
+    for (_, at) in crate::store::replicas_in(run_dir, &nodes) {
+        if let Err(e) = at.revoke() {
+            tracing::warn!("{e}");
         }
     }
 }
@@ -994,7 +1120,7 @@ impl KeeperLink {
             &[],
         )?;
         let mut handed = Vec::new();
-        let mut buf = [0u8; HOLD_LEN];
+        let mut buf = vec![0u8; MAX_HOLD];
         loop {
             let Some((n, fds)) = sys::recv_with_fds(fd.as_fd(), &mut buf)? else {
                 return Err(io::Error::other(
@@ -1096,15 +1222,17 @@ impl KeeperLink {
         sent
     }
 
-    /// Hold these fds of `key`, whose replicas copy the file at `stamp`:
-    /// its lease fds (the source's first, then its overlay layers'), then
-    /// every valid replica (replacing what the keeper held for it).
+    /// Hold these of `key`, whose replicas copy the file at `stamp`: its
+    /// lease fds (the source's first, then its overlay layers'), then
+    /// every valid replica, memfds by fd, tmpfs replicas by path
+    /// (replacing what the keeper held for it).
     pub fn hold(
         &self,
         key: SourceKey,
         stamp: Stamp,
         leases: &[BorrowedFd<'_>],
         replicas: &[BorrowedFd<'_>],
+        paths: &[ReplicaPath],
     ) -> io::Result<()> {
         if leases.is_empty() || leases.len() > usize::from(u8::MAX) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -1112,7 +1240,8 @@ impl KeeperLink {
         let mut fds = Vec::with_capacity(leases.len() + replicas.len());
         fds.extend_from_slice(leases);
         fds.extend_from_slice(replicas);
-        self.send(&hold_message(leases.len() as u8, key, stamp), &fds)
+        let m = hold_message(leases.len() as u8, key, Some(stamp), paths)?;
+        self.send(&m, &fds)
     }
 
     /// Stop holding `key` (revoked, or gone from the list).
@@ -1208,11 +1337,41 @@ mod tests {
         };
         let m = parse(&message(DROP, 0, key)).unwrap();
         assert_eq!((m.kind, m.count, m.key, m.stamp), (DROP, 0, key, None));
-        let m = parse(&hold_message(3, key, (1 << 20, -5, i64::MAX))).unwrap();
+        let m = parse(&hold_message(3, key, Some((1 << 20, -5, i64::MAX)), &[]).unwrap()).unwrap();
         assert_eq!(
-            (m.kind, m.count, m.key, m.stamp),
-            (HOLD, 3, key, Some((1 << 20, -5, i64::MAX)))
+            (m.kind, m.count, m.key, m.stamp, m.paths),
+            (HOLD, 3, key, Some((1 << 20, -5, i64::MAX)), Vec::new())
         );
+        // tmpfs replicas ride along by path, with and without a stamp.
+        let paths = vec![
+            ReplicaPath {
+                path: PathBuf::from("/run/replicad/node0/1-2-g3"),
+                dev: 40,
+                ino: u64::MAX,
+            },
+            ReplicaPath {
+                path: PathBuf::from("/run/replicad/node1/1-2-g3"),
+                dev: 41,
+                ino: 7,
+            },
+        ];
+        for stamp in [Some((4096, 1, 2)), None] {
+            let bytes = hold_message(1, key, stamp, &paths).unwrap();
+            let m = parse(&bytes).unwrap();
+            assert_eq!((m.kind, m.count, m.stamp), (HOLD, 1, stamp));
+            assert_eq!(m.paths, paths);
+            // Cut short, or with a byte too many: no message.
+            assert_eq!(parse(&bytes[..bytes.len() - 1]), None);
+            let mut long = bytes.clone();
+            long.push(0);
+            assert_eq!(parse(&long), None);
+        }
+        let huge = ReplicaPath {
+            path: PathBuf::from("x".repeat(MAX_HOLD)),
+            dev: 0,
+            ino: 0,
+        };
+        assert!(hold_message(1, key, None, &[huge]).is_err());
         assert_eq!(parse(&[0u8; 47]), None);
         assert_eq!(parse(&[1, 2, 3]), None);
         let d = deadline(&replicad_procfs::ProcReader::new("/nonexistent"));
