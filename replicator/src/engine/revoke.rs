@@ -95,10 +95,10 @@ impl Inner {
             .iter()
             .filter(|r| !r.attachments.is_empty())
             .filter_map(|r| {
-                let st = self.ops.stat(r.file.as_ref()?.as_fd()).ok()?;
+                let (dev, ino) = r.file.as_ref()?.dev_ino();
                 Some(Truncating {
-                    dev: slots::dev_word(st.dev),
-                    ino: st.ino,
+                    dev: slots::dev_word(dev),
+                    ino,
                     size: r.generation.size,
                     attached: r.attachments.iter().copied().collect(),
                 })
