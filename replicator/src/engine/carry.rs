@@ -168,8 +168,12 @@ impl Inner {
         }
         drop(tables);
         // The copier starts here, not on a revoke's path.
-        if super::relock(&self.carrier).is_none() {
-            let _ = self.carrier();
+        let mut current = super::relock(&self.carrier);
+        if current.is_none() {
+            *current = self.spawn_carrier();
+            if let Some(c) = current.as_ref() {
+                c.busy.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -223,19 +227,20 @@ impl Inner {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (done, result) = mpsc::sync_channel(1);
-        worker.busy.store(true, Ordering::Release);
         let job = CarryJob {
             work,
             stop: stop.clone(),
             done,
         };
         if worker.jobs.send(job).is_err() {
+            worker.busy.store(false, Ordering::Release);
             return 0;
         }
         match result.recv_timeout(DEADLINE) {
             Ok(pages) => pages,
             Err(_) => {
                 stop.store(true, Ordering::Release);
+                worker.late.store(true, Ordering::Release);
                 crate::warn_limited!(
                     "carrying private pages of pids {pids} took over {DEADLINE:?} (their memory \
                      waits on something): revoking without the rest"
@@ -245,17 +250,29 @@ impl Inner {
         }
     }
 
-    /// The copier thread, started if there is none or the one there is
-    /// still busy with an earlier revoke: stuck past its deadline on some
-    /// process's memory, whose uid is carried for no more (a program can
-    /// make reading its memory wait forever; it must not take carrying
-    /// away from everyone else). `None` if [`MAX_STUCK`] are stuck already
-    /// or none can be started.
+    /// A copier thread for one revoke, claimed (busy) for it: the kept
+    /// one if it is idle. One busy within its deadline serves another
+    /// revoke (they run at once only from different threads): this one
+    /// gets a thread of its own, kept by nobody. One busy past its
+    /// deadline is stuck on some process's memory: a new one is kept in
+    /// its place, and the uid it waits on is carried for no more (a
+    /// program can make reading its memory wait forever; it must not take
+    /// carrying away from everyone else). `None` if [`MAX_STUCK`] threads
+    /// run already or none can be started.
     pub(super) fn carrier(&self) -> Option<Carrier> {
         let mut current = super::relock(&self.carrier);
         if let Some(c) = current.as_ref() {
-            if !c.busy.load(Ordering::Acquire) {
+            if c.busy
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // Whatever a revoke that gave up on its last job said.
+                c.late.store(false, Ordering::Release);
                 return Some(c.clone());
+            }
+            if !c.late.load(Ordering::Acquire) {
+                drop(current);
+                return self.spawn_carrier();
             }
             let uid = c.on.load(Ordering::Acquire);
             if let Ok(uid) = u32::try_from(uid) {
@@ -267,22 +284,34 @@ impl Inner {
                 super::relock(&self.carry_banned).insert(uid);
             }
         }
-        // None yet, or stuck: a new one (the stuck one ends once it wakes,
-        // its queue gone).
+        // None yet, or stuck: a new one kept (the stuck one ends once it
+        // wakes, its queue gone).
         *current = None;
+        let c = self.spawn_carrier()?;
+        *current = Some(c.clone());
+        Some(c)
+    }
+
+    /// A new copier thread, busy (claimed by the caller).
+    fn spawn_carrier(&self) -> Option<Carrier> {
         if RUNNING.load(Ordering::Acquire) >= MAX_STUCK {
             return None;
         }
         let (jobs, queue) = mpsc::channel::<CarryJob>();
-        let busy = Arc::new(AtomicBool::new(false));
-        let on = Arc::new(AtomicU64::new(u64::MAX));
+        let c = Carrier {
+            jobs,
+            busy: Arc::new(AtomicBool::new(true)),
+            late: Arc::new(AtomicBool::new(false)),
+            on: Arc::new(AtomicU64::new(u64::MAX)),
+        };
         let proc = self.proc.clone();
         let counter = self.metrics.carried_pages.clone();
-        let (idle, working_on) = (busy.clone(), on.clone());
+        let mine = c.clone();
         RUNNING.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name("carry".into())
             .spawn(move || {
+                let Carrier { busy, late, on, .. } = mine;
                 // As the fence thread it serves: a revoke waits for it.
                 if let Err(e) = crate::sys::realtime_thread() {
                     tracing::debug!("private-page copier without SCHED_FIFO: {e}");
@@ -290,15 +319,15 @@ impl Inner {
                 let mut buf = vec![0u8; slots::TABLE_BYTES];
                 while let Ok(job) = queue.recv() {
                     let mut pages = 0;
-                    for (a, table, pagemap, ranges, on) in &job.work {
-                        working_on.store(u64::from(table.1), Ordering::Release);
+                    for (a, table, pagemap, ranges, replicas) in &job.work {
+                        on.store(u64::from(table.1), Ordering::Release);
                         let told = Told {
                             a: *a,
                             table: *table,
                             pagemap: pagemap.as_deref(),
                             ranges,
                         };
-                        match carry_one(&proc, &told, on, &job.stop, &mut buf) {
+                        match carry_one(&proc, &told, replicas, &job.stop, &mut buf) {
                             Ok(n) => pages += n,
                             Err(why) => crate::debug_limited!(
                                 "pid {}: private pages not carried before the revoke: {why}",
@@ -306,10 +335,11 @@ impl Inner {
                             ),
                         }
                     }
-                    working_on.store(u64::MAX, Ordering::Release);
+                    on.store(u64::MAX, Ordering::Release);
                     counter.inc_by(pages);
-                    idle.store(false, Ordering::Release);
                     let _ = job.done.send(pages);
+                    late.store(false, Ordering::Release);
+                    busy.store(false, Ordering::Release);
                 }
                 RUNNING.fetch_sub(1, Ordering::AcqRel);
             });
@@ -318,8 +348,6 @@ impl Inner {
             crate::warn_limited!("cannot start a thread to carry private pages: {e}");
             return None;
         }
-        let c = Carrier { jobs, busy, on };
-        *current = Some(c.clone());
         Some(c)
     }
 }
@@ -328,9 +356,12 @@ impl Inner {
 #[derive(Debug, Clone)]
 pub(super) struct Carrier {
     jobs: mpsc::Sender<CarryJob>,
-    busy: Arc<AtomicBool>,
+    /// Claimed for a revoke, until its job is done.
+    pub(super) busy: Arc<AtomicBool>,
+    /// Its revoke stopped waiting for it.
+    pub(super) late: Arc<AtomicBool>,
     /// The uid of the process it works on, `u64::MAX` between them.
-    on: Arc<AtomicU64>,
+    pub(super) on: Arc<AtomicU64>,
 }
 
 /// One revoke's copies.
@@ -522,4 +553,108 @@ fn carry_one(
         );
     }
     Ok(carried)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    const PAGE: u64 = 4096;
+
+    fn map(f: &std::fs::File, len: usize) -> u64 {
+        // SAFETY: a private read-only mapping of our own temp file.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        for off in (0..len as u64).step_by(PAGE as usize) {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::read_volatile((p as u64 + off) as *const u8) };
+        }
+        p as u64
+    }
+
+    #[test]
+    fn a_private_page_goes_to_the_same_offset_of_the_spare_and_nothing_else() {
+        let len = 4 * PAGE as usize;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; len]).unwrap();
+        let md = f.metadata().unwrap();
+        let (range, spare, other) = (map(&f, len), map(&f, len), map(&f, len));
+        let proc = ProcReader::default();
+        let mem = proc.mem(std::process::id()).unwrap().unwrap();
+        mem.write_at(&[0xcc], range + 2 * PAGE + 9).unwrap();
+        mem.write_at(&[0xdd], other + PAGE).unwrap();
+        // A table in our memory: slot 3 is the range (a replica whose
+        // device and inode are the temp file's), slot 5 another one that
+        // maps `other` on an inode no revoke concerns.
+        let mut table = vec![0u64; slots::SLOTS * slots::SLOT_WORDS];
+        let dev = slots::dev_word(md.dev());
+        let slot = |t: &mut Vec<u64>, i: usize, start: u64, sp: u64, ino: u64| {
+            let w = &mut t[i * slots::SLOT_WORDS..(i + 1) * slots::SLOT_WORDS];
+            w.copy_from_slice(&[9 << 8 | slots::ACTIVE, start, len as u64, sp, dev, ino, 0]);
+        };
+        slot(&mut table, 3, range, spare, md.ino());
+        slot(&mut table, 5, other, spare, md.ino() + 1);
+        let pid = std::process::id();
+        let a = Attachment {
+            pid,
+            start_time: proc.start_time(pid).unwrap().unwrap(),
+        };
+        let on = [Truncating {
+            dev,
+            ino: md.ino(),
+            size: len as u64,
+            attached: vec![a],
+        }];
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let ranges = [(range, range + len as u64), (other, other + len as u64)];
+        let told = Told {
+            a,
+            table: (table.as_ptr() as u64, uid),
+            pagemap: None,
+            ranges: &ranges,
+        };
+        let mut buf = vec![0u8; slots::TABLE_BYTES];
+        let stop = AtomicBool::new(false);
+        assert_eq!(carry_one(&proc, &told, &on, &stop, &mut buf), Ok(1));
+        // SAFETY: reads inside our mappings.
+        let at = |p: u64| unsafe { std::ptr::read_volatile(p as *const u8) };
+        assert_eq!(at(spare + 2 * PAGE + 9), 0xcc);
+        assert_eq!(at(spare + 2 * PAGE), 7);
+        assert_eq!(at(spare + PAGE), 7, "the other slot's page came along");
+        let pagemap = proc.pagemap(pid).unwrap().unwrap();
+        assert_eq!(
+            replicad_procfs::private_runs(&pagemap, spare, spare + len as u64).unwrap(),
+            vec![(spare + 2 * PAGE, spare + 3 * PAGE)]
+        );
+        // A process that is not the one that told us (its start time
+        // differs) gets nothing written.
+        let stranger = Told {
+            a: Attachment {
+                pid,
+                start_time: a.start_time + 1,
+            },
+            ..told
+        };
+        assert!(carry_one(&proc, &stranger, &on, &stop, &mut buf).is_err());
+        // Nor does one whose revoke gave up on it.
+        stop.store(true, Ordering::Release);
+        assert_eq!(carry_one(&proc, &told, &on, &stop, &mut buf), Ok(0));
+        for p in [range, spare, other] {
+            // SAFETY: our own mappings.
+            unsafe { libc::munmap(p as *mut libc::c_void, len) };
+        }
+    }
 }

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -910,4 +911,30 @@ fn a_lease_the_kernel_broke_by_force_is_counted() {
     rig.engine.replicate(&other, &NodeSelection::All).unwrap();
     rig.break_lease(Rig::key(&other));
     assert_eq!(m.forced_breaks.get(), 1);
+}
+
+#[test]
+fn a_copier_busy_in_time_serves_no_second_revoke_and_a_stuck_one_costs_its_uid() {
+    let rig = rig();
+    let inner = &rig.engine.inner;
+    let first = inner.carrier().unwrap();
+    assert!(first.busy.load(Ordering::Acquire));
+    // Another revoke meanwhile, within the first's deadline: a thread of
+    // its own, and nobody is blamed.
+    let second = inner.carrier().unwrap();
+    assert!(!Arc::ptr_eq(&first.busy, &second.busy));
+    assert!(relock(&inner.carry_banned).is_empty());
+    // The first revoke gave up on its copier, which still waits on a
+    // process of uid 4321: the next revoke gets a new one, and that uid's
+    // processes are carried no more.
+    first.on.store(4321, Ordering::Release);
+    first.late.store(true, Ordering::Release);
+    let third = inner.carrier().unwrap();
+    assert!(!Arc::ptr_eq(&first.busy, &third.busy));
+    assert!(relock(&inner.carry_banned).contains(&4321));
+    // Once a copier is done, it serves the next revoke again.
+    third.busy.store(false, Ordering::Release);
+    let fourth = inner.carrier().unwrap();
+    assert!(Arc::ptr_eq(&third.busy, &fourth.busy));
+    assert!(!fourth.late.load(Ordering::Acquire));
 }
