@@ -419,16 +419,37 @@ fn note_table(
     }
 }
 
-/// The device and inode of a client's fd.
-fn source_key(fd: std::os::fd::BorrowedFd<'_>) -> Option<SourceKey> {
+/// The device, inode and size of a client's fd.
+fn source_key(fd: std::os::fd::BorrowedFd<'_>) -> Option<(SourceKey, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::File::from(fd.try_clone_to_owned().ok()?)
         .metadata()
         .ok()?;
-    Some(SourceKey {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    })
+    Some((
+        SourceKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        meta.len(),
+    ))
+}
+
+/// The range a Map says the client mapped (`at`, `len`, the length
+/// rounded up to a page as the kernel maps it), as `(start, end)`, if it
+/// can be one: page-aligned, in user space, no longer than the file
+/// (rounded up to a page). A revoke scans it; a client may not make that
+/// scan longer than its own mapping of the file could be.
+fn client_range(at: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+    const USER_END: u64 = 1 << 57;
+    let page = replicad_procfs::page_size() as u64;
+    let len = len.checked_next_multiple_of(page)?;
+    let end = at.checked_add(len)?;
+    let fits = at != 0
+        && len != 0
+        && at.is_multiple_of(page)
+        && len <= size.div_ceil(page) * page
+        && end <= USER_END;
+    fits.then_some((at, end))
 }
 
 /// Run one request on a blocking thread.
@@ -488,9 +509,10 @@ fn handle(
                     generation,
                     size,
                 }) => {
-                    if let Some(key) = source_key(fds[0].as_fd()) {
-                        let range = (key, at, at.saturating_add(len));
-                        note_table(engine, &peer, alive, table, &[range]);
+                    if let Some((key, size)) = source_key(fds[0].as_fd()) {
+                        if let Some(range) = client_range(at, len, size) {
+                            note_table(engine, &peer, alive, table, &[(key, range.0, range.1)]);
+                        }
                     }
                     (
                         Response::Mapped {
@@ -574,5 +596,32 @@ fn handle(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_range;
+
+    #[test]
+    fn a_client_range_is_page_aligned_user_space_and_no_longer_than_the_file() {
+        let mib = 1 << 20;
+        assert_eq!(
+            client_range(0x7f00_0000_0000, mib, mib),
+            Some((0x7f00_0000_0000, 0x7f00_0010_0000))
+        );
+        // The kernel maps whole pages: 10000 bytes are three.
+        assert_eq!(client_range(0x1000, 10000, 10000), Some((0x1000, 0x4000)));
+        assert_eq!(client_range(0x1001, 4096, mib), None, "unaligned");
+        assert_eq!(client_range(0, 4096, mib), None, "address 0");
+        assert_eq!(client_range(0x1000, 0, mib), None, "empty");
+        assert_eq!(
+            client_range(0x1000, 2 * mib, mib),
+            None,
+            "longer than the file"
+        );
+        assert_eq!(client_range(1 << 57, 4096, mib), None, "past user space");
+        assert_eq!(client_range(u64::MAX - 4095, 4096, mib), None, "wraps");
+        assert_eq!(client_range(0x1000, u64::MAX, u64::MAX), None, "wraps");
     }
 }

@@ -140,3 +140,70 @@ fn private_pages_survive_a_revoke_as_without_replicad() {
         d.log()
     );
 }
+
+/// A client that lies about where it mapped a file (a range not page
+/// aligned, one as long as the address space, one past the file's end)
+/// and where its table is (a heap buffer of private pages, no slot in it)
+/// holds no revoke up: the server keeps no range a mapping of the file
+/// could not be (`client_range`, unit-tested in src/server.rs), and the
+/// revoke's first look is one `PAGEMAP_SCAN` that stops at the first
+/// private page and never falls back to reading pagemap entry by entry.
+/// Before, `Map{at: 1, len: 2^47}` kept a SCHED_FIFO copier walking
+/// pagemap for minutes and the revoke ran into the copier's deadline.
+#[test]
+fn a_client_lying_about_its_ranges_costs_no_revoke_its_deadline() {
+    if !root_or_skip("a_client_lying_about_its_ranges_costs_no_revoke_its_deadline") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start("");
+    let dir = scratch("private-liar");
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let file = dir.path().join("public");
+    make_file(&file, 1 << 20, 5);
+    std::fs::set_permissions(&file, PermissionsExt::from_mode(0o644)).unwrap();
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    for (at, len) in [
+        ("1", "0x800000000000"),
+        ("0x1000", "0x800000000000"),
+        ("0x7f0000000000", "0x10000000000"),
+    ] {
+        let t = std::time::Instant::now();
+        while !d.status().sources.iter().any(|s| {
+            s.replicas
+                .iter()
+                .any(|r| r.state == replicad_client::proto::ReplicaState::Valid)
+        }) {
+            assert!(t.elapsed().as_secs() < 20, "no new generation: {}", d.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut liar = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(program("replicad-private"))
+            .args([
+                "liar",
+                d.socket.to_str().unwrap(),
+                file.to_str().unwrap(),
+                at,
+                len,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(liar.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(json(&line)["answer"], "mapped", "{line}");
+        rewrite(&file);
+        drop(liar.stdin.take());
+        liar.wait().unwrap();
+        let log = d.log();
+        assert!(
+            !log.contains("past its deadline") && !log.contains("took over"),
+            "Map{{at: {at}, len: {len}}} from a liar held a revoke up:\n{log}"
+        );
+    }
+    assert_eq!(d.metric("replicad_private_pages_carried_total"), 0.0);
+}

@@ -43,8 +43,8 @@ use std::path::{Path, PathBuf};
 pub use cpulist::{format_cpulist, parse_cpulist, MAX_LIST_ID};
 pub use maps::{parse_smaps, MapsLine, OwnedMapsLine, SmapsEntry, SmapsError};
 pub use pagemap::{
-    present_runs, private_runs, written_pages, PageRegion, PmScanArg, PAGEMAP_CHUNK, PAGEMAP_SCAN,
-    PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+    has_private, present_runs, private_runs, written_pages, PageRegion, PmScanArg, PAGEMAP_CHUNK,
+    PAGEMAP_SCAN, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
 };
 pub use parse::{
     parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,

@@ -134,6 +134,24 @@ pub fn private_runs(
     scan_runs(pagemap, start, end, true)
 }
 
+/// Whether `start..end` holds any private page ([`private_runs`]), asked
+/// with one `PAGEMAP_SCAN` that stops at the first. For ranges someone
+/// else names: no entry-by-entry fallback (a kernel without the ioctl, or
+/// a range it refuses, is an error, never a walk of the whole range).
+pub fn has_private(pagemap: &std::fs::File, start: u64, end: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut vec = [PageRegion::default(); 1];
+    let mut arg = PmScanArg::private_pages(start, end, vec.as_mut_ptr() as u64, 1);
+    arg.max_pages = 1;
+    // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most one region into
+    // `vec`, both live on this stack frame.
+    let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n > 0)
+}
+
 /// Runs of pages in `start..end` that are in memory or swap, of any
 /// kind: the pages a read would not have to fault in. Kernels without
 /// `PAGEMAP_SCAN` get the whole range.

@@ -84,14 +84,20 @@ impl SlotView {
 
 /// The slots of a table read from a process (`bytes` may be short: the
 /// slots it holds whole) that still map the replica `dev`, `ino`
-/// ([`SlotView::active_on`]). Reads one word of every other slot: most
-/// are free.
-pub fn active_on(bytes: &[u8], dev: u64, ino: u64) -> impl Iterator<Item = SlotView> + '_ {
+/// ([`SlotView::active_on`]), with their index. Reads one word of every
+/// other slot: most are free.
+pub fn active_on(bytes: &[u8], dev: u64, ino: u64) -> impl Iterator<Item = (usize, SlotView)> + '_ {
     bytes
         .chunks_exact(SLOT_WORDS * 8)
-        .filter(|s| word(s, WORD) & STATE_MASK == ACTIVE)
-        .map(view)
-        .filter(move |v| v.active_on(dev, ino))
+        .enumerate()
+        .filter(|(_, s)| word(s, WORD) & STATE_MASK == ACTIVE)
+        .map(|(i, s)| (i, view(s)))
+        .filter(move |(_, v)| v.active_on(dev, ino))
+}
+
+/// Byte offset of slot `index`'s first word ([`WORD`]) in the table.
+pub fn word_offset(index: usize) -> u64 {
+    (index * SLOT_WORDS * 8) as u64
 }
 
 /// Every whole slot of a table read from a process.
@@ -148,7 +154,13 @@ mod tests {
         assert!(slots[0].active_on(8 << 32 | 3, 42));
         assert!(!slots[0].active_on(8 << 32 | 3, 43));
         assert!(!slots[1].active_on(0, 0));
-        assert_eq!(active_on(&bytes, 8 << 32 | 3, 42).count(), 1);
+        assert_eq!(
+            active_on(&bytes, 8 << 32 | 3, 42)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert_eq!(word_offset(2), 2 * 56);
         assert_eq!(active_on(&bytes, 8 << 32 | 3, 41).count(), 0);
         let mut wrapped = slots[0];
         wrapped.start = u64::MAX;

@@ -16,6 +16,11 @@
 //! byte of page 1 (a private page keeps the bytes it was copied from),
 //! page 2 (never written: the file's bytes now), and for PKEY_FILE page
 //! 3's bytes 0 and 11; and whether each range is still on a replica.
+//!
+//! `replicad-private liar SOCKET FILE AT LEN`: a client that lies: sends
+//! `Map` of FILE saying its fallback table is a heap buffer of its own (1
+//! MiB of private pages) and that it mapped FILE at AT for LEN bytes;
+//! prints the answer's kind and holds on until stdin closes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
@@ -85,8 +90,45 @@ fn byte(addr: usize) -> u8 {
     unsafe { std::ptr::read_volatile(addr as *const u8) }
 }
 
+fn num(s: &str) -> u64 {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+        None => s.parse().unwrap(),
+    }
+}
+
+fn liar(socket: &str, file: &str, at: u64, len: u64) {
+    use replicad_client::proto::{Request, Response};
+    use std::os::fd::AsFd;
+    let heap = vec![1u8; 1 << 20];
+    let f = std::fs::File::open(file).unwrap();
+    let answer = replicad_client::request(
+        std::path::Path::new(socket),
+        &Request::Map {
+            node: Some(0),
+            table: heap.as_ptr() as u64,
+            at,
+            len,
+        },
+        &[f.as_fd()],
+        std::time::Duration::from_secs(5),
+    );
+    let kind = match answer {
+        Ok((Response::Mapped { .. }, _)) => "mapped".to_string(),
+        other => format!("{other:?}"),
+    };
+    println!("{}", json!({ "answer": kind }));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    drop(heap);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args[1] == "liar" {
+        liar(&args[2], &args[3], num(&args[4]), num(&args[5]));
+        return;
+    }
     let (mem_file, pkey_file) = (&args[1], &args[2]);
     let (m, _) = map(mem_file);
     let (k, _) = map(pkey_file);

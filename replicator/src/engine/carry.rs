@@ -72,6 +72,46 @@ pub(super) struct Truncating {
     pub attached: Vec<Attachment>,
 }
 
+/// Processes (and uids) whose memory kept a copier past its deadline:
+/// carried no more. A uid with [`UID_STRIKES`] such processes is banned
+/// whole (one user cannot cost every revoke a deadline with one process
+/// after another).
+#[derive(Debug, Default)]
+pub(super) struct Banned {
+    pids: std::collections::BTreeSet<u32>,
+    strikes: BTreeMap<u32, u32>,
+    uids: std::collections::BTreeSet<u32>,
+}
+
+/// Processes of one uid banned before the uid is.
+const UID_STRIKES: u32 = 3;
+
+impl Banned {
+    /// Ban the process (`pid`, `uid`) a copier was on past its deadline.
+    pub(super) fn strike(&mut self, pid: u32, uid: u32) {
+        if !self.pids.insert(pid) {
+            return;
+        }
+        let n = self.strikes.entry(uid).or_insert(0);
+        *n += 1;
+        if *n >= UID_STRIKES && self.uids.insert(uid) {
+            crate::warn_limited!(
+                "{UID_STRIKES} processes of uid {uid} kept the copy of private pages past its \
+                 deadline: that uid's programs keep no private pages across revokes from now on"
+            );
+        }
+    }
+
+    pub(super) fn covers(&self, pid: u32, uid: u32) -> bool {
+        self.pids.contains(&pid) || self.uids.contains(&uid)
+    }
+}
+
+/// `on`'s value for a process: its pid and the uid it connected as.
+fn packed(pid: u32, uid: u32) -> u64 {
+    (u64::from(pid) << 32) | u64::from(uid)
+}
+
 /// What a process told us: where its table is, the uid it connected as,
 /// and the ranges (source, start, end) its Hello and Map requests put on
 /// replicas, oldest first (some may since be unmapped: they cost a scan
@@ -209,11 +249,12 @@ impl Inner {
             })
             .filter(|w| !w.3.is_empty())
             .collect();
-        let banned = super::relock(&self.carry_banned).clone();
-        let work: Work = work
-            .into_iter()
-            .filter(|w| !banned.contains(&w.1 .1))
-            .collect();
+        let work: Work = {
+            let banned = super::relock(&self.carry_banned);
+            work.into_iter()
+                .filter(|w| !banned.covers(w.0.pid, w.1 .1))
+                .collect()
+        };
         if work.is_empty() {
             return 0;
         }
@@ -241,6 +282,15 @@ impl Inner {
             Err(_) => {
                 stop.store(true, Ordering::Release);
                 worker.late.store(true, Ordering::Release);
+                let on = worker.on.load(Ordering::Acquire);
+                if on != u64::MAX {
+                    let (pid, uid) = ((on >> 32) as u32, on as u32);
+                    crate::warn_limited!(
+                        "pid {pid} (uid {uid}) kept the copy of private pages past {DEADLINE:?}: \
+                         it keeps no private pages across revokes from now on"
+                    );
+                    super::relock(&self.carry_banned).strike(pid, uid);
+                }
                 crate::warn_limited!(
                     "carrying private pages of pids {pids} took over {DEADLINE:?} (their memory \
                      waits on something): revoking without the rest"
@@ -274,15 +324,8 @@ impl Inner {
                 drop(current);
                 return self.spawn_carrier();
             }
-            let uid = c.on.load(Ordering::Acquire);
-            if let Ok(uid) = u32::try_from(uid) {
-                crate::warn_limited!(
-                    "a copy of private pages is still waiting on the memory of a process of \
-                     uid {uid}: that uid's programs keep no private pages across revokes from \
-                     now on"
-                );
-                super::relock(&self.carry_banned).insert(uid);
-            }
+            // Stuck past its deadline (the process it waits on is banned
+            // already): replaced.
         }
         // None yet, or stuck: a new one kept (the stuck one ends once it
         // wakes, its queue gone).
@@ -320,7 +363,7 @@ impl Inner {
                 while let Ok(job) = queue.recv() {
                     let mut pages = 0;
                     for (a, table, pagemap, ranges, replicas) in &job.work {
-                        on.store(u64::from(table.1), Ordering::Release);
+                        on.store(packed(a.pid, table.1), Ordering::Release);
                         let told = Told {
                             a: *a,
                             table: *table,
@@ -360,7 +403,8 @@ pub(super) struct Carrier {
     pub(super) busy: Arc<AtomicBool>,
     /// Its revoke stopped waiting for it.
     pub(super) late: Arc<AtomicBool>,
-    /// The uid of the process it works on, `u64::MAX` between them.
+    /// The process it works on (`pid << 32 | uid`), `u64::MAX` between
+    /// them.
     pub(super) on: Arc<AtomicU64>,
 }
 
@@ -389,31 +433,68 @@ struct Told<'a> {
 /// The slots of a table (`bytes`) that map one of `on`, each with the
 /// length it may cover (at most its replica's size), at most
 /// [`MAX_SLOTS`].
-fn matching(bytes: &[u8], on: &[Truncating]) -> Vec<(slots::SlotView, u64)> {
+fn matching(bytes: &[u8], on: &[Truncating]) -> Vec<Mine> {
     let page = replicad_procfs::page_size() as u64;
     let mut found = Vec::new();
     for r in on {
         let cap = r.size.div_ceil(page) * page;
-        found.extend(slots::active_on(bytes, r.dev, r.ino).map(|s| (s, s.len.min(cap))));
+        // The shim's ranges and spares are whole pages; anything else is
+        // not one of its slots.
+        let whole = |(_, v): &(usize, slots::SlotView)| {
+            v.start.is_multiple_of(page)
+                && v.spare.is_multiple_of(page)
+                && v.len.is_multiple_of(page)
+        };
+        found.extend(
+            slots::active_on(bytes, r.dev, r.ino)
+                .filter(whole)
+                .map(|(i, s)| Mine {
+                    index: i,
+                    slot: s,
+                    len: s.len.min(cap),
+                }),
+        );
     }
-    found.truncate(MAX_SLOTS);
+    if found.len() > MAX_SLOTS {
+        crate::debug_limited!(
+            "{} ranges on replicas being revoked in one process: the first {MAX_SLOTS} are \
+             looked at for private pages",
+            found.len()
+        );
+        found.truncate(MAX_SLOTS);
+    }
     found
 }
 
+/// A slot of the table that maps a replica being revoked: its index, what
+/// it said, and how much of its range may be looked at.
+#[derive(Debug, Clone, Copy)]
+struct Mine {
+    index: usize,
+    slot: slots::SlotView,
+    len: u64,
+}
+
 /// A slot and the runs of private pages in its range.
-type SlotRuns = (slots::SlotView, Vec<(u64, u64)>);
+type SlotRuns = (Mine, Vec<(u64, u64)>);
+
+/// Whether slot `m` of the table at `table` still holds the word it held
+/// (the same range, not moved or unmapped since), read through `mem`.
+fn unchanged(mem: &std::fs::File, m: &Mine, table: u64) -> bool {
+    let mut w = [0u8; 8];
+    let at = table + slots::word_offset(m.index);
+    matches!(mem.read_at(&mut w, at), Ok(8)) && u64::from_ne_bytes(w) == m.slot.word
+}
 
 /// Of `mine`, the slots with private pages, and their runs.
-fn private_slots(
-    mine: &[(slots::SlotView, u64)],
-    pagemap: &std::fs::File,
-) -> Result<Vec<SlotRuns>, String> {
+fn private_slots(mine: &[Mine], pagemap: &std::fs::File) -> Result<Vec<SlotRuns>, String> {
     let mut found = Vec::new();
-    for &(s, len) in mine {
-        let runs = replicad_procfs::private_runs(pagemap, s.start, s.start + len)
-            .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
+    for m in mine {
+        let (start, end) = (m.slot.start, m.slot.start + m.len);
+        let runs = replicad_procfs::private_runs(pagemap, start, end)
+            .map_err(|e| format!("PAGEMAP_SCAN of {start:#x}-{end:#x}: {e}"))?;
         if !runs.is_empty() {
-            found.push((s, runs));
+            found.push((*m, runs));
         }
     }
     Ok(found)
@@ -453,9 +534,9 @@ fn carry_one(
         if stop.load(Ordering::Acquire) {
             return Ok(0);
         }
-        let runs = replicad_procfs::private_runs(pagemap, start, end)
-            .map_err(|e| format!("PAGEMAP_SCAN: {e}"))?;
-        if !runs.is_empty() {
+        if replicad_procfs::has_private(pagemap, start, end)
+            .map_err(|e| format!("PAGEMAP_SCAN of {start:#x}-{end:#x}: {e}"))?
+        {
             any = true;
             break;
         }
@@ -482,11 +563,7 @@ fn carry_one(
         return Err(format!("it is no longer uid {uid}'s to inspect"));
     }
     let page = replicad_procfs::page_size() as u64;
-    // The table by pid (one process_vm_readv, where a read through mem
-    // goes page by page): were the pid recycled since the check, this
-    // reads another process, but every write below goes through `mem`,
-    // which is the checked process's (or of nothing).
-    // Only its pages in memory: the rest of the table was never written
+    // Through `mem`, only its pages in memory: the rest of the table was never written
     // (all slots free), and reading it would fault each page in.
     let size = buf.len() as u64;
     buf.fill(0);
@@ -497,8 +574,7 @@ fn carry_one(
         let Some(part) = buf.get_mut((from - table) as usize..(to - table) as usize) else {
             continue;
         };
-        crate::sys::read_remote(a.pid, from, part)
-            .or_else(|_| mem.read_at(part, from))
+        mem.read_at(part, from)
             .map_err(|e| format!("reading its fallback table at {from:#x}: {e}"))?;
     }
     let got = buf.len();
@@ -507,7 +583,8 @@ fn carry_one(
     let mut budget = MAX_BYTES;
     let mut chunk = vec![0u8; CHUNK];
     let mine = matching(buf.get(..got).unwrap_or(&[]), on);
-    for (s, runs) in private_slots(&mine, &pagemap)? {
+    for (m, runs) in private_slots(&mine, &pagemap)? {
+        let s = m.slot;
         for (from, to) in runs {
             let mut at = from;
             while at < to && budget > 0 {
@@ -522,7 +599,10 @@ fn carry_one(
                 let read = mem
                     .read_at(part, at)
                     .map_err(|e| format!("reading {at:#x}: {e}"))?;
-                if read == 0 || stop.load(Ordering::Acquire) {
+                // The shim marks a slot before it moves or unmaps its
+                // spare (and then waits for the revoke): write only while
+                // the slot still says what it said.
+                if read == 0 || stop.load(Ordering::Acquire) || !unchanged(&mem, &m, table) {
                     break;
                 }
                 let wrote = mem

@@ -211,8 +211,8 @@ struct Inner {
     tables: Mutex<std::collections::BTreeMap<Attachment, carry::Carrying>>,
     /// The thread that scans and copies for `carry.rs`.
     carrier: Mutex<Option<carry::Carrier>>,
-    /// Uids whose process memory kept a copier waiting (`carry.rs`).
-    carry_banned: Mutex<BTreeSet<u32>>,
+    /// Processes and uids whose memory kept a copier waiting (`carry.rs`).
+    carry_banned: Mutex<carry::Banned>,
 }
 
 #[derive(Default)]
@@ -423,7 +423,7 @@ impl Replicator {
             held_gates: Mutex::new(Vec::new()),
             tables: Mutex::new(std::collections::BTreeMap::new()),
             carrier: Mutex::new(None),
-            carry_banned: Mutex::new(BTreeSet::new()),
+            carry_banned: Mutex::new(carry::Banned::default()),
         });
         let fence = if wiring.fence_thread {
             let weak = Arc::downgrade(&inner);

@@ -105,8 +105,17 @@ impl Inner {
             })
             .collect();
         if !truncating.is_empty() {
+            // Without the list lock: the copier may take up to its
+            // deadline, and nobody needs this source meanwhile (its
+            // replicas are Revoking: no attach, no copy). A revoke of it
+            // from another thread meanwhile leaves nothing to truncate.
+            drop(list);
             self.carry_private(key, &truncating);
+            list = lock(&self.list);
         }
+        let Some(src) = list.get_mut(key) else {
+            return (list, 0);
+        };
         let mut n = 0;
         for mut r in src.replicas.drain(..) {
             r.state = ReplicaState::Gone;

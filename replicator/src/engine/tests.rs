@@ -914,27 +914,41 @@ fn a_lease_the_kernel_broke_by_force_is_counted() {
 }
 
 #[test]
-fn a_copier_busy_in_time_serves_no_second_revoke_and_a_stuck_one_costs_its_uid() {
+fn a_copier_busy_in_time_serves_no_second_revoke_and_a_stuck_one_is_replaced() {
     let rig = rig();
     let inner = &rig.engine.inner;
     let first = inner.carrier().unwrap();
     assert!(first.busy.load(Ordering::Acquire));
     // Another revoke meanwhile, within the first's deadline: a thread of
-    // its own, and nobody is blamed.
+    // its own.
     let second = inner.carrier().unwrap();
     assert!(!Arc::ptr_eq(&first.busy, &second.busy));
-    assert!(relock(&inner.carry_banned).is_empty());
-    // The first revoke gave up on its copier, which still waits on a
-    // process of uid 4321: the next revoke gets a new one, and that uid's
-    // processes are carried no more.
-    first.on.store(4321, Ordering::Release);
+    // The first revoke gave up on its copier (the process it was on was
+    // banned then): the next revoke gets a new one.
     first.late.store(true, Ordering::Release);
     let third = inner.carrier().unwrap();
     assert!(!Arc::ptr_eq(&first.busy, &third.busy));
-    assert!(relock(&inner.carry_banned).contains(&4321));
     // Once a copier is done, it serves the next revoke again.
     third.busy.store(false, Ordering::Release);
+    third.late.store(true, Ordering::Release);
     let fourth = inner.carrier().unwrap();
     assert!(Arc::ptr_eq(&third.busy, &fourth.busy));
-    assert!(!fourth.late.load(Ordering::Acquire));
+    assert!(
+        !fourth.late.load(Ordering::Acquire),
+        "a new claim starts in time"
+    );
+}
+
+#[test]
+fn three_slow_processes_of_one_uid_ban_the_uid() {
+    let mut b = super::carry::Banned::default();
+    b.strike(10, 1000);
+    assert!(b.covers(10, 1000));
+    assert!(!b.covers(11, 1000), "one process is not its uid");
+    b.strike(10, 1000);
+    b.strike(11, 1000);
+    assert!(!b.covers(12, 1000), "the same pid twice is one strike");
+    b.strike(12, 1000);
+    assert!(b.covers(99, 1000));
+    assert!(!b.covers(99, 1001));
 }
