@@ -207,3 +207,79 @@ fn a_client_lying_about_its_ranges_costs_no_revoke_its_deadline() {
     }
     assert_eq!(d.metric("replicad_private_pages_carried_total"), 0.0);
 }
+
+/// A process forked from one the shim attached has its parent's replica
+/// ranges but never says hello: the daemon finds it among the parent's
+/// children (at its next prune), attaches it, and a revoke carries the
+/// child's private pages as well as the parent's.
+#[test]
+fn a_forked_child_keeps_its_private_pages_too() {
+    if !root_or_skip("a_forked_child_keeps_its_private_pages_too") {
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("private-fork");
+    let file = dir.path().join("text");
+    paged(&file, b'A');
+    d.ctl_ok(&["replicate", file.to_str().unwrap()]);
+    let mut child = Command::new(REPLICACTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["run", "--node", "0", "--shim"])
+        .arg(shim_path())
+        .arg("--")
+        .arg(program("replicad-private"))
+        .arg("fork")
+        .arg(&file)
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut ready = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        ready.push(json(&line));
+    }
+    for r in &ready {
+        assert_eq!(r["on_replica"], true, "{r}\n{}", d.log());
+    }
+    let kid = ready
+        .iter()
+        .find(|r| r["who"] == "child")
+        .and_then(|r| r["pid"].as_u64())
+        .unwrap();
+    // The daemon attaches the child at its next prune (every 2 s).
+    let t = std::time::Instant::now();
+    while !d.status().sources.iter().any(|s| {
+        s.replicas
+            .iter()
+            .any(|r| r.attachments.iter().any(|&p| u64::from(p) == kid))
+    }) {
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "child {kid} never attached:\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    rewrite(&file);
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    for _ in 0..2 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let after = json(&line);
+        assert_eq!(
+            after["breakpoint"],
+            0xcc,
+            "{}: {after}\n{}",
+            after["who"],
+            d.log()
+        );
+        assert_eq!(after["on_replica"], false, "{after}");
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(d.metric("replicad_private_pages_carried_total") >= 2.0);
+}

@@ -341,6 +341,34 @@ impl ProcReader {
             .join(format!("{start:x}-{end:x}"))
     }
 
+    /// The children of every thread of `pid` (`<pid>/task/<tid>/children`,
+    /// which kernels built with `CONFIG_PROC_CHILDREN` have), sorted; an
+    /// empty list where the kernel has no such file.
+    pub fn children(&self, pid: u32) -> Result<Option<Vec<u32>>> {
+        let path = self.file(pid, "task");
+        let Some(dir) = gone_or(&path, std::fs::read_dir(&path))? else {
+            return Ok(None);
+        };
+        let mut children = Vec::new();
+        for entry in dir {
+            let Some(entry) = gone_or(&path, entry)? else {
+                return Ok(None);
+            };
+            let file = entry.path().join("children");
+            // A thread that ended meanwhile, or no such file: none.
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        children.sort_unstable();
+        children.dedup();
+        Ok(Some(children))
+    }
+
     /// The open fd numbers in `<pid>/fd`, sorted.
     pub fn fds(&self, pid: u32) -> Result<Option<Vec<u32>>> {
         let path = self.file(pid, "fd");

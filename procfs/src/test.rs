@@ -608,3 +608,25 @@ fn mutated_fixtures_never_panic() {
         every_parser(&b);
     }
 }
+
+#[test]
+fn live_children_are_listed_and_a_gone_process_has_none() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .unwrap();
+    let r = ProcReader::default();
+    let kids = r.children(me()).unwrap().unwrap();
+    // Kernels without CONFIG_PROC_CHILDREN list nobody.
+    if r.pid_dir(me())
+        .join("task")
+        .join(me().to_string())
+        .join("children")
+        .exists()
+    {
+        assert!(kids.contains(&child.id()), "{kids:?}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(r.children(u32::MAX - 1).unwrap(), None);
+}

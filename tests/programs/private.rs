@@ -17,6 +17,13 @@
 //! page 2 (never written: the file's bytes now), and for PKEY_FILE page
 //! 3's bytes 0 and 11; and whether each range is still on a replica.
 //!
+//! `replicad-private fork FILE`: map FILE as above, then fork; the parent
+//! writes a breakpoint at page 2, byte 7, the child at page 1, byte 7,
+//! each through its own `/proc/self/mem`. Each prints `{"who", "pid",
+//! "on_replica"}`; after a line on stdin (the parent's; it tells the child
+//! through a pipe) each prints its breakpoint byte now and whether it is
+//! still on a replica, and the parent waits for the child.
+//!
 //! `replicad-private liar SOCKET FILE AT LEN`: a client that lies: sends
 //! `Map` of FILE saying its fallback table is a heap buffer of its own (1
 //! MiB of private pages) and that it mapped FILE at AT for LEN bytes;
@@ -123,8 +130,57 @@ fn liar(socket: &str, file: &str, at: u64, len: u64) {
     drop(heap);
 }
 
+fn fork_both(file: &str) {
+    let (m, _) = map(file);
+    let mut pipe = [0i32; 2];
+    // SAFETY: a fresh pipe into a two-int array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: this program is single-threaded: the child may do anything.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    let (who, at) = if pid == 0 {
+        ("child", m + PAGE + 7)
+    } else {
+        ("parent", m + 2 * PAGE + 7)
+    };
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(replicad_procfs::ProcReader::default().self_path("mem"))
+        .unwrap();
+    mem.write_at(&[0xcc], at as u64).unwrap();
+    println!(
+        "{}",
+        json!({"who": who, "pid": std::process::id(), "on_replica": on_replica(m, file)})
+    );
+    let mut b = [0u8; 1];
+    if pid == 0 {
+        // SAFETY: reading one byte into our buffer from the pipe's end.
+        unsafe { libc::read(pipe[0], b.as_mut_ptr().cast(), 1) };
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).unwrap();
+        // SAFETY: one byte from our buffer into the pipe.
+        unsafe { libc::write(pipe[1], b.as_ptr().cast(), 1) };
+    }
+    println!(
+        "{}",
+        json!({"who": who, "after": true, "breakpoint": byte(at), "on_replica": on_replica(m, file)})
+    );
+    if pid == 0 {
+        std::process::exit(0);
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args[1] == "fork" {
+        fork_both(&args[2]);
+        return;
+    }
     if args[1] == "liar" {
         liar(&args[2], &args[3], num(&args[4]), num(&args[5]));
         return;

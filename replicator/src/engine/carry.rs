@@ -217,6 +217,93 @@ impl Inner {
         }
     }
 
+    /// Fork children of processes that told us their table. A child has
+    /// its parent's address space (its ranges on replicas, its table at the
+    /// same address) but never says hello: each child that still maps one
+    /// of its parent's replicas (it did not exec) and is still the parent's
+    /// uid's is attached to its parent's replicas, with its parent's record
+    /// copied, so that a revoke carries its private pages too. Run with
+    /// every prune (`prune_every`): a child younger than that at a revoke
+    /// keeps none; grandchildren come a prune later.
+    pub(super) fn adopt_children(&self) {
+        let parents: Vec<(Attachment, Carrying)> = super::relock(&self.tables)
+            .iter()
+            .filter(|(_, c)| !c.ranges.is_empty())
+            .map(|(a, c)| (*a, c.clone()))
+            .collect();
+        if parents.is_empty() {
+            return;
+        }
+        // The replicas each parent is attached to: (dev, ino) of the files.
+        let replicas_of = |a: &Attachment| -> Vec<(u64, u64)> {
+            super::lock(&self.list)
+                .iter()
+                .flat_map(|s| s.replicas.iter())
+                .filter(|r| r.attachments.contains(a))
+                .filter_map(|r| r.file.as_ref().map(|f| f.dev_ino()))
+                .collect()
+        };
+        let known: std::collections::BTreeSet<Attachment> =
+            super::relock(&self.tables).keys().copied().collect();
+        let mut found: Vec<(Attachment, Attachment, Carrying)> = Vec::new();
+        for (parent, c) in &parents {
+            let Ok(Some(kids)) = self.proc.children(parent.pid) else {
+                continue;
+            };
+            for pid in kids {
+                let child = self.attachment(pid);
+                if child.start_time == 0 || known.contains(&child) {
+                    continue;
+                }
+                let ours =
+                    c.uid == 0 || self.proc.proc_owner_uid(pid).ok().flatten() == Some(c.uid);
+                let files = replicas_of(parent);
+                let maps_one = ours
+                    && matches!(self.proc.maps(pid), Ok(Some(lines))
+                        if lines.iter().any(|l| files.contains(&(l.dev, l.ino))));
+                // One that exec'd, or is not its parent's uid's any more, is
+                // remembered with no ranges: looked at no more.
+                let ranges = if maps_one {
+                    c.ranges.clone()
+                } else {
+                    Vec::new()
+                };
+                found.push((
+                    *parent,
+                    child,
+                    Carrying {
+                        table: c.table,
+                        uid: c.uid,
+                        ranges,
+                        pagemap: None,
+                    },
+                ));
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        for (_, child, c) in &mut found {
+            if !c.ranges.is_empty() {
+                c.pagemap = cache_pagemap(&self.proc, child.pid);
+            }
+        }
+        {
+            let mut tables = super::relock(&self.tables);
+            for (_, child, c) in &found {
+                tables.entry(*child).or_insert_with(|| c.clone());
+            }
+        }
+        let mut list = super::lock(&self.list);
+        for r in list.iter_mut().flat_map(|s| s.replicas.iter_mut()) {
+            for (parent, child, c) in &found {
+                if !c.ranges.is_empty() && r.attachments.contains(parent) {
+                    r.attachments.insert(*child);
+                }
+            }
+        }
+    }
+
     /// Carry the private pages of every process attached to `replicas` to
     /// its spares, waiting at most [`DEADLINE`]. Returns the pages
     /// carried.

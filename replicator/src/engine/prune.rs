@@ -15,9 +15,11 @@ use super::{lock, relock, Inner, Job, Reason};
 use crate::model::{Attachment, SourceKey};
 
 impl Inner {
-    /// Forget attachments of processes that exited, and drop sources that
-    /// were unlinked and have no attachment left.
+    /// Attach fork children of attached processes (`carry.rs`), forget
+    /// attachments of processes that exited, and drop sources that were
+    /// unlinked and have no attachment left.
     pub(super) fn prune(&self) {
+        self.adopt_children();
         // Read /proc without the list lock: the fence thread may need it.
         let (attached, fds): (BTreeSet<Attachment>, Vec<(SourceKey, Arc<OwnedFd>)>) = {
             let list = lock(&self.list);
