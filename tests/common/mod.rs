@@ -261,7 +261,21 @@ impl Daemon {
 
     /// replicactl that must succeed; returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
+        let mut out = self.ctl(args);
+        // A file a test just wrote may still be open for writing in a
+        // child another test thread forked and has not exec'd yet (it
+        // holds a duplicate of every fd until exec): the daemon rightly
+        // refuses to fence it. That writer goes away within milliseconds.
+        let mut tries = 0;
+        while args.first() == Some(&"replicate")
+            && !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("open for writing")
+            && tries < 40
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            out = self.ctl(args);
+            tries += 1;
+        }
         assert!(
             out.status.success(),
             "replicactl {args:?} failed: {}\n{}\ndaemon log:\n{}",
