@@ -179,7 +179,7 @@ fn the_open_file_limit_is_raised_reported_and_refused_beyond() {
         .and_then(|l| l.split_whitespace().nth(4))
         .and_then(|n| n.parse().ok())
         .unwrap();
-    let fits = hard >= want as u64 + 256;
+    let fits = hard >= want as u64 + replicad_replicator::engine::SourceLimit::RESERVED;
     if fits {
         assert!(
             room >= want,

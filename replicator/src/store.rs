@@ -259,6 +259,7 @@ impl Store {
         if !cfg.force_memfd {
             check_private(&cfg.run_dir)?;
         }
+        reserve_fds();
         for (node, dir) in dirs {
             let ns = store.open_node(node, dir)?;
             if ns.kind == StoreKind::Tmpfs {
@@ -888,6 +889,53 @@ pub struct ReplicaPath {
     pub ino: u64,
 }
 
+/// Open files kept back for the fence: a revoke opens each tmpfs replica
+/// (twice) to cut it, and must not fail for want of a free fd while the
+/// table is full (clients, status pages), or readers would keep a replica
+/// the writer is let past. See [`with_fd_room`].
+const FD_RESERVE: usize = 4;
+static FD_RESERVE_FDS: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Fill the fence's reserve of open files (`/dev/null`, read-only), up to
+/// [`FD_RESERVE`]. Called when the store opens and when the keeper starts;
+/// again after the reserve was drawn on.
+pub fn reserve_fds() {
+    let mut kept = FD_RESERVE_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    while kept.len() < FD_RESERVE {
+        match fs::File::open("/dev/null") {
+            Ok(f) => kept.push(OwnedFd::from(f)),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Run `open`; while the fd table is full (`EMFILE`), give back one fd
+/// of the reserve and try again; then take back what fits.
+fn with_fd_room<T>(open: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    let mut result = open();
+    let mut drew = 0;
+    while matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EMFILE)) {
+        let freed = FD_RESERVE_FDS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        if freed.is_none() {
+            break;
+        }
+        drop(freed);
+        drew += 1;
+        result = open();
+    }
+    if drew > 0 {
+        crate::warn_limited!(
+            "the open-file table is full: the fence drew {drew} of its reserve of \
+             {FD_RESERVE} to cut a replica (raise LimitNOFILE=, or replicate fewer files)"
+        );
+        reserve_fds();
+    }
+    result
+}
+
 impl ReplicaPath {
     /// Open it read-only for this moment: `Ok(None)` when the path names
     /// nothing now, or another file (the replica is gone: whoever unlinked
@@ -897,11 +945,15 @@ impl ReplicaPath {
     }
 
     fn open_with(&self, write: bool) -> io::Result<Option<fs::File>> {
-        let opened = fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(&self.path);
+        let opened = with_fd_room(|| {
+            fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(
+                    libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+                )
+                .open(&self.path)
+        });
         let file = match opened {
             Ok(f) => f,
             // ELOOP: a symlink in its place, not our file.
@@ -2088,6 +2140,57 @@ mod tests {
         assert!(at.open().unwrap().is_none());
         r.revoke().unwrap();
         drop(ro);
+        r.remove();
+    }
+
+    /// A full fd table does not stop a revoke: the cut draws on the
+    /// fence's reserve. Run in a forked child, whose table is filled with
+    /// `dup`s up to its limit (the test process's other threads must not
+    /// see that).
+    #[test]
+    fn store_tmpfs_replica_is_cut_with_a_full_fd_table() {
+        let test = "store_tmpfs_replica_is_cut_with_a_full_fd_table";
+        let rd = RunDir::new();
+        let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
+            return;
+        };
+        let src = source(&pattern(5000, 4));
+        let id = ident(&src, 1);
+        let mut r = store.create(0, &id).unwrap();
+        r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
+            .unwrap();
+        r.seal().unwrap();
+        let at = r.replica_path().unwrap();
+        reserve_fds();
+        // SAFETY: the child only makes syscalls and the truncate (glibc's
+        // allocator is fork-safe), then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 3;
+            // SAFETY: dup of fd 0 until the table is full.
+            while unsafe { libc::dup(0) } >= 0 {}
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
+                code = match at.truncate() {
+                    Ok(true) => 0,
+                    Ok(false) => 1,
+                    Err(_) => 2,
+                };
+            }
+            // SAFETY: leave the child without running the parent's atexit
+            // handlers or test harness.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "{test}: {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "{test}: 1 the replica was not there, 2 the cut failed, 3 the table never filled"
+        );
+        assert_eq!(fs::metadata(&at.path).unwrap().len(), 0, "{test}: not cut");
         r.remove();
     }
 

@@ -95,8 +95,11 @@ pub struct SourceLimit {
 }
 
 impl SourceLimit {
-    /// Open files kept for everything else (sockets, the store, /proc).
-    pub const RESERVED: u64 = 256;
+    /// Open files kept for everything else: the 512 connections other
+    /// users may hold and the fds their requests pass, the store, /proc,
+    /// kept pagemaps (`carry.rs`), and the fence's own reserve for cutting
+    /// replicas by path (`store::reserve_fds`).
+    pub const RESERVED: u64 = 1024;
 
     /// The room `nofile` open files leave for sources replicated onto
     /// node stores of these kinds (one a node).

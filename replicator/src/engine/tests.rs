@@ -428,8 +428,11 @@ fn a_source_costs_one_open_file_on_tmpfs_and_one_more_per_memfd_node() {
 
 #[test]
 fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
-    // 256 kept back, 2 open files a source on one node: room for 2.
-    let limit = super::SourceLimit::new(256 + 5, &[crate::store::StoreKind::Memfd]);
+    // RESERVED kept back, 2 open files a source on one node: room for 2.
+    let limit = super::SourceLimit::new(
+        super::SourceLimit::RESERVED + 5,
+        &[crate::store::StoreKind::Memfd],
+    );
     assert_eq!((limit.sources, limit.per_source), (2, 2));
     let rig = rig_with(Some(limit));
     let a = rig.source("a", b"one");

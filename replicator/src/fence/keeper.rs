@@ -593,6 +593,8 @@ pub fn run(sock: RawFd, run_dir: Option<PathBuf>) -> i32 {
     // Nothing else of the daemon's is ours to keep open (fds it leaked
     // across exec would hold open file descriptions we do not manage).
     close_all_but(sock.as_raw_fd());
+    // Cutting a replica opens it: keep fds back for that.
+    crate::store::reserve_fds();
     let proc = replicad_procfs::ProcReader::default();
     // One keeper per run directory, and a daemon can tell one lives.
     let _lock = match run_dir.as_deref().map(take_lock) {
