@@ -405,21 +405,19 @@ fn a_source_costs_one_open_file_on_tmpfs_and_one_more_per_memfd_node() {
     // A populated tmpfs replica holds no fd: only the source's lease counts.
     for nodes in [1, 2, 8] {
         let limit = super::SourceLimit::new(20_000, &vec![Tmpfs; nodes]);
-        assert_eq!(
-            (limit.per_source, limit.sources),
-            (1, 20_000 - 256),
-            "{nodes}"
-        );
+        let room = 20_000 - super::SourceLimit::RESERVED as usize;
+        assert_eq!((limit.per_source, limit.sources), (1, room), "{nodes}");
         // memfd replicas keep their fd: one more a node.
         let limit = super::SourceLimit::new(20_000, &vec![Memfd; nodes]);
         assert_eq!(limit.per_source, 1 + nodes as u64, "{nodes}");
-        assert_eq!(limit.sources, (20_000 - 256) / (1 + nodes), "{nodes}");
+        assert_eq!(limit.sources, room / (1 + nodes), "{nodes}");
     }
     // A mixed store: the memfd nodes count.
-    let limit = super::SourceLimit::new(1024, &[Tmpfs, Memfd, Tmpfs]);
+    let nofile = super::SourceLimit::RESERVED + 768;
+    let limit = super::SourceLimit::new(nofile, &[Tmpfs, Memfd, Tmpfs]);
     assert_eq!(
         (limit.per_source, limit.sources, limit.nofile),
-        (2, 384, 1024)
+        (2, 384, nofile)
     );
     // The goal of issue 10: 10,000 sources under a hard limit of 20000.
     assert!(super::SourceLimit::new(20_000, &[Tmpfs]).sources >= 10_000);
@@ -448,16 +446,19 @@ fn sources_beyond_the_open_file_room_are_refused_with_the_limit() {
             e,
             Error::TooManySources {
                 sources: 2,
-                nofile: 261,
+                nofile,
                 per_source: 2,
                 ..
-            }
+            } if nofile == super::SourceLimit::RESERVED + 5
         ),
         "{e:?}"
     );
     let text = e.to_string();
     assert!(
-        text.contains("RLIMIT_NOFILE 261") && text.contains("LimitNOFILE="),
+        text.contains(&format!(
+            "RLIMIT_NOFILE {}",
+            super::SourceLimit::RESERVED + 5
+        )) && text.contains("LimitNOFILE="),
         "{text}"
     );
     assert_eq!(rig.engine.status().sources.len(), 2);
