@@ -104,12 +104,47 @@ const EMPTY_SLOT: Slot = Slot {
     offset: AtomicU64::new(0),
 };
 
-static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
+/// The table and, right after it, the word the daemon sets while it
+/// writes private pages into this process's spares during a revoke
+/// ([`replicad_procfs::slots::CARRYING_OFFSET`]).
+#[repr(C)]
+struct Shared {
+    slots: [Slot; SLOTS],
+    carrying: AtomicU64,
+}
+
+static SHARED: Shared = Shared {
+    slots: [EMPTY_SLOT; SLOTS],
+    carrying: AtomicU64::new(0),
+};
+static TABLE: &[Slot; SLOTS] = &SHARED.slots;
+
+const _: () = assert!(std::mem::offset_of!(Shared, carrying) as u64 == slots::CARRYING_OFFSET);
 
 /// Where this process keeps its table, for the daemon (see
 /// [`replicad_procfs::slots`]).
 pub(crate) fn table_address() -> u64 {
-    TABLE.as_ptr() as u64
+    &SHARED as *const Shared as u64
+}
+
+/// Longest a spare's move or unmap waits for the daemon to finish writing
+/// into spares (longer than the daemon's own deadline for it).
+const CARRY_WAIT_NS: u64 = 25_000_000;
+/// One nap while it waits.
+const CARRY_NAP_NS: u64 = 100_000;
+
+/// Wait while the daemon writes private pages into this process's spares
+/// (it checks each slot's word before each write, and the caller has just
+/// changed it: once the word is clear, no write of the daemon's is left
+/// to land on a spare about to move). At most [`CARRY_WAIT_NS`].
+/// Async-signal-safe: loads and nanosleep.
+fn wait_carry() {
+    fence(Ordering::SeqCst);
+    let mut slept = 0;
+    while SHARED.carrying.load(Ordering::SeqCst) != 0 && slept < CARRY_WAIT_NS {
+        sys::nap(CARRY_NAP_NS);
+        slept += CARRY_NAP_NS;
+    }
 }
 /// The page size, read once when the handler is installed.
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
@@ -526,7 +561,7 @@ pub mod shim {
                     // debugger or a `/proc/self/mem` write left there) go
                     // with it, as they would stay without replicad.
                     carry_own(start, slot_len, spare);
-                    wait_revokes();
+                    wait_carry();
                     let ok = sys::mremap_fixed(spare, slot_len, start);
                     if ok {
                         FALLBACKS.fetch_add(1, Ordering::Relaxed);
@@ -582,8 +617,8 @@ pub mod shim {
         {
             return;
         }
-        // As in `release`: not while a revoke may write to the spare.
-        wait_revokes();
+        // As in `release`: not while the daemon may write to the spare.
+        wait_carry();
         // SAFETY: the spare is the shim's own mapping and was never moved
         // (the slot was ACTIVE); only its part under the hole goes.
         unsafe {
@@ -650,9 +685,9 @@ pub mod shim {
             return;
         }
         if unmap_spare {
-            // A revoke may be copying private pages into the spare: the
+            // The daemon may be copying private pages into the spare: the
             // address must not be handed out again meanwhile.
-            wait_revokes();
+            wait_carry();
             let spare = slot.spare.load(Ordering::Relaxed);
             let len = slot.len.load(Ordering::Relaxed);
             // SAFETY: the spare is the shim's own mapping and was never moved
@@ -1141,6 +1176,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                         continue;
                     }
                     wait_revokes();
+                    wait_carry();
                     let ok = sys::mremap_fixed(spare, len, start);
                     let st = if ok { FALLEN } else { BROKEN };
                     if ok {
@@ -1339,6 +1375,23 @@ mod sys {
             libc::FUTEX_WAIT as usize,
             val as usize,
             &ts as *const libc::timespec as usize,
+            0,
+            0,
+        );
+    }
+
+    /// Sleep `ns` (any interruption just returns).
+    pub(super) fn nap(ns: u64) {
+        let ts = libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        syscall6(
+            libc::SYS_nanosleep,
+            &ts as *const libc::timespec as usize,
+            0,
+            0,
+            0,
             0,
             0,
         );

@@ -11,6 +11,7 @@
 //!   4 dev     the replica file's major << 32 | minor (0: a client-API range)
 //!   5 ino     the replica file's inode
 //!   6 offset  the file offset the range maps
+//!  then one u64, `carrying`: non-zero while the daemon writes into spares
 //! ```
 //!
 //! A revoke truncates the replica, and the kernel drops with it every
@@ -28,6 +29,10 @@ pub const SLOTS: usize = 1024;
 pub const SLOT_WORDS: usize = 7;
 /// Bytes of one whole table.
 pub const TABLE_BYTES: usize = SLOTS * SLOT_WORDS * 8;
+/// Offset from the table's start of the word the daemon sets (1) while it
+/// writes into the process's spares, and clears (0) after: the client
+/// waits for it before it moves or unmaps a spare.
+pub const CARRYING_OFFSET: u64 = TABLE_BYTES as u64;
 
 /// Word index of `seq << 8 | state`.
 pub const WORD: usize = 0;

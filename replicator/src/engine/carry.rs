@@ -553,6 +553,27 @@ fn matching(bytes: &[u8], on: &[Truncating]) -> Vec<Mine> {
     found
 }
 
+/// The process's `carrying` word, set while this lives (its table's
+/// [`slots::CARRYING_OFFSET`], written through its checked `mem`).
+struct CarryingFlag<'a> {
+    mem: &'a std::fs::File,
+    at: u64,
+}
+
+impl Carrying {
+    fn flag(mem: &std::fs::File, table: u64) -> CarryingFlag<'_> {
+        let at = table + slots::CARRYING_OFFSET;
+        let _ = mem.write_at(&1u64.to_ne_bytes(), at);
+        CarryingFlag { mem, at }
+    }
+}
+
+impl Drop for CarryingFlag<'_> {
+    fn drop(&mut self) {
+        let _ = self.mem.write_at(&0u64.to_ne_bytes(), self.at);
+    }
+}
+
 /// A slot of the table that maps a replica being revoked: its index, what
 /// it said, and how much of its range may be looked at.
 #[derive(Debug, Clone, Copy)]
@@ -670,7 +691,11 @@ fn carry_one(
     let mut budget = MAX_BYTES;
     let mut chunk = vec![0u8; CHUNK];
     let mine = matching(buf.get(..got).unwrap_or(&[]), on);
-    for (m, runs) in private_slots(&mine, &pagemap)? {
+    let found = private_slots(&mine, &pagemap)?;
+    // While its `carrying` word is set the process moves and unmaps no
+    // spare (it waits; each of our writes checks the slot's word first).
+    let _carrying = Carrying::flag(&mem, table);
+    for (m, runs) in found {
         let s = m.slot;
         for (from, to) in runs {
             let mut at = from;
@@ -765,7 +790,8 @@ mod tests {
         // A table in our memory: slot 3 is the range (a replica whose
         // device and inode are the temp file's), slot 5 another one that
         // maps `other` on an inode no revoke concerns.
-        let mut table = vec![0u64; slots::SLOTS * slots::SLOT_WORDS];
+        // The slots, then the `carrying` word.
+        let mut table = vec![0u64; slots::SLOTS * slots::SLOT_WORDS + 1];
         let dev = slots::dev_word(md.dev());
         let slot = |t: &mut Vec<u64>, i: usize, start: u64, sp: u64, ino: u64| {
             let w = &mut t[i * slots::SLOT_WORDS..(i + 1) * slots::SLOT_WORDS];
@@ -796,6 +822,10 @@ mod tests {
         let mut buf = vec![0u8; slots::TABLE_BYTES];
         let stop = AtomicBool::new(false);
         assert_eq!(carry_one(&proc, &told, &on, &stop, &mut buf), Ok(1));
+        // SAFETY: reading our own vector's last word, which the copy set
+        // and cleared through our mem.
+        let carrying = unsafe { std::ptr::read_volatile(table.as_ptr().add(table.len() - 1)) };
+        assert_eq!(carrying, 0, "the carrying word was left set");
         // SAFETY: reads inside our mappings.
         let at = |p: u64| unsafe { std::ptr::read_volatile(p as *const u8) };
         assert_eq!(at(spare + 2 * PAGE + 9), 0xcc);
