@@ -105,11 +105,6 @@ pub fn word_offset(index: usize) -> u64 {
     (index * SLOT_WORDS * 8) as u64
 }
 
-/// Every whole slot of a table read from a process.
-pub fn decode(bytes: &[u8]) -> Vec<SlotView> {
-    bytes.chunks_exact(SLOT_WORDS * 8).map(view).collect()
-}
-
 fn word(slot: &[u8], i: usize) -> u64 {
     let mut b = [0u8; 8];
     if let Some(src) = slot.get(i * 8..i * 8 + 8) {
@@ -138,6 +133,11 @@ pub fn dev_word(st_dev: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every whole slot of a table read from a process.
+    fn decode(bytes: &[u8]) -> Vec<SlotView> {
+        bytes.chunks_exact(SLOT_WORDS * 8).map(view).collect()
+    }
 
     #[test]
     fn slots_decode_and_match() {

@@ -2103,6 +2103,17 @@ mod tests {
         assert_eq!(dir_entries(&dir), 0, "{test}: removed replicas stay");
     }
 
+    /// A sealed 5000-byte tmpfs replica of a pattern file (kept alive).
+    fn sealed(store: &Store, seed: u64) -> (tempfile::NamedTempFile, ReplicaFile) {
+        let src = source(&pattern(5000, seed));
+        let id = ident(&src, 1);
+        let mut r = store.create(0, &id).unwrap();
+        r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
+            .unwrap();
+        r.seal().unwrap();
+        (src, r)
+    }
+
     /// A path re-resolved at each use is checked: nothing, another file or
     /// a symlink in the replica's place is not the replica (gone: nothing
     /// truncated, nothing served).
@@ -2113,12 +2124,7 @@ mod tests {
         let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
             return;
         };
-        let src = source(&pattern(5000, 3));
-        let id = ident(&src, 1);
-        let mut r = store.create(0, &id).unwrap();
-        r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
-            .unwrap();
-        r.seal().unwrap();
+        let (src, r) = sealed(&store, 3);
         let at = r.replica_path().unwrap();
         // Replaced by another file, then by a symlink to a file of ours.
         let ro = r.open_readonly().unwrap();
@@ -2154,12 +2160,7 @@ mod tests {
         let Some(store) = open_store(test, &rd, StoreKind::Tmpfs, None) else {
             return;
         };
-        let src = source(&pattern(5000, 4));
-        let id = ident(&src, 1);
-        let mut r = store.create(0, &id).unwrap();
-        r.fill(src.as_file().as_fd(), 5000, &AtomicBool::new(false), &id)
-            .unwrap();
-        r.seal().unwrap();
+        let (_src, r) = sealed(&store, 4);
         let at = r.replica_path().unwrap();
         reserve_fds();
         // SAFETY: the child only makes syscalls and the truncate (glibc's

@@ -576,27 +576,6 @@ pub fn harden_self(proc_self: &std::path::Path) -> Vec<String> {
     failed
 }
 
-/// Read `buf.len()` bytes at `addr` in process `pid` (`process_vm_readv`):
-/// how many came (short at an unmapped page).
-pub fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` is our own buffer of that length; the kernel checks
-    // the remote range and our access to the process.
-    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
