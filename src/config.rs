@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::{default_policies, PolicyConfig, Scan};
+
 use replicad_replicator::engine::HomeNode;
+use replicad_replicator::heat::{Budget, Policies, ScanConfig};
 use replicad_replicator::model::NodeSelection;
 use replicad_replicator::store::StoreConfig;
 use replicad_replicator::EngineConfig;
@@ -41,6 +44,13 @@ pub enum ConfigError {
         column: usize,
         reason: String,
     },
+    #[error("{file}:{line}: {key}: {reason}")]
+    Line {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        reason: String,
+    },
     #[error("{file}: {key}: {reason}")]
     Invalid {
         file: PathBuf,
@@ -50,7 +60,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: Daemon,
@@ -60,6 +70,60 @@ pub struct Config {
     pub replicate: Vec<Replicate>,
     /// Home nodes for processes whose CPUs span several nodes, by cgroup.
     pub home_node: Vec<HomeNodeConfig>,
+    /// How the heat scanner paces itself.
+    pub scan: Scan,
+    /// What the planner may do, by cgroup (see [`crate::policy`]); none
+    /// written: [`default_policies`].
+    pub policy: Vec<PolicyConfig>,
+    /// What `policy` and `scan` mean to the engine (built by `check`).
+    #[serde(skip)]
+    pub heat: Heat,
+}
+
+/// The engine's policies and scanner pacing, checked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Heat {
+    pub policies: Policies,
+    pub scan: ScanConfig,
+    /// PSI `memory some avg10` above which memory is short.
+    pub psi_some_avg10: f64,
+    /// Free memory under which a node is short.
+    pub min_free: Option<Budget>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let scan = Scan::default();
+        let policy = default_policies();
+        let heat = Heat::build(&policy, &scan, "", Path::new("(defaults)")).unwrap_or_default();
+        Config {
+            daemon: Daemon::default(),
+            store: Store::default(),
+            fence: Fence::default(),
+            replicate: Vec::new(),
+            home_node: Vec::new(),
+            scan,
+            policy,
+            heat,
+        }
+    }
+}
+
+impl Heat {
+    fn build(
+        policy: &[PolicyConfig],
+        scan: &Scan,
+        text: &str,
+        file: &Path,
+    ) -> Result<Heat, ConfigError> {
+        let (policies, scan, psi, min_free) = crate::policy::build(policy, scan, text, file)?;
+        Ok(Heat {
+            policies,
+            scan,
+            psi_some_avg10: psi,
+            min_free: (min_free != Budget::Bytes(0)).then_some(min_free),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -185,7 +249,7 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 impl Config {
     /// Parse and check config text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             let source_line = text.lines().nth(line - 1).unwrap_or("").trim();
             let reason = if source_line.is_empty() {
@@ -201,6 +265,7 @@ impl Config {
             }
         })?;
         cfg.check(file)?;
+        cfg.heat = Heat::build(&cfg.policy, &cfg.scan, text, file)?;
         Ok(cfg)
     }
 

@@ -14,8 +14,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use replicad_replicator::Topology;
+use std::os::fd::AsFd;
+
 use replicad_wire::proto::{
-    LeftAlone, NodeSelection, Request, Response, Skipped, SourceStatus, StatusReport,
+    HeatReport, LeftAlone, NodeSelection, PlanReport, Request, Response, Skipped, SourceStatus,
+    StatusReport,
 };
 
 /// Exit code when the daemon cannot be reached.
@@ -158,6 +161,57 @@ pub enum Command {
     /// Exit status: the command's own; 125 when replicactl fails before
     /// running it (no shim, no such node), 126 when the command cannot be
     /// executed, 127 when it is not found.
+    /// Show, per file and node, where the pages that processes map sit:
+    /// pages mapped by node of residence, processes mapping it by the node
+    /// they run on, bytes they map from other nodes (remote), and the pages
+    /// of its replicas. Needs root.
+    ///
+    /// Without PATHs: every file the planner's scanner saw in its last full
+    /// pass (the processes the policies cover). With PATHs, or before the
+    /// first pass: a pass over every process made now. Sorted by remote
+    /// bytes, most first.
+    #[command(after_help = "Example:
+  replicactl heat /srv/models/weights.bin
+  replicactl heat --json | jq '.rows[0]'")]
+    Heat {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only these files.
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Show what the planner would do now: copies to make (bytes per
+    /// node, within each node's budget), page caches to migrate, copies to
+    /// drop, and files left alone with the reason. In `observe` mode
+    /// nothing of it is carried out. Needs root.
+    Plan {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view of `heat`, most remote bytes first, refreshed every
+    /// --interval seconds; q (or Ctrl-C) quits. Needs root.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// Rows to show.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+        /// Print one refresh and exit (for scripts and tests).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Move a file's page cache to node N: no copy, no extra memory, for a
+    /// file whose users all run on N. Pages not in the page cache are not
+    /// read in. Needs root.
+    Migrate {
+        /// The node to move the pages to.
+        #[arg(long, value_name = "N")]
+        node: u32,
+        path: PathBuf,
+    },
     #[command(
         override_usage = "replicactl run [--node N] [--shim PATH] -- CMD [ARGS...]",
         after_help = "Example:\n  replicactl run --node 1 -- ./server --port 8080"
@@ -173,6 +227,184 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+}
+
+fn heat(cli: &Cli, paths: Vec<PathBuf>) -> anyhow::Result<HeatReport> {
+    match ask(cli, &Request::Heat { paths })? {
+        Response::Heat { mut report } => {
+            report.rows.sort_by(|a, b| {
+                let ra: u64 = a.remote_bytes.values().sum();
+                let rb: u64 = b.remote_bytes.values().sum();
+                rb.cmp(&ra).then(a.path.cmp(&b.path))
+            });
+            Ok(report)
+        }
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// `N0=12 N1=3`, or `-`.
+fn per_node<T: std::fmt::Display>(m: &std::collections::BTreeMap<String, T>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    m.iter()
+        .map(|(n, v)| format!("N{n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Bytes as `12.0M`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// The `heat` table: one row per file, at most `limit`.
+pub fn heat_table(r: &HeatReport, limit: usize) -> String {
+    let mut s = format!(
+        "{:>8}  {:>8}  {:<18}  {:<18}  {:<14}  {:<6}  PATH\n",
+        "REMOTE", "MAPPED", "PAGES(node)", "SHARERS(node)", "REPLICA PAGES", "KIND"
+    );
+    for row in r.rows.iter().take(limit) {
+        let remote: u64 = row.remote_bytes.values().sum();
+        let mut sharers = per_node(&row.sharers);
+        if row.sharers_spanning > 0 {
+            sharers.push_str(&format!(" span={}", row.sharers_spanning));
+        }
+        s.push_str(&format!(
+            "{:>8}  {:>8}  {:<18}  {:<18}  {:<14}  {:<6}  {}\n",
+            human(remote),
+            human(row.mapped_bytes),
+            per_node(&row.mapped_pages),
+            sharers,
+            per_node(&row.replica_pages),
+            row.kinds.join(","),
+            row.path.display()
+        ));
+    }
+    s.push_str(&format!(
+        "{} files; {} processes in the pass ({:.1} ms CPU); {}\n",
+        r.rows.len(),
+        r.processes,
+        r.pass_cpu_us as f64 / 1e3,
+        if r.passes == 0 {
+            "a pass made for this request".to_string()
+        } else {
+            format!("the planner's pass {}", r.passes)
+        }
+    ));
+    s
+}
+
+/// The `plan` table.
+pub fn plan_table(r: &PlanReport) -> String {
+    if !r.note.is_empty() {
+        return format!("{}\n", r.note);
+    }
+    let mut s = format!(
+        "{:<9}  {:>4}  {:>8}  {:>8}  {:<9}  {:<10}  PATH (reason)\n",
+        "ACTION", "NODE", "BYTES", "REMOTE", "MODE", "POLICY"
+    );
+    for a in &r.actions {
+        s.push_str(&format!(
+            "{:<9}  {:>4}  {:>8}  {:>8}  {:<9}  {:<10}  {}{}\n",
+            a.action,
+            a.node.map_or("-".into(), |n| n.to_string()),
+            human(a.bytes),
+            human(a.remote_bytes),
+            a.mode,
+            a.policy,
+            a.path.display(),
+            if a.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", a.reason)
+            }
+        ));
+    }
+    if r.actions.is_empty() {
+        s.push_str("(nothing to do: no file is read from a remote node)\n");
+    }
+    for (n, b) in &r.budget {
+        s.push_str(&format!(
+            "node {n}: {} of {} budget used\n",
+            human(r.used.get(n).copied().unwrap_or(0)),
+            human(*b)
+        ));
+    }
+    s
+}
+
+/// `replicactl top`: redraw the heat table until q.
+fn top(
+    cli: &Cli,
+    interval: u64,
+    rows: usize,
+    once: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    // Raw-ish input: no echo, no line buffering, so q needs no Enter.
+    let saved = if tty && !once {
+        let mut t = nix::sys::termios::tcgetattr(std::io::stdin())?;
+        let old = t.clone();
+        t.local_flags
+            .remove(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO);
+        nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t)?;
+        Some(old)
+    } else {
+        None
+    };
+    let stdin = std::io::stdin();
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            let report = heat(cli, Vec::new())?;
+            if tty && !once {
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            writeln!(
+                out,
+                "replicad top: most remote bytes first, every {interval} s; q quits"
+            )?;
+            write!(out, "{}", heat_table(&report, rows))?;
+            out.flush()?;
+            if once {
+                return Ok(());
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                stdin.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = u16::try_from(interval.saturating_mul(1000)).unwrap_or(u16::MAX);
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? > 0 {
+                let mut b = [0u8; 16];
+                let n = nix::unistd::read(stdin.as_fd(), &mut b)?;
+                if n == 0 || b[..n].contains(&b'q') {
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    if let Some(old) = saved {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &old,
+        );
+    }
+    result
 }
 
 /// Parse "all" or "0,1,3".
@@ -316,6 +548,61 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
                 writeln!(out)?;
             } else {
                 write!(out, "{}", status_table(&report))?;
+            }
+        }
+        Command::Heat { json, paths } => {
+            let paths = paths
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let report = heat(cli, paths)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", heat_table(&report, usize::MAX))?;
+            }
+        }
+        Command::Plan { json } => {
+            let report = match ask(cli, &Request::Plan)? {
+                Response::Plan { report } => report,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", plan_table(&report))?;
+            }
+        }
+        Command::Top {
+            interval,
+            rows,
+            once,
+        } => top(cli, *interval, *rows, *once, &mut out)?,
+        Command::Migrate { node, path } => {
+            let path = absolute(path)?;
+            match ask(
+                cli,
+                &Request::Migrate {
+                    path: path.clone(),
+                    node: *node,
+                },
+            )? {
+                Response::Migrated {
+                    before,
+                    after,
+                    moved,
+                    failed,
+                    ..
+                } => writeln!(
+                    out,
+                    "{}: {moved} pages moved to node {node}, {failed} could not move; resident before {}, after {}",
+                    path.display(),
+                    per_node(&before),
+                    per_node(&after)
+                )?,
+                other => bail!("unexpected answer: {other:?}"),
             }
         }
         Command::Topology { json, sysfs_root } => {

@@ -87,6 +87,7 @@ pub fn run(file: Option<PathBuf>, over: Overrides) -> anyhow::Result<()> {
             room.sources
         );
     }
+    crate::planner::start(&engine, cfg.heat.clone()).context("starting the planner thread")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -158,6 +159,7 @@ async fn serve(
                         let old: BTreeSet<PathBuf> =
                             cfg.replicate.iter().map(|r| r.path.clone()).collect();
                         engine.set_home_nodes(new.engine().home_nodes);
+                        crate::planner::reload(new.heat.clone());
                         apply_replicate_list(&engine, &new, &old).await;
                         cfg = new;
                         tracing::info!("configuration reloaded");

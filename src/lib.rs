@@ -7,5 +7,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod http;
+pub mod planner;
+pub mod policy;
 pub mod server;
 pub mod wire;

@@ -581,6 +581,28 @@ fn handle(
             }
             Err(e) => (from_engine(e), Vec::new()),
         },
+        Request::Heat { paths } => (
+            Response::Heat {
+                report: crate::planner::heat(engine, &paths),
+            },
+            Vec::new(),
+        ),
+        Request::Plan => (
+            Response::Plan {
+                report: crate::planner::plan(),
+            },
+            Vec::new(),
+        ),
+        Request::Migrate { path, node } => (
+            Response::error(
+                ErrorKind::BadRequest,
+                format!(
+                    "cannot migrate {} to node {node}: not built yet",
+                    path.display()
+                ),
+            ),
+            Vec::new(),
+        ),
         Request::ReplicatePid { pid, nodes } => {
             match engine.replicate_pid(pid, &wire::nodes(&nodes)) {
                 Ok((sources, skipped)) => (

@@ -397,6 +397,9 @@ fn response_name(r: &Response) -> &'static str {
         Response::Status { .. } => "status",
         Response::Attached { .. } => "attached",
         Response::ReplicatedPid { .. } => "replicated_pid",
+        Response::Heat { .. } => "heat",
+        Response::Plan { .. } => "plan",
+        Response::Migrated { .. } => "migrated",
         Response::Error { .. } => "error",
     }
 }

@@ -30,6 +30,7 @@ pub mod copy;
 pub mod engine;
 mod error;
 pub mod fence;
+pub mod heat;
 pub mod list;
 pub mod metrics;
 pub mod model;

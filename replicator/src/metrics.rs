@@ -39,6 +39,9 @@ pub const ATTACH_RESULTS: [&str; 3] = ["replica", "original", "refused"];
 pub const REPLICATION_FAILURE_REASONS: [&str; 4] =
     ["no_space", "source_changed", "misplaced", "io"];
 
+/// `replicad_planner_actions_total` actions.
+pub const PLANNER_ACTIONS: [&str; 3] = ["replicate", "migrate", "evict"];
+
 /// One registered metric family: its name and HELP text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Family {
@@ -85,6 +88,21 @@ pub struct Metrics {
     pub carried_pages: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
+    /// Bytes processes on a node map from other nodes' memory now
+    /// (`state="now"`), and what it would be without replicad's copies
+    /// (`state="without_replicas"`: now plus what the copies turned local).
+    pub remote_mapped_bytes: IntGaugeVec,
+    /// Full scanner passes, their CPU time and wall time.
+    pub scan_passes: IntCounter,
+    pub scan_cpu_seconds: prometheus::Counter,
+    pub scan_seconds: Histogram,
+    /// Processes the last pass read.
+    pub scan_processes: prometheus::IntGauge,
+    /// Planner decisions carried out (`replicate`, `migrate`, `evict`), by kind.
+    pub planner_actions: IntCounterVec,
+    /// Bytes of the planner's copies per node, and their budget.
+    pub planner_budget_used: IntGaugeVec,
+    pub planner_budget: IntGaugeVec,
     families: Arc<[Family]>,
 }
 
@@ -220,7 +238,73 @@ impl Metrics {
         )?;
         register(Box::new(carried_pages.clone()))?;
         register(Box::new(build_info.clone()))?;
+        let remote_mapped_bytes = IntGaugeVec::new(
+            Opts::new(
+                "replicad_remote_mapped_bytes",
+                "Bytes that processes on a node map from other nodes' memory: now, and without replicad's copies",
+            ),
+            &["node", "state"],
+        )?;
+        register(Box::new(remote_mapped_bytes.clone()))?;
+        let scan_passes = IntCounter::new(
+            "replicad_scan_passes_total",
+            "Full passes of the heat scanner over the processes policies cover",
+        )?;
+        register(Box::new(scan_passes.clone()))?;
+        let scan_cpu_seconds = prometheus::Counter::new(
+            "replicad_scan_cpu_seconds_total",
+            "CPU time the heat scanner spent reading maps and numa_maps",
+        )?;
+        register(Box::new(scan_cpu_seconds.clone()))?;
+        let scan_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "replicad_scan_seconds",
+                "Wall time of one full scanner pass (spread over intervals by the CPU budget)",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 4.0, 10)?),
+        )?;
+        register(Box::new(scan_seconds.clone()))?;
+        let scan_processes = prometheus::IntGauge::new(
+            "replicad_scan_processes",
+            "Processes the last full scanner pass read",
+        )?;
+        register(Box::new(scan_processes.clone()))?;
+        let planner_actions = IntCounterVec::new(
+            Opts::new(
+                "replicad_planner_actions_total",
+                "Planner decisions carried out, by action (replicate, migrate, evict)",
+            ),
+            &["action"],
+        )?;
+        for a in PLANNER_ACTIONS {
+            planner_actions.with_label_values(&[a]);
+        }
+        register(Box::new(planner_actions.clone()))?;
+        let planner_budget_used = IntGaugeVec::new(
+            Opts::new(
+                "replicad_planner_budget_used_bytes",
+                "Bytes of the planner's copies on each node",
+            ),
+            &["node"],
+        )?;
+        register(Box::new(planner_budget_used.clone()))?;
+        let planner_budget = IntGaugeVec::new(
+            Opts::new(
+                "replicad_planner_budget_bytes",
+                "Bytes the policies let the planner place on each node",
+            ),
+            &["node"],
+        )?;
+        register(Box::new(planner_budget.clone()))?;
         Ok(Metrics {
+            remote_mapped_bytes,
+            scan_passes,
+            scan_cpu_seconds,
+            scan_seconds,
+            scan_processes,
+            planner_actions,
+            planner_budget_used,
+            planner_budget,
             build_info,
             families: families.into(),
             registry,
@@ -250,6 +334,13 @@ impl Metrics {
     /// Create the per-target series at zero, so that a target's copy
     /// metrics exist before its first copy.
     pub fn add_target(&self, target: &str) {
+        if let Some(n) = target.strip_prefix("node") {
+            for state in ["now", "without_replicas"] {
+                self.remote_mapped_bytes.with_label_values(&[n, state]);
+            }
+            self.planner_budget_used.with_label_values(&[n]);
+            self.planner_budget.with_label_values(&[n]);
+        }
         self.replicas.with_label_values(&[target]);
         self.replica_bytes.with_label_values(&[target]);
         self.copied_bytes.with_label_values(&[target]);

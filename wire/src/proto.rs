@@ -18,6 +18,7 @@
 //! read-only one of the source. Nothing else carries fds; fds that arrive
 //! with any other message are closed unread.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -121,10 +122,90 @@ pub enum Request {
     /// mappings: its program and libraries) onto `nodes` (root only).
     /// Answered by `ReplicatedPid`.
     ReplicatePid { pid: u32, nodes: NodeSelection },
+    /// Per file and node: where the pages the covered processes map sit,
+    /// who maps them, what is remote (all files the scanner saw, or those
+    /// named). Answered by `Heat`.
+    Heat { paths: Vec<PathBuf> },
+    /// What the planner would do now. Answered by `Plan`.
+    Plan,
+    /// Move a file's page cache to `node` (root only). Answered by
+    /// `Migrated`.
+    Migrate { path: PathBuf, node: u32 },
 }
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+/// One file in a heat report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeatRow {
+    // Maps are keyed by node number as text ("0"): JSON keys are text,
+    // and the tagged response cannot read numbers back from them.
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    /// `text`, `data`.
+    pub kinds: Vec<String>,
+    /// Largest mapping of it, bytes.
+    pub mapped_bytes: u64,
+    /// Processes mapping it, by the node they run on.
+    pub sharers: BTreeMap<String, u32>,
+    /// Processes mapping it whose CPUs span nodes.
+    pub sharers_spanning: u32,
+    /// Pages mapped, by the node they sit on (the most one process maps).
+    pub mapped_pages: BTreeMap<String, u64>,
+    /// Bytes processes on each node map from other nodes.
+    pub remote_bytes: BTreeMap<String, u64>,
+    /// Pages of its valid replicas, by node.
+    pub replica_pages: BTreeMap<String, u64>,
+    pub writes_per_hour: u64,
+    /// The policy deciding for it.
+    pub policy: String,
+}
+
+/// `replicactl heat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeatReport {
+    pub rows: Vec<HeatRow>,
+    /// Full scanner passes so far (0: the rows come from a pass made for
+    /// this request).
+    pub passes: u64,
+    /// Processes and CPU time of the pass behind the rows.
+    pub processes: u64,
+    pub pass_cpu_us: u64,
+}
+
+/// One planner decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRow {
+    /// `replicate`, `migrate`, `evict`, `skip`.
+    pub action: String,
+    pub path: PathBuf,
+    pub node: Option<u32>,
+    /// Bytes a copy takes (replicate, evict), or pages to move (migrate).
+    pub bytes: u64,
+    /// Remote bytes a copy turns local.
+    pub remote_bytes: u64,
+    pub reason: String,
+    pub policy: String,
+    /// `observe` (reported only) or `replicate` (carried out).
+    pub mode: String,
+}
+
+/// `replicactl plan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PlanReport {
+    pub actions: Vec<PlanRow>,
+    /// Budget and bytes used by the planner's copies, per node.
+    pub budget: BTreeMap<String, u64>,
+    pub used: BTreeMap<String, u64>,
+    /// Why there is no plan yet (the first pass is not done), else empty.
+    pub note: String,
 }
 
 /// One mapping of the caller that a replica may back, in an `Attached`
@@ -322,6 +403,21 @@ pub enum Response {
         sources: Vec<SourceStatus>,
         skipped: Vec<Skipped>,
     },
+    Heat {
+        report: HeatReport,
+    },
+    Plan {
+        report: PlanReport,
+    },
+    Migrated {
+        path: PathBuf,
+        node: u32,
+        /// Resident pages before and after, by node.
+        before: BTreeMap<String, u64>,
+        after: BTreeMap<String, u64>,
+        moved: u64,
+        failed: u64,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -396,7 +492,12 @@ impl Request {
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
-            Request::Replicate { .. } | Request::Evict { .. } | Request::ReplicatePid { .. }
+            Request::Replicate { .. }
+                | Request::Evict { .. }
+                | Request::ReplicatePid { .. }
+                | Request::Heat { .. }
+                | Request::Plan
+                | Request::Migrate { .. }
         )
     }
 }

@@ -14,8 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use replicad_wire::proto::{
-    AttachRange, ErrorKind, LeftAlone, NodeSelection, ReplicaState, ReplicaStatus, Request,
-    Response, Skipped, SourceStatus, StatusCursor, StatusReport, HEADER_LEN,
+    AttachRange, ErrorKind, HeatReport, HeatRow, LeftAlone, NodeSelection, PlanReport, PlanRow,
+    ReplicaState, ReplicaStatus, Request, Response, Skipped, SourceStatus, StatusCursor,
+    StatusReport, HEADER_LEN,
 };
 use replicad_wire::published::{nodes_mask, PublishedEntry, Writer, NODES_OTHER};
 
@@ -148,8 +149,80 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 nodes: NodeSelection::List(vec![1]),
             },
         ),
+        (
+            "request-heat",
+            Request::Heat {
+                paths: vec!["/srv/models/weights.bin".into()],
+            },
+        ),
+        ("request-plan", Request::Plan),
+        (
+            "request-migrate",
+            Request::Migrate {
+                path: "/srv/index/seg-0001".into(),
+                node: 1,
+            },
+        ),
     ];
+    let node = |n: &str, v: u64| -> std::collections::BTreeMap<String, u64> {
+        [(n.to_string(), v)].into()
+    };
     let responses = [
+        (
+            "response-heat",
+            Response::Heat {
+                report: HeatReport {
+                    rows: vec![HeatRow {
+                        path: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+                        dev: 2049,
+                        ino: 77,
+                        kinds: vec!["text".into()],
+                        mapped_bytes: 1 << 20,
+                        sharers: [("0".to_string(), 3u32), ("1".to_string(), 2)].into(),
+                        sharers_spanning: 1,
+                        mapped_pages: node("0", 256),
+                        remote_bytes: node("1", 1 << 20),
+                        replica_pages: node("1", 256),
+                        writes_per_hour: 0,
+                        policy: "text".into(),
+                    }],
+                    passes: 4,
+                    processes: 120,
+                    pass_cpu_us: 31_000,
+                },
+            },
+        ),
+        (
+            "response-plan",
+            Response::Plan {
+                report: PlanReport {
+                    actions: vec![PlanRow {
+                        action: "skip".into(),
+                        path: "/srv/models/b.bin".into(),
+                        node: Some(1),
+                        bytes: 0,
+                        remote_bytes: 0,
+                        reason: "over budget on node 1".into(),
+                        policy: "data".into(),
+                        mode: "observe".into(),
+                    }],
+                    budget: node("1", 1 << 30),
+                    used: node("1", 1 << 29),
+                    note: String::new(),
+                },
+            },
+        ),
+        (
+            "response-migrated",
+            Response::Migrated {
+                path: "/srv/index/seg-0001".into(),
+                node: 1,
+                before: node("0", 10),
+                after: node("1", 10),
+                moved: 10,
+                failed: 0,
+            },
+        ),
         (
             "response-mapped",
             Response::Mapped {

@@ -570,6 +570,11 @@ impl Replicator {
         tracing::info!("every replica invalidated, every fence released");
     }
 
+    /// Whether [`Replicator::shutdown`] began.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
     fn check_running(&self) -> Result<()> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);

@@ -1,0 +1,330 @@
+//! The planner loop: step the scanner under its CPU budget, plan, and
+//! carry out what a `replicate` policy allows. The daemon calls
+//! [`Planner::tick`] once per scan interval from its own thread;
+//! `replicactl heat` and `plan` read what the last tick saw.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use replicad_procfs::ProcReader;
+
+use super::plan::{plan, Action, Existing, Machine, Plan};
+use super::policy::{Budget, Mode, Policies, ScanConfig};
+use super::scan::{Scanner, SourceHeat};
+use crate::model::{NodeSelection, SourceKey, Target};
+use crate::Replicator;
+
+/// Memory pressure thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pressure {
+    /// PSI `memory` `some avg10` above this percentage.
+    pub psi_some_avg10: f64,
+    /// A node with less free memory than this.
+    pub min_free: Option<Budget>,
+}
+
+/// A copy the planner made.
+#[derive(Debug, Clone)]
+struct Made {
+    benefit: u64,
+    unattached_since: Option<Instant>,
+}
+
+/// What the last tick did.
+#[derive(Debug, Clone, Default)]
+pub struct TickReport {
+    pub pass_ended: bool,
+    pub planned: bool,
+    pub carried_out: Vec<String>,
+    pub failed: Vec<String>,
+    pub pressure: Option<String>,
+}
+
+/// The scanner, the planner's memory of its own copies, and what the last
+/// tick saw.
+#[derive(Debug)]
+pub struct Planner {
+    scanner: Scanner,
+    proc: ProcReader,
+    made: HashMap<(SourceKey, u32), Made>,
+    last_plan: Plan,
+    last_heat: Vec<SourceHeat>,
+    last_cpu: Duration,
+}
+
+/// PSI `some avg10` of `<proc>/pressure/memory`, if the kernel has PSI.
+pub fn psi_memory_some(proc: &ProcReader) -> Option<f64> {
+    let text = std::fs::read_to_string(proc.root().join("pressure/memory")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("avg10="))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Free bytes of each node, from sysfs `meminfo` (`Node N MemFree: X kB`).
+pub fn node_free_bytes(sys_node_dir: &Path, nodes: &[u32]) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    for &n in nodes {
+        let Ok(text) = std::fs::read_to_string(sys_node_dir.join(format!("node{n}/meminfo")))
+        else {
+            continue;
+        };
+        let free = text.lines().find_map(|l| {
+            let rest = l.split_once("MemFree:")?.1;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        });
+        if let Some(kb) = free {
+            out.insert(n, kb * 1024);
+        }
+    }
+    out
+}
+
+impl Planner {
+    pub fn new(replicator: &Replicator, proc: ProcReader) -> Planner {
+        Planner {
+            scanner: Scanner::new(
+                proc.clone(),
+                replicator.topology().clone(),
+                replicator.run_dir().to_path_buf(),
+            ),
+            proc,
+            made: HashMap::new(),
+            last_plan: Plan::default(),
+            last_heat: Vec::new(),
+            last_cpu: Duration::ZERO,
+        }
+    }
+
+    pub fn last_plan(&self) -> &Plan {
+        &self.last_plan
+    }
+
+    pub fn last_heat(&self) -> &[SourceHeat] {
+        &self.last_heat
+    }
+
+    pub fn scanner(&self) -> &Scanner {
+        &self.scanner
+    }
+
+    /// Whether memory is short now, and why.
+    fn pressure(&self, replicator: &Replicator, p: &Pressure) -> Option<String> {
+        if let Some(avg) = psi_memory_some(&self.proc) {
+            if avg > p.psi_some_avg10 {
+                return Some(format!(
+                    "PSI memory some avg10 {avg:.1}% > {:.1}%",
+                    p.psi_some_avg10
+                ));
+            }
+        }
+        let min = p.min_free?;
+        let topo = replicator.topology();
+        let ids: Vec<u32> = topo.nodes.iter().map(|n| n.id).collect();
+        let free = node_free_bytes(Path::new("/sys/devices/system/node"), &ids);
+        for n in &topo.nodes {
+            let want = min.bytes(n.memory_bytes);
+            if let Some(f) = free.get(&n.id) {
+                if *f < want {
+                    return Some(format!(
+                        "node {} has {f} bytes free, under min_free {want}",
+                        n.id
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// One interval's work: a scanner step; once a full pass has been
+    /// seen, a plan; in `replicate` mode, the plan carried out.
+    pub fn tick(
+        &mut self,
+        replicator: &Replicator,
+        policies: &Policies,
+        scan: &ScanConfig,
+        pressure: &Pressure,
+    ) -> TickReport {
+        let mut report = TickReport {
+            pass_ended: self.scanner.step(policies, scan.step_budget()),
+            ..TickReport::default()
+        };
+        let metrics = replicator.metrics();
+        if report.pass_ended {
+            if let Some(s) = self.scanner.last_pass() {
+                metrics.scan_passes.inc();
+                metrics.scan_cpu_seconds.inc_by(s.cpu.as_secs_f64());
+                metrics.scan_seconds.observe(s.wall.as_secs_f64());
+                metrics
+                    .scan_processes
+                    .set(i64::try_from(s.processes).unwrap_or(i64::MAX));
+                self.last_cpu = s.cpu;
+            }
+        }
+        if !self.scanner.complete() {
+            return report;
+        }
+        let heat = self.scanner.heat();
+        let status = replicator.status();
+        let now = Instant::now();
+        let mut existing = Vec::new();
+        let mut live: BTreeSet<(SourceKey, u32)> = BTreeSet::new();
+        for s in &status.sources {
+            for r in &s.replicas {
+                let Target::Node(node) = r.target else {
+                    continue;
+                };
+                live.insert((s.key, node));
+                let made = self.made.get_mut(&(s.key, node));
+                let planned = made.is_some();
+                let (benefit, unattached_for) = match made {
+                    Some(m) => {
+                        if r.attachments.is_empty() {
+                            let since = *m.unattached_since.get_or_insert(now);
+                            (m.benefit, now.duration_since(since))
+                        } else {
+                            m.unattached_since = None;
+                            (m.benefit, Duration::ZERO)
+                        }
+                    }
+                    None => (0, Duration::ZERO),
+                };
+                existing.push(Existing {
+                    key: s.key,
+                    path: s.path.to_string_lossy().into_owned(),
+                    node,
+                    bytes: r.bytes,
+                    planned,
+                    benefit,
+                    unattached_for,
+                });
+            }
+        }
+        // Copies that went (a write, an operator's evict) are no longer ours.
+        self.made.retain(|k, _| live.contains(k));
+        let topo = replicator.topology();
+        report.pressure = self.pressure(replicator, pressure);
+        let machine = Machine {
+            node_bytes: topo.nodes.iter().map(|n| (n.id, n.memory_bytes)).collect(),
+            pressure: report.pressure.is_some(),
+            page_size: replicad_procfs::page_size() as u64,
+        };
+        let plan = plan(&heat, policies, scan, &existing, &machine);
+        report.planned = true;
+        // Remote bytes now and without the copies.
+        let page = machine.page_size;
+        for n in &topo.nodes {
+            let now_remote: u64 =
+                heat.iter().filter_map(|h| h.remote.get(&n.id)).sum::<u64>() * page;
+            let turned: u64 = existing
+                .iter()
+                .filter(|e| e.node == n.id)
+                .map(|e| e.benefit)
+                .sum();
+            let label = n.id.to_string();
+            metrics
+                .remote_mapped_bytes
+                .with_label_values(&[&label, "now"])
+                .set(i64::try_from(now_remote).unwrap_or(i64::MAX));
+            metrics
+                .remote_mapped_bytes
+                .with_label_values(&[&label, "without_replicas"])
+                .set(i64::try_from(now_remote + turned).unwrap_or(i64::MAX));
+            metrics.planner_budget.with_label_values(&[&label]).set(
+                i64::try_from(plan.budget.get(&n.id).copied().unwrap_or(0)).unwrap_or(i64::MAX),
+            );
+        }
+        for p in &plan.actions {
+            if p.mode != Mode::Replicate {
+                continue;
+            }
+            match &p.action {
+                Action::Replicate {
+                    key,
+                    path,
+                    node,
+                    remote,
+                    ..
+                } => {
+                    let mut nodes: BTreeSet<u32> = existing
+                        .iter()
+                        .filter(|e| e.key == *key)
+                        .map(|e| e.node)
+                        .collect();
+                    nodes.insert(*node);
+                    match replicator.replicate(
+                        Path::new(path),
+                        &NodeSelection::List(nodes.into_iter().collect()),
+                    ) {
+                        Ok(v) if v.key == *key => {
+                            self.made.insert(
+                                (*key, *node),
+                                Made {
+                                    benefit: *remote,
+                                    unattached_since: None,
+                                },
+                            );
+                            metrics
+                                .planner_actions
+                                .with_label_values(&["replicate"])
+                                .inc();
+                            report
+                                .carried_out
+                                .push(format!("replicate {path} on node {node}"));
+                        }
+                        Ok(_) => report
+                            .failed
+                            .push(format!("{path}: replaced by another file since the scan")),
+                        Err(e) => report
+                            .failed
+                            .push(format!("replicate {path} on node {node}: {e}")),
+                    }
+                }
+                Action::Evict {
+                    key, path, node, ..
+                } => {
+                    // Only a source whose every copy is the planner's goes
+                    // whole; the operator's copies stay.
+                    let all_ours = existing.iter().filter(|e| e.key == *key).all(|e| e.planned);
+                    if !all_ours {
+                        continue;
+                    }
+                    match replicator.evict(Path::new(path)) {
+                        Ok(_) => {
+                            self.made.retain(|k, _| k.0 != *key);
+                            metrics.planner_actions.with_label_values(&["evict"]).inc();
+                            report
+                                .carried_out
+                                .push(format!("evict {path} (node {node})"));
+                        }
+                        Err(e) => report.failed.push(format!("evict {path}: {e}")),
+                    }
+                }
+                Action::Migrate { .. } | Action::Skip { .. } => {}
+            }
+        }
+        let mut used: BTreeMap<u32, u64> = BTreeMap::new();
+        for ((_, node), _) in self.made.iter() {
+            let bytes: u64 = status
+                .sources
+                .iter()
+                .flat_map(|s| s.replicas.iter().map(move |r| (s.key, r)))
+                .filter(|(k, r)| {
+                    r.target == Target::Node(*node) && self.made.contains_key(&(*k, *node))
+                })
+                .map(|(_, r)| r.bytes)
+                .sum();
+            used.insert(*node, bytes);
+        }
+        for n in &topo.nodes {
+            metrics
+                .planner_budget_used
+                .with_label_values(&[&n.id.to_string()])
+                .set(i64::try_from(used.get(&n.id).copied().unwrap_or(0)).unwrap_or(i64::MAX));
+        }
+        self.last_plan = plan;
+        self.last_heat = heat;
+        report
+    }
+}

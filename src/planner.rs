@@ -1,0 +1,235 @@
+//! The planner's thread and what the control socket reads of it: one
+//! [`Planner`] behind a lock, stepped once per scan interval, its policies
+//! swapped on SIGHUP.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use replicad_procfs::ProcReader;
+use replicad_replicator::heat::{
+    Action, Kind, Mode, Planner, Policies, Policy, Pressure, Scanner, SourceHeat,
+};
+use replicad_replicator::model::Target;
+use replicad_replicator::Replicator;
+use replicad_wire::proto::{HeatReport, HeatRow, PlanReport, PlanRow};
+
+use crate::config::Heat;
+
+/// The planner and its config, shared by its thread and the server.
+pub struct HeatState {
+    planner: Mutex<Planner>,
+    config: Mutex<Heat>,
+}
+
+static STATE: OnceLock<Arc<HeatState>> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Start the planner thread (once per daemon).
+pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
+    let state = Arc::new(HeatState {
+        planner: Mutex::new(Planner::new(engine, ProcReader::default())),
+        config: Mutex::new(heat),
+    });
+    let _ = STATE.set(state.clone());
+    let engine = engine.clone();
+    std::thread::Builder::new()
+        .name("replicad-plan".into())
+        .spawn(move || loop {
+            let cfg = lock(&state.config).clone();
+            let t0 = Instant::now();
+            let pressure = Pressure {
+                psi_some_avg10: cfg.psi_some_avg10,
+                min_free: cfg.min_free,
+            };
+            let report = lock(&state.planner).tick(&engine, &cfg.policies, &cfg.scan, &pressure);
+            for c in &report.carried_out {
+                tracing::info!("planner: {c}");
+            }
+            for f in &report.failed {
+                tracing::warn!("planner: {f}");
+            }
+            if let Some(p) = &report.pressure {
+                tracing::debug!("planner: memory pressure: {p}");
+            }
+            if engine.is_stopped() {
+                return;
+            }
+            std::thread::sleep(cfg.scan.interval.saturating_sub(t0.elapsed()));
+        })?;
+    Ok(())
+}
+
+/// New policies and pacing (a reload).
+pub fn reload(heat: Heat) {
+    if let Some(s) = STATE.get() {
+        *lock(&s.config) = heat;
+    }
+}
+
+/// A per-node map as the wire carries it (node numbers as text).
+fn by_node<T: Copy>(m: &BTreeMap<u32, T>) -> BTreeMap<String, T> {
+    m.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+}
+
+/// Wire rows of `heat`, with each file's replica pages.
+fn rows(
+    engine: &Replicator,
+    heat: &[SourceHeat],
+    policies: &Policies,
+    paths: &[PathBuf],
+) -> Vec<HeatRow> {
+    let status = engine.status();
+    let page = replicad_procfs::page_size() as u64;
+    let keys: Vec<(u64, u64)> = paths
+        .iter()
+        .filter_map(|p| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+        })
+        .collect();
+    heat.iter()
+        .filter(|h| paths.is_empty() || keys.contains(&(h.key.dev, h.key.ino)))
+        .map(|h| {
+            let mut replica_pages = BTreeMap::new();
+            if let Some(s) = status.sources.iter().find(|s| s.key == h.key) {
+                for r in &s.replicas {
+                    if let Target::Node(n) = r.target {
+                        replica_pages.insert(n.to_string(), r.pages);
+                    }
+                }
+            }
+            HeatRow {
+                path: PathBuf::from(&h.path),
+                dev: h.key.dev,
+                ino: h.key.ino,
+                kinds: h.kinds.iter().map(|k| k.name().to_string()).collect(),
+                mapped_bytes: h.mapped_bytes,
+                sharers: by_node(&h.sharers),
+                sharers_spanning: h.sharers_spanning,
+                mapped_pages: by_node(&h.resident),
+                remote_bytes: h
+                    .remote
+                    .iter()
+                    .map(|(n, p)| (n.to_string(), p * page))
+                    .collect(),
+                replica_pages,
+                writes_per_hour: h.writes_per_hour.round() as u64,
+                policy: policies
+                    .list
+                    .get(h.policy)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// `replicactl heat`: the planner's last pass, or (no planner, no policy
+/// covering anything, or named files) a pass made now over every process.
+pub fn heat(engine: &Replicator, paths: &[PathBuf]) -> HeatReport {
+    if let Some(s) = STATE.get() {
+        let planner = lock(&s.planner);
+        let cfg = lock(&s.config);
+        let scanner = planner.scanner();
+        if scanner.complete() && paths.is_empty() && !planner.last_heat().is_empty() {
+            let last = scanner.last_pass().unwrap_or_default();
+            return HeatReport {
+                rows: rows(engine, planner.last_heat(), &cfg.policies, paths),
+                passes: scanner.passes(),
+                processes: last.processes,
+                pass_cpu_us: u64::try_from(last.cpu.as_micros()).unwrap_or(u64::MAX),
+            };
+        }
+    }
+    let everything = Policies {
+        list: vec![Policy {
+            name: "(heat)".into(),
+            cgroups: vec!["/**".into()],
+            mode: Mode::Observe,
+            include: vec![],
+            exclude: vec![],
+            kinds: vec![Kind::Text, Kind::Data],
+            min_sharers: 1,
+            min_remote: 0,
+            node_budget: replicad_replicator::heat::Budget::Bytes(0),
+            huge_pages: false,
+            evict_after: Duration::from_secs(600),
+        }],
+    };
+    let mut scanner = Scanner::new(
+        ProcReader::default(),
+        engine.topology().clone(),
+        engine.run_dir().to_path_buf(),
+    );
+    let pass = scanner.full_pass(&everything);
+    HeatReport {
+        rows: rows(engine, &scanner.heat(), &everything, paths),
+        passes: 0,
+        processes: pass.processes,
+        pass_cpu_us: u64::try_from(pass.cpu.as_micros()).unwrap_or(u64::MAX),
+    }
+}
+
+/// `replicactl plan`: the planner's last plan.
+pub fn plan() -> PlanReport {
+    let Some(s) = STATE.get() else {
+        return PlanReport {
+            note: "the planner is not running".into(),
+            ..PlanReport::default()
+        };
+    };
+    let planner = lock(&s.planner);
+    if !planner.scanner().complete() {
+        return PlanReport {
+            note: "the scanner has not finished its first pass yet: ask again in a few intervals"
+                .into(),
+            ..PlanReport::default()
+        };
+    }
+    let plan = planner.last_plan();
+    let page = replicad_procfs::page_size() as u64;
+    PlanReport {
+        actions: plan
+            .actions
+            .iter()
+            .map(|p| {
+                let (node, bytes, remote, reason) = match &p.action {
+                    Action::Replicate {
+                        node,
+                        bytes,
+                        remote,
+                        ..
+                    } => (Some(*node), *bytes, *remote, String::new()),
+                    Action::Migrate { node, pages, .. } => {
+                        (Some(*node), pages * page, pages * page, String::new())
+                    }
+                    Action::Evict {
+                        node,
+                        bytes,
+                        reason,
+                        ..
+                    } => (Some(*node), *bytes, 0, reason.clone()),
+                    Action::Skip { node, reason, .. } => (*node, 0, 0, reason.clone()),
+                };
+                PlanRow {
+                    action: p.action.kind().into(),
+                    path: PathBuf::from(p.action.path()),
+                    node,
+                    bytes,
+                    remote_bytes: remote,
+                    reason,
+                    policy: p.policy.clone(),
+                    mode: p.mode.name().into(),
+                }
+            })
+            .collect(),
+        budget: by_node(&plan.budget),
+        used: by_node(&plan.used),
+        note: String::new(),
+    }
+}
