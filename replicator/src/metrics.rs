@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Private pages of attached processes carried to their way back
     /// before a revoke truncated the replica under them.
     pub carried_pages: IntCounter,
+    /// Page-cache pages `migrate` moved to the node asked for.
+    pub migrated_pages: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
     families: Arc<[Family]>,
@@ -219,6 +221,11 @@ impl Metrics {
             "Pages a program wrote privately in a replica-backed range (a debugger's breakpoint), copied to its way back before a revoke",
         )?;
         register(Box::new(carried_pages.clone()))?;
+        let migrated_pages = IntCounter::new(
+            "replicad_pages_migrated_total",
+            "Page-cache pages of files moved to the NUMA node a migrate asked for (pages already there not counted)",
+        )?;
+        register(Box::new(migrated_pages.clone()))?;
         register(Box::new(build_info.clone()))?;
         Ok(Metrics {
             build_info,
@@ -239,6 +246,7 @@ impl Metrics {
             adopted_replicas,
             forced_breaks,
             carried_pages,
+            migrated_pages,
         })
     }
 
