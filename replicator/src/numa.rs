@@ -129,8 +129,8 @@ pub fn move_pages_to(addrs: &[*const libc::c_void], node: u32, flags: u32) -> io
     if addrs.is_empty() {
         return Ok(status);
     }
-    let node = libc::c_int::try_from(node)
-        .map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
+    let node =
+        libc::c_int::try_from(node).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
     let nodes = vec![node; addrs.len()];
     // SAFETY: pid 0 is this process; `addrs`, `nodes` and `status` each hold
     // `addrs.len()` elements and outlive the call. The kernel looks the page
@@ -250,6 +250,13 @@ mod tests {
         assert_eq!(after[3], -libc::ENOENT, "untouched page");
         assert_eq!(node_of(addrs[0]).unwrap(), 0);
         assert!(page_nodes(&[]).unwrap().is_empty());
+        // Moving pages to the node they are on: the status is that node,
+        // as for a moved page; a page not present is -ENOENT.
+        let moved = move_pages_to(&addrs, 0, MF_MOVE_ALL).unwrap();
+        assert_eq!(moved, [0, 0, 0, -libc::ENOENT]);
+        let e = move_pages_to(&addrs, 1000, MF_MOVE_ALL).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+        assert!(move_pages_to(&[], 0, 0).unwrap().is_empty());
     }
 
     #[test]

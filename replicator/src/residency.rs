@@ -105,7 +105,10 @@ fn window(
     let cached = map.mincore(count, page).map_err(|e| ("mincore", e))?;
     // Never go past the size as it is now, after mincore.
     let size = file_size(file).map_err(|e| ("fstat", e))?;
-    let now = size.div_ceil(page as u64).saturating_sub(start).min(count as u64) as usize;
+    let now = size
+        .div_ceil(page as u64)
+        .saturating_sub(start)
+        .min(count as u64) as usize;
     let mut whole = now == count;
     let mut addrs: Vec<*const libc::c_void> = Vec::with_capacity(BATCH);
     let mut i = 0;
@@ -150,7 +153,11 @@ fn batch(
         return Ok(());
     }
     let nodes = numa::page_nodes(addrs).map_err(|e| ("move_pages (query)", e))?;
+    // Every resident page goes to move_pages, those on the target already
+    // too (a no-op for them; it reports the target node for both kinds, so
+    // the query above tells them apart).
     let mut movers = Vec::new();
+    let mut was_there = Vec::new();
     for (&addr, &node) in addrs.iter().zip(&nodes) {
         // Negative: not present (evicted meanwhile, or past a new EOF).
         let Ok(node) = u32::try_from(node) else {
@@ -158,20 +165,19 @@ fn batch(
         };
         out.before.resident += 1;
         *out.before.per_node.entry(node).or_insert(0) += 1;
-        match to {
-            Some(target) if node == target => out.already += 1,
-            Some(_) => movers.push(addr),
-            None => {}
+        if let Some(target) = to {
+            movers.push(addr);
+            was_there.push(node == target);
         }
     }
     if let (Some(target), false) = (to, movers.is_empty()) {
         let status = numa::move_pages_to(&movers, target, numa::MF_MOVE_ALL)
             .map_err(|e| ("move_pages", e))?;
-        for s in status {
-            if u32::try_from(s).is_ok_and(|n| n == target) {
-                out.moved += 1;
-            } else {
-                out.failed += 1;
+        for (s, there) in status.into_iter().zip(was_there) {
+            match (u32::try_from(s).is_ok_and(|n| n == target), there) {
+                (true, true) => out.already += 1,
+                (true, false) => out.moved += 1,
+                (false, _) => out.failed += 1,
             }
         }
     }
@@ -320,8 +326,7 @@ mod tests {
         assert_eq!(rc, 0);
         // One page read back in (readahead off), the rest not cached.
         let mut byte = [0u8; 1];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, 10 * page_size() as u64)
-            .unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, 10 * page_size() as u64).unwrap();
         let first = resident_pages(&f).unwrap();
         assert!(
             (1..64).contains(&first.resident),

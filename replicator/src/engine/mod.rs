@@ -63,8 +63,8 @@ mod tests;
 
 pub use adopt::Adopted;
 pub use attach::Attach;
-pub use migrate::Migrated;
 pub use hello::{Hello, HelloRange, HomeNode, ProcessAttach, SourceFds, MAX_SOURCES};
+pub use migrate::Migrated;
 pub use status::Viewer;
 
 /// How the engine behaves.
