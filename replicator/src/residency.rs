@@ -20,8 +20,10 @@
 //! Pages the kernel evicts between `mincore` and the populate are read back
 //! in by it (a small race; nothing else ever reads a page that was not
 //! cached). `mincore` reports page-cache residency only to a caller that
-//! owns the file, may write it, or has `CAP_SYS_ADMIN`-like rights; for
-//! others it reports only pages already mapped in our page tables.
+//! owns the file, may write it, or has `CAP_FOWNER`; for others it reports
+//! only pages already mapped in our page tables (so: fewer pages seen).
+//! Moving pages other processes map too (`MPOL_MF_MOVE_ALL`) needs
+//! `CAP_SYS_NICE`; without it only the pages no one else maps move.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -171,8 +173,15 @@ fn batch(
         }
     }
     if let (Some(target), false) = (to, movers.is_empty()) {
-        let status = numa::move_pages_to(&movers, target, numa::MF_MOVE_ALL)
-            .map_err(|e| ("move_pages", e))?;
+        // MOVE_ALL (pages other processes map too) needs CAP_SYS_NICE;
+        // without it, move the pages only we map (flags 0).
+        let status = match numa::move_pages_to(&movers, target, numa::MF_MOVE_ALL) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                numa::move_pages_to(&movers, target, 0)
+            }
+            r => r,
+        }
+        .map_err(|e| ("move_pages", e))?;
         for (s, there) in status.into_iter().zip(was_there) {
             match (u32::try_from(s).is_ok_and(|n| n == target), there) {
                 (true, true) => out.already += 1,
