@@ -204,6 +204,14 @@ pub fn error_kind(e: &Error) -> ErrorKind {
             ErrorKind::PermissionDenied
         }
         Error::ClientFdNotReadable { .. } => ErrorKind::PermissionDenied,
+        Error::Migrate { source, .. } | Error::PageCache { source, .. }
+            if source.raw_os_error() == Some(libc::EPERM) =>
+        {
+            ErrorKind::PermissionDenied
+        }
+        Error::Migrate { .. } | Error::PageCache { .. } => ErrorKind::Internal,
+        // Not a file migrate acts on (the wire has no closer kind yet).
+        Error::StoreFile { .. } => ErrorKind::NotRegularFile,
         Error::Io { .. }
         | Error::Immutable { .. }
         | Error::Mount { .. }

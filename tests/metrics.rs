@@ -33,6 +33,14 @@ const CANNOT_MOVE: &[(&str, &str)] = &[
      setting lowered, by tests/forced_break.rs",
     ),
     (
+        "replicad_pages_migrated_total",
+        "migrate is an engine call not yet wired to the control socket, and on a \
+     one-node machine every page is on node 0 already (counted as already, not \
+     migrated); moved only where pages leave another node, to be shown in the \
+     QEMU NUMA guest; the engine call is covered by replicator \
+     engine::tests::migrate_to_node0_leaves_every_resident_page_on_node0",
+    ),
+    (
         "replicad_private_pages_carried_total",
         "moves only when a program under the shim wrote privately (a debugger's \
      breakpoint) in a replica-backed range before a revoke; moved by \

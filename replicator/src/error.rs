@@ -14,6 +14,25 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 
+    #[error("the page cache of a file: {step}: {source}")]
+    PageCache {
+        step: &'static str,
+        source: io::Error,
+    },
+
+    #[error("{path}: moving its page cache: {step}: {source}", path = .path.display())]
+    Migrate {
+        path: PathBuf,
+        step: &'static str,
+        source: io::Error,
+    },
+
+    #[error(
+        "{path} is a replica in replicad's own store ({dir}): its pages are placed by the \
+         store; migrate its source instead"
+    )]
+    StoreFile { path: PathBuf, dir: PathBuf },
+
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
 

@@ -36,11 +36,12 @@ pub mod metrics;
 pub mod model;
 pub mod numa;
 pub mod ratelimit;
+pub mod residency;
 pub mod store;
 pub mod sys;
 pub mod topology;
 
-pub use engine::{EngineConfig, Replicator, Wiring};
+pub use engine::{EngineConfig, Migrated, Replicator, Wiring};
 pub use error::{Error, Result};
 pub use metrics::Metrics;
 pub use model::{Generation, SourceKey, Target};

@@ -86,6 +86,8 @@ pub struct Metrics {
     /// Private pages of attached processes carried to their way back
     /// before a revoke truncated the replica under them.
     pub carried_pages: IntCounter,
+    /// Page-cache pages `migrate` moved to the node asked for.
+    pub migrated_pages: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
     /// Bytes processes on a node map from other nodes' memory now
@@ -237,6 +239,11 @@ impl Metrics {
             "Pages a program wrote privately in a replica-backed range (a debugger's breakpoint), copied to its way back before a revoke",
         )?;
         register(Box::new(carried_pages.clone()))?;
+        let migrated_pages = IntCounter::new(
+            "replicad_pages_migrated_total",
+            "Page-cache pages of files moved to the NUMA node a migrate asked for (pages already there not counted)",
+        )?;
+        register(Box::new(migrated_pages.clone()))?;
         register(Box::new(build_info.clone()))?;
         let remote_mapped_bytes = IntGaugeVec::new(
             Opts::new(
@@ -323,6 +330,7 @@ impl Metrics {
             adopted_replicas,
             forced_breaks,
             carried_pages,
+            migrated_pages,
         })
     }
 

@@ -1,5 +1,5 @@
 //! NUMA memory-policy syscalls: `mbind`, `set_mempolicy`, `move_pages`
-//! (query only) and `get_mempolicy`. libc has the syscall numbers but no
+//! (query, and moving pages to one node) and `get_mempolicy`. libc has the syscall numbers but no
 //! wrappers, so each is one raw `syscall()`; the constants come from
 //! `linux_raw_sys::mempolicy`.
 //! Every function returns `io::Result`.
@@ -18,6 +18,10 @@ use linux_raw_sys::mempolicy as mp;
 pub const MF_STRICT: u32 = mp::MPOL_MF_STRICT;
 /// `MPOL_MF_MOVE`: migrate pages already in the range that break the policy.
 pub const MF_MOVE: u32 = mp::MPOL_MF_MOVE;
+
+/// `MPOL_MF_MOVE_ALL`: move pages other processes map too (needs
+/// `CAP_SYS_NICE`). libc lacks it; linux-raw-sys has it (`1 << 2`).
+pub const MF_MOVE_ALL: u32 = mp::MPOL_MF_MOVE_ALL;
 
 /// Bits per word of a kernel node mask.
 const WORD_BITS: usize = libc::c_ulong::BITS as usize;
@@ -109,6 +113,38 @@ pub fn page_nodes(addrs: &[*const libc::c_void]) -> io::Result<Vec<i32>> {
             std::ptr::null::<libc::c_int>(),
             status.as_mut_ptr(),
             0 as libc::c_int,
+        )
+    })?;
+    Ok(status)
+}
+
+/// Move the page at each of `addrs` in this process to `node`
+/// (`move_pages` with every entry of `nodes` set to `node`); `flags` is
+/// [`MF_MOVE_ALL`] or 0. Per page the status is the node the page is on
+/// after the call (`node` both for a page moved and for one that was there
+/// already) or `-errno` (`-EBUSY` in use, `-ENOENT` not present, `-EFAULT`
+/// not mapped, `-ENOMEM` no room on `node`).
+pub fn move_pages_to(addrs: &[*const libc::c_void], node: u32, flags: u32) -> io::Result<Vec<i32>> {
+    let mut status = vec![0 as libc::c_int; addrs.len()];
+    if addrs.is_empty() {
+        return Ok(status);
+    }
+    let node =
+        libc::c_int::try_from(node).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
+    let nodes = vec![node; addrs.len()];
+    // SAFETY: pid 0 is this process; `addrs`, `nodes` and `status` each hold
+    // `addrs.len()` elements and outlive the call. The kernel looks the page
+    // addresses up in our page tables and never dereferences them from
+    // userspace; moving a page changes where it lives, not its contents.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0 as libc::pid_t,
+            addrs.len() as libc::c_ulong,
+            addrs.as_ptr(),
+            nodes.as_ptr(),
+            status.as_mut_ptr(),
+            flags as libc::c_int,
         )
     })?;
     Ok(status)
@@ -214,6 +250,13 @@ mod tests {
         assert_eq!(after[3], -libc::ENOENT, "untouched page");
         assert_eq!(node_of(addrs[0]).unwrap(), 0);
         assert!(page_nodes(&[]).unwrap().is_empty());
+        // Moving pages to the node they are on: the status is that node,
+        // as for a moved page; a page not present is -ENOENT.
+        let moved = move_pages_to(&addrs, 0, MF_MOVE_ALL).unwrap();
+        assert_eq!(moved, [0, 0, 0, -libc::ENOENT]);
+        let e = move_pages_to(&addrs, 1000, MF_MOVE_ALL).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+        assert!(move_pages_to(&[], 0, 0).unwrap().is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!  populate.rs  replicate a path or an fd: fence it, copy it, check placement
 //!  revoke.rs    a writer (or evict, unlink, shutdown) arrives: revoke every
 //!               replica, then release; refence: a new generation after it
+//!  migrate.rs   move a file's resident page cache to one node (issue 11)
 //!  attach.rs    a client's Map: one replica fd for a file it opened
 //!  carry.rs     before a truncate: private pages to each process's spare
 //!  hello.rs     the preload shim's Hello: the mappings replicas may back
@@ -49,6 +50,7 @@ mod attach;
 mod carry;
 mod hello;
 mod keeper;
+mod migrate;
 mod overlay;
 mod pid;
 mod populate;
@@ -62,6 +64,7 @@ mod tests;
 pub use adopt::Adopted;
 pub use attach::Attach;
 pub use hello::{Hello, HelloRange, HomeNode, ProcessAttach, SourceFds, MAX_SOURCES};
+pub use migrate::Migrated;
 pub use status::Viewer;
 
 /// How the engine behaves.

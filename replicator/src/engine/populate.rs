@@ -551,7 +551,7 @@ pub(super) fn reopen_readonly(
 }
 
 /// The error for a source that is not a regular file, naming what it is.
-fn not_regular(ft: std::fs::FileType, path: &Path) -> Error {
+pub(super) fn not_regular(ft: std::fs::FileType, path: &Path) -> Error {
     let kind = if ft.is_dir() {
         "directory"
     } else if ft.is_fifo() {

@@ -956,3 +956,89 @@ fn three_slow_processes_of_one_uid_ban_the_uid() {
     assert!(b.covers(99, 1000));
     assert!(!b.covers(99, 1001));
 }
+
+/// A file of `pages` pages in `dir`, written and read back (cached).
+fn cached(dir: &Path, name: &str, pages: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, vec![3u8; pages * 4096]).unwrap();
+    std::fs::File::open(&p).unwrap().sync_all().unwrap();
+    assert_eq!(std::fs::read(&p).unwrap().len(), pages * 4096);
+    p
+}
+
+#[test]
+fn migrate_to_node0_leaves_every_resident_page_on_node0() {
+    let rig = rig();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    for p in [
+        cached(rig.dir.path(), "disk", 200),
+        cached(shm.path(), "shm", 50),
+    ] {
+        let m = rig.engine.migrate(&p, 0).unwrap();
+        let resident: u64 = m.resident_before.values().sum();
+        assert_eq!(m.path, p);
+        assert_eq!(m.node, 0);
+        assert_eq!(m.failed, 0, "{m:?}");
+        assert_eq!(m.moved + m.already, resident, "{m:?}");
+        // One node: everything was there already.
+        assert_eq!(m.already, resident, "{m:?}");
+        assert_eq!(m.resident_after.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(m.resident_after.get(&0).copied(), Some(resident), "{m:?}");
+        assert!(resident > 0 && resident <= m.pages, "{m:?}");
+    }
+    // Pages already on the node are not counted as migrated.
+    assert_eq!(rig.engine.metrics().migrated_pages.get(), 0);
+}
+
+#[test]
+fn migrate_to_a_missing_node_names_it_and_the_nodes_there_are() {
+    let rig = rig();
+    let p = cached(rig.dir.path(), "f", 4);
+    let e = rig.engine.migrate(&p, 7).unwrap_err();
+    assert!(matches!(e, Error::NoSuchNode { node: 7, .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("node 7") && text.contains("nodes 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn migrate_of_a_missing_path_names_the_path() {
+    let rig = rig();
+    let p = rig.dir.path().join("no-such-file");
+    let e = rig.engine.migrate(&p, 0).unwrap_err();
+    assert!(
+        matches!(&e, Error::NotFound { path } if *path == p),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no-such-file"), "{e}");
+}
+
+#[test]
+fn migrate_of_a_file_truncated_after_open_finds_nothing_to_move() {
+    let rig = rig();
+    let p = cached(rig.dir.path(), "f", 16);
+    let f = std::fs::File::open(&p).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let m = rig.engine.migrate_file(&f, &p, 0).unwrap();
+    assert_eq!((m.pages, m.moved, m.already, m.failed), (0, 0, 0, 0));
+    assert!(m.resident_before.is_empty() && m.resident_after.is_empty());
+}
+
+#[test]
+fn migrate_refuses_files_of_the_store_and_directories() {
+    let rig = rig();
+    let run = rig.engine.run_dir().to_path_buf();
+    std::fs::create_dir_all(&run).unwrap();
+    let p = cached(&run, "replica", 1);
+    let e = rig.engine.migrate(&p, 0).unwrap_err();
+    assert!(matches!(e, Error::StoreFile { .. }), "{e:?}");
+    let e = rig.engine.migrate(rig.dir.path(), 0).unwrap_err();
+    assert!(matches!(e, Error::NotRegularFile { .. }), "{e:?}");
+}
