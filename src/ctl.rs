@@ -276,6 +276,7 @@ pub fn heat_table(r: &HeatReport, limit: usize) -> String {
         "{:>8}  {:>8}  {:<18}  {:<18}  {:<14}  {:<6}  PATH\n",
         "REMOTE", "MAPPED", "PAGES(node)", "SHARERS(node)", "REPLICA PAGES", "KIND"
     );
+    let cached = r.rows.iter().any(|row| !row.cached_pages.is_empty());
     for row in r.rows.iter().take(limit) {
         let remote: u64 = row.remote_bytes.values().sum();
         let mut sharers = per_node(&row.sharers);
@@ -292,6 +293,13 @@ pub fn heat_table(r: &HeatReport, limit: usize) -> String {
             row.kinds.join(","),
             row.path.display()
         ));
+        if cached {
+            s.push_str(&format!(
+                "{:>8}  page cache: {}\n",
+                "",
+                per_node(&row.cached_pages)
+            ));
+        }
     }
     s.push_str(&format!(
         "{} files; {} processes in the pass ({:.1} ms CPU); {}\n",

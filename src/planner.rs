@@ -71,10 +71,7 @@ pub fn reload(heat: Heat) {
     }
 }
 
-/// A per-node map as the wire carries it (node numbers as text).
-fn by_node<T: Copy>(m: &BTreeMap<u32, T>) -> BTreeMap<String, T> {
-    m.iter().map(|(n, v)| (n.to_string(), *v)).collect()
-}
+use crate::wire::by_node;
 
 /// Wire rows of `heat`, with each file's replica pages.
 fn rows(
@@ -92,7 +89,8 @@ fn rows(
             std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
         })
         .collect();
-    heat.iter()
+    let mut out: Vec<HeatRow> = heat
+        .iter()
         .filter(|h| paths.is_empty() || keys.contains(&(h.key.dev, h.key.ino)))
         .map(|h| {
             let mut replica_pages = BTreeMap::new();
@@ -118,6 +116,7 @@ fn rows(
                     .map(|(n, p)| (n.to_string(), p * page))
                     .collect(),
                 replica_pages,
+                cached_pages: BTreeMap::new(),
                 writes_per_hour: h.writes_per_hour.round() as u64,
                 policy: policies
                     .list
@@ -126,7 +125,55 @@ fn rows(
                     .unwrap_or_default(),
             }
         })
-        .collect()
+        .collect();
+    // Named files: their whole page cache, and a row even if no process
+    // maps them.
+    for p in paths {
+        let Ok(f) = std::fs::File::open(p) else {
+            continue;
+        };
+        let Ok(md) = f.metadata() else {
+            continue;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let (dev, ino) = (md.dev(), md.ino());
+        let cached = replicad_replicator::residency::resident_pages(&f)
+            .map(|r| by_node(&r.per_node))
+            .unwrap_or_default();
+        match out.iter_mut().find(|r| r.dev == dev && r.ino == ino) {
+            Some(r) => r.cached_pages = cached,
+            None => {
+                let mut replica_pages = BTreeMap::new();
+                if let Some(s) = status
+                    .sources
+                    .iter()
+                    .find(|s| s.key.dev == dev && s.key.ino == ino)
+                {
+                    for r in &s.replicas {
+                        if let Target::Node(n) = r.target {
+                            replica_pages.insert(n.to_string(), r.pages);
+                        }
+                    }
+                }
+                out.push(HeatRow {
+                    path: p.clone(),
+                    dev,
+                    ino,
+                    kinds: Vec::new(),
+                    mapped_bytes: 0,
+                    sharers: BTreeMap::new(),
+                    sharers_spanning: 0,
+                    mapped_pages: BTreeMap::new(),
+                    remote_bytes: BTreeMap::new(),
+                    replica_pages,
+                    cached_pages: cached,
+                    writes_per_hour: 0,
+                    policy: String::new(),
+                })
+            }
+        }
+    }
+    out
 }
 
 /// `replicactl heat`: the planner's last pass, or (no planner, no policy

@@ -593,16 +593,20 @@ fn handle(
             },
             Vec::new(),
         ),
-        Request::Migrate { path, node } => (
-            Response::error(
-                ErrorKind::BadRequest,
-                format!(
-                    "cannot migrate {} to node {node}: not built yet",
-                    path.display()
-                ),
+        Request::Migrate { path, node } => match engine.migrate(&path, node) {
+            Ok(m) => (
+                Response::Migrated {
+                    path: m.path,
+                    node: m.node,
+                    before: wire::by_node(&m.resident_before),
+                    after: wire::by_node(&m.resident_after),
+                    moved: m.moved,
+                    failed: m.failed,
+                },
+                Vec::new(),
             ),
-            Vec::new(),
-        ),
+            Err(e) => (from_engine(e), Vec::new()),
+        },
         Request::ReplicatePid { pid, nodes } => {
             match engine.replicate_pid(pid, &wire::nodes(&nodes)) {
                 Ok((sources, skipped)) => (

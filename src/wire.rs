@@ -334,6 +334,13 @@ pub fn publisher(run_dir: &Path) -> Option<Box<dyn Publisher>> {
     }
 }
 
+/// A per-node map as the wire carries it: node numbers as text (JSON keys).
+pub fn by_node<T: Copy>(
+    m: &std::collections::BTreeMap<u32, T>,
+) -> std::collections::BTreeMap<String, T> {
+    m.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,23 @@ use common::*;
 /// covered by an engine unit test or the outside test it names instead.
 const CANNOT_MOVE: &[(&str, &str)] = &[
     (
+        "replicad_planner_actions_total",
+        "the planner copies or migrates only pages read from another node, and \
+     nothing is remote on a one-node machine; moved by the policy scenarios of \
+     tests/guest_numa.rs (2 and 4 nodes); the decisions themselves by replicator \
+     heat::plan::tests",
+    ),
+    (
+        "replicad_planner_budget_used_bytes",
+        "counts the planner's own copies, which need remote pages (see \
+     replicad_planner_actions_total); moved in tests/guest_numa.rs",
+    ),
+    (
+        "replicad_remote_mapped_bytes",
+        "remote-mapped bytes need a second node; moved in tests/guest_numa.rs; \
+     the counting by replicator heat::tests::heat_folds_processes_into_files_as_numa_maps_says",
+    ),
+    (
         "replicad_misplaced_pages_total",
         "pages land off their node only when the kernel ignores the store's \
      mpol=bind/mbind (memory pressure on the node); a test cannot provoke \
@@ -34,10 +51,10 @@ const CANNOT_MOVE: &[(&str, &str)] = &[
     ),
     (
         "replicad_pages_migrated_total",
-        "migrate is an engine call not yet wired to the control socket, and on a \
-     one-node machine every page is on node 0 already (counted as already, not \
-     migrated); moved only where pages leave another node, to be shown in the \
-     QEMU NUMA guest; the engine call is covered by replicator \
+        "on a one-node machine every page is on node 0 already (counted as \
+     already, not migrated: tests/heat.rs runs replicactl migrate to node 0); \
+     moved only where pages leave another node, in the migrate scenario of \
+     tests/guest_numa.rs; the engine call is covered by replicator \
      engine::tests::migrate_to_node0_leaves_every_resident_page_on_node0",
     ),
     (

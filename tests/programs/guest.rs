@@ -12,6 +12,11 @@
 //! directories; every scenario FAILs otherwise, and so does a run without
 //! `--nodes`), then runs the named scenarios (all by default: baseline
 //! replicated coherence text spanning), in that order.
+//! The policy scenarios (policy observe migrate budget pressure) restart the
+//! daemon with a `[[policy]]` and no `replicactl replicate`: processes that
+//! started before it must end up on their node's pages by the planner alone.
+//! `replicad-guest hold FILE` maps FILE, prints its address, and keeps
+//! touching every page (a reader that never restarts).
 //! `replicad-guest probe FILE` (run under the shim by the scenarios) maps
 //! FILE with plain `mmap`, touches every page and prints its numa_maps and
 //! maps lines as JSON.
@@ -40,6 +45,10 @@ fn main() {
         probe(&args[2]);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("hold") {
+        hold(&args[2]);
+        return;
+    }
     let (expected, rest) = match args.get(1).map(String::as_str) {
         Some("--nodes") => (
             args.get(2).and_then(|n| n.parse::<usize>().ok()),
@@ -63,7 +72,18 @@ fn main() {
     let wanted: Vec<&str> = if !rest.is_empty() {
         rest.iter().map(String::as_str).collect()
     } else {
-        vec!["baseline", "replicated", "coherence", "text", "spanning"]
+        vec![
+            "baseline",
+            "replicated",
+            "coherence",
+            "text",
+            "spanning",
+            "policy",
+            "observe",
+            "migrate",
+            "budget",
+            "pressure",
+        ]
     };
     // A guest with the wrong node count proves nothing about placement:
     // a 1-node guest would pass every scenario.
@@ -101,6 +121,11 @@ fn main() {
             "coherence" => coherence(&ids),
             "text" => text(&ids),
             "spanning" => spanning(&nodes, &mut daemon),
+            "policy" => policy(&ids, &mut daemon, "replicate"),
+            "observe" => policy(&ids, &mut daemon, "observe"),
+            "migrate" => migrate(&ids, &mut daemon),
+            "budget" => budget(&ids, &mut daemon),
+            "pressure" => pressure(&ids, &mut daemon),
             other => Err(format!("no scenario {other}")),
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -667,4 +692,421 @@ fn probe(file: &str) {
             "numa_maps": line("/proc/self/numa_maps"),
         })
     );
+}
+
+/// Map `file` private read-only, print its address, then touch every page
+/// every 100 ms for two minutes.
+fn hold(file: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(file).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only private mapping of a file we opened.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    println!(
+        "{}",
+        serde_json::json!({ "addr": format!("{:x}", p as usize) })
+    );
+    std::io::stdout().flush().unwrap();
+    let t0 = Instant::now();
+    let mut sum = 0u64;
+    while t0.elapsed() < Duration::from_secs(120) {
+        for off in (0..len).step_by(PAGE) {
+            // SAFETY: inside the mapping (the shim falls back on SIGBUS).
+            sum = sum.wrapping_add(u64::from(unsafe {
+                std::ptr::read_volatile((p as *const u8).add(off))
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::hint::black_box(sum);
+}
+
+/// Scan pacing of the policy scenarios.
+const POLICY_INTERVAL_S: u64 = 2;
+
+/// Restart the daemon on `config` (appended to the base config).
+fn restart_daemon(daemon: &mut Child, config: &str) -> Result<(), String> {
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_file(SOCKET);
+    write_config(config)?;
+    *daemon = start_daemon();
+    if !Path::new(SOCKET).exists() {
+        return Err(format!("the daemon did not start: {}", daemon_log()));
+    }
+    Ok(())
+}
+
+fn policy_config(mode: &str, include: &str, budget: &str, extra: &str) -> String {
+    format!(
+        "[scan]\ninterval = \"{POLICY_INTERVAL_S}s\"\ncpu_budget = \"50%\"\n{extra}\n\
+         [[policy]]\nname = \"guest\"\ncgroups = [\"/**\"]\nmode = \"{mode}\"\n\
+         kinds = [\"text\", \"data\"]\ninclude = [{include}]\nmin_remote = \"4k\"\n\
+         node_budget = \"{budget}\"\n"
+    )
+}
+
+/// A fresh file of `mb` MiB cached on node 0.
+fn cached_on_node0(path: &str, mb: usize) -> Result<(), String> {
+    sh(&format!(
+        "dd if=/dev/urandom of={path} bs=1M count={mb} 2>/dev/null && sync && \
+         echo 3 > /proc/sys/vm/drop_caches"
+    ))?;
+    output(on_node(0, &["/bin/cat", path])).map(|_| ())
+}
+
+/// A holder of `file` on `node` under the shim, and the address it mapped.
+fn holder(node: u32, file: &str) -> Result<(Child, String), String> {
+    let mut c = on_node(node, &["/bin/replicad-guest", "hold", file]);
+    c.stdout(Stdio::piped());
+    let mut child = c.spawn().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let addr = json(&line)?["addr"].as_str().unwrap_or("").to_string();
+    Ok((child, addr))
+}
+
+/// The numa_maps line of `pid`'s mapping at `addr` (hex), and its maps path.
+fn mapping_at(pid: u32, addr: &str) -> (String, String) {
+    let numa = std::fs::read_to_string(format!("/proc/{pid}/numa_maps"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{addr} ")))
+        .unwrap_or("")
+        .to_string();
+    let path = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{addr}-")))
+        .map(|l| l.split_whitespace().nth(5).unwrap_or("").to_string())
+        .unwrap_or_default();
+    (numa, path)
+}
+
+/// The r-xp libc mapping of `pid`: its maps path and numa_maps line.
+fn libc_text(pid: u32) -> (String, String) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Some(line) = maps.lines().find(|l| {
+        l.split_whitespace().nth(1) == Some("r-xp")
+            && (l.ends_with("libc.so.6") || (l.contains("/run/replicad/") && l.contains("libc")))
+    }) else {
+        return (String::new(), String::new());
+    };
+    let start = line.split('-').next().unwrap_or("").to_string();
+    let (numa, path) = mapping_at(pid, &start);
+    (path, numa)
+}
+
+fn kill_all(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn status_paths() -> Result<Vec<(String, Vec<String>)>, String> {
+    let st = json(&ctl(&["status", "--json"])?)?;
+    Ok(st["sources"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["path"].as_str().unwrap_or("").to_string(),
+                        s["replicas"]
+                            .as_array()
+                            .map(|r| {
+                                r.iter()
+                                    .map(|r| r["target"].as_str().unwrap_or("").to_string())
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Processes on node 0 and on the last node, started before the daemon,
+/// map a data file cached on node 0 and run libc text from node 0; a
+/// `[[policy]]` in `mode` covers them. replicate: within 3 scan intervals
+/// the last node's process maps only last-node pages of both, with no
+/// `replicactl replicate`. observe: nothing changes, and `plan` shows the
+/// copies it would make.
+fn policy(ids: &[u32], daemon: &mut Child, mode: &str) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let file = format!("{DATA}/policy-{mode}.bin");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    cached_on_node0(&file, 4)?;
+    let pages = 4 * 256u64;
+    let (h0, _) = holder(0, &file)?;
+    let (hl, addr) = holder(last, &file)?;
+    let mut children = vec![h0, hl];
+    let pid = children[1].id();
+    let include = format!("\"{DATA}/**\", \"{LIBC}\"");
+    let started = Instant::now();
+    let r = (|| -> Result<String, String> {
+        restart_daemon(daemon, &policy_config(mode, &include, "64m", ""))?;
+        let ready = started.elapsed();
+        let deadline = Duration::from_secs(3 * POLICY_INTERVAL_S);
+        let replica_dir = format!("{RUN_DIR}/node{last}/");
+        let t0 = Instant::now();
+        let (mut data_ok, mut text_ok) = (false, false);
+        let (mut numa, mut path, mut text) =
+            (String::new(), String::new(), (String::new(), String::new()));
+        while t0.elapsed() < deadline + Duration::from_secs(2) {
+            (numa, path) = mapping_at(pid, &addr);
+            text = libc_text(pid);
+            let h = pages_per_node(&numa);
+            data_ok = path.starts_with(&replica_dir) && all_on(&h, last, pages);
+            let th = pages_per_node(&text.1);
+            text_ok = text.0.starts_with(&replica_dir)
+                && th.get(&last).copied().unwrap_or(0) > 0
+                && th.iter().all(|(n, p)| *n == last || *p == 0);
+            if mode == "replicate" && data_ok && text_ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = t0.elapsed();
+        if mode == "replicate" {
+            if !(data_ok && text_ok) || took > deadline {
+                return Err(format!(
+                    "after {:.1} s (deadline {} s = 3 intervals): data {path} [{numa}]; libc text {} [{}]; plan: {}",
+                    took.as_secs_f64(),
+                    deadline.as_secs(),
+                    text.0,
+                    text.1,
+                    ctl(&["plan"]).unwrap_or_default()
+                ));
+            }
+            return Ok(format!(
+                "daemon up {:.1} s after the holders; within {:.1} s (3 intervals = {} s) the node-{last} \
+                 holder maps {} and libc text {} from its node: {} / {}",
+                ready.as_secs_f64(),
+                took.as_secs_f64(),
+                deadline.as_secs(),
+                path,
+                text.0,
+                histogram(&pages_per_node(&numa)),
+                histogram(&pages_per_node(&text.1))
+            ));
+        }
+        // observe: still the file's own pages on node 0, no replica, and a
+        // plan that names the copies.
+        let h = pages_per_node(&numa);
+        let plan = json(&ctl(&["plan", "--json"])?)?;
+        let wants = plan["actions"].as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["action"] == "replicate"
+                    && x["path"] == file.as_str()
+                    && x["node"] == last
+                    && x["mode"] == "observe"
+            })
+        });
+        if path != file || !all_on(&h, 0, pages) || !status_paths()?.is_empty() || !wants {
+            return Err(format!(
+                "observe changed something or planned nothing: {path} [{numa}]; status {:?}; plan {plan}",
+                status_paths()?
+            ));
+        }
+        Ok(format!(
+            "observe: the node-{last} holder still maps {file} on node 0 ({}), no replica; plan: {}",
+            histogram(&h),
+            ctl(&["plan"])?.lines().filter(|l| l.contains("replicate")).collect::<Vec<_>>().join("; ")
+        ))
+    })();
+    kill_all(&mut children);
+    r
+}
+
+/// A file used only by a last-node process, its page cache on node 0: the
+/// planner migrates the pages (numa_maps of the process shows them on its
+/// node, mapped from the file itself) and makes no replica.
+fn migrate(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let file = format!("{DATA}/migrate.bin");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    cached_on_node0(&file, 2)?;
+    let pages = 2 * 256u64;
+    let (hl, addr) = holder(last, &file)?;
+    let mut children = vec![hl];
+    let pid = children[0].id();
+    let r = (|| -> Result<String, String> {
+        let include = format!("\"{DATA}/migrate.bin\"");
+        restart_daemon(daemon, &policy_config("replicate", &include, "64m", ""))?;
+        let deadline = Duration::from_secs(3 * POLICY_INTERVAL_S);
+        let t0 = Instant::now();
+        let (mut numa, mut path) = (String::new(), String::new());
+        while t0.elapsed() < deadline + Duration::from_secs(2) {
+            (numa, path) = mapping_at(pid, &addr);
+            if path == file && all_on(&pages_per_node(&numa), last, pages) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = t0.elapsed();
+        let h = pages_per_node(&numa);
+        let replicated = status_paths()?.iter().any(|(p, _)| p == &file);
+        if path != file || !all_on(&h, last, pages) || replicated || took > deadline {
+            return Err(format!(
+                "after {:.1} s: {path} [{numa}]; in status: {replicated}; log: {}",
+                took.as_secs_f64(),
+                daemon_log()
+            ));
+        }
+        Ok(format!(
+            "migrated in {:.1} s: the node-{last} holder maps {file} itself, {}, no replica",
+            took.as_secs_f64(),
+            histogram(&h)
+        ))
+    })();
+    kill_all(&mut children);
+    r
+}
+
+/// Three candidate files, a budget that fits two: the two with the most
+/// remote bytes are copied, the third is reported over budget.
+fn budget(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let files: Vec<(String, usize)> = [(2usize, "small"), (6, "large"), (4, "middle")]
+        .iter()
+        .map(|(mb, n)| (format!("{DATA}/budget-{n}.bin"), *mb))
+        .collect();
+    let mut children = Vec::new();
+    for (f, mb) in &files {
+        cached_on_node0(f, *mb)?;
+    }
+    for (f, _) in &files {
+        // A sharer on each node: copies, not migrations.
+        children.push(holder(0, f)?.0);
+        children.push(holder(last, f)?.0);
+    }
+    let r = (|| -> Result<String, String> {
+        let include = format!("\"{DATA}/budget-*\"");
+        // 6 + 4 MiB fit in 11 MiB; 2 more do not.
+        restart_daemon(daemon, &policy_config("replicate", &include, "11m", ""))?;
+        let t0 = Instant::now();
+        let want = |st: &[(String, Vec<String>)], n: &str| {
+            st.iter().any(|(p, t)| {
+                p.ends_with(&format!("budget-{n}.bin")) && t.contains(&format!("node{last}"))
+            })
+        };
+        while t0.elapsed() < Duration::from_secs(4 * POLICY_INTERVAL_S) {
+            let st = status_paths()?;
+            if want(&st, "large") && want(&st, "middle") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        std::thread::sleep(Duration::from_secs(POLICY_INTERVAL_S));
+        let st = status_paths()?;
+        let plan = json(&ctl(&["plan", "--json"])?)?;
+        let over = plan["actions"].as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["action"] == "skip"
+                    && x["path"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("budget-small.bin"))
+                    && x["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("over budget"))
+            })
+        });
+        if !want(&st, "large") || !want(&st, "middle") || want(&st, "small") || !over {
+            return Err(format!("status {st:?}; plan {plan}"));
+        }
+        Ok(format!(
+            "budget 11 MiB on node {last}: large (6 MiB) and middle (4 MiB) copied, small reported over budget"
+        ))
+    })();
+    kill_all(&mut children);
+    r
+}
+
+/// Two planner copies, then a free-memory watermark no node meets (a
+/// reload): the copy with the least benefit goes first, then the other.
+fn pressure(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let files = [
+        (format!("{DATA}/pressure-a.bin"), 1usize),
+        (format!("{DATA}/pressure-b.bin"), 3),
+    ];
+    let mut children = Vec::new();
+    for (f, mb) in &files {
+        cached_on_node0(f, *mb)?;
+    }
+    for (f, _) in &files {
+        children.push(holder(0, f)?.0);
+        children.push(holder(last, f)?.0);
+    }
+    let r = (|| -> Result<String, String> {
+        let include = format!("\"{DATA}/pressure-*\"");
+        restart_daemon(daemon, &policy_config("replicate", &include, "64m", ""))?;
+        let has = |st: &[(String, Vec<String>)], f: &str| st.iter().any(|(p, _)| p == f);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(4 * POLICY_INTERVAL_S) {
+            let st = status_paths()?;
+            if has(&st, &files[0].0) && has(&st, &files[1].0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let st = status_paths()?;
+        if !(has(&st, &files[0].0) && has(&st, &files[1].0)) {
+            return Err(format!("the planner did not copy both files: {st:?}"));
+        }
+        // Memory is short from now on: every node under 100% free.
+        write_config(&policy_config(
+            "replicate",
+            &include,
+            "64m",
+            "min_free = \"100%\"",
+        ))?;
+        // SAFETY: kill with SIGHUP on our own child.
+        unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
+        let mut order = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(6 * POLICY_INTERVAL_S) && order.len() < 2 {
+            let st = status_paths()?;
+            for (f, _) in &files {
+                if !has(&st, f) && !order.contains(f) {
+                    order.push(f.clone());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if order.first() != Some(&files[0].0) || order.len() != 2 {
+            return Err(format!(
+                "evicted in order {order:?} (want a, the smaller benefit, first, then b); log: {}",
+                daemon_log()
+            ));
+        }
+        Ok(format!(
+            "under pressure: {} (1 MiB remote) went first, then {}",
+            order[0], order[1]
+        ))
+    })();
+    kill_all(&mut children);
+    let _ = write_config("");
+    r
 }

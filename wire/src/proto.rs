@@ -160,6 +160,10 @@ pub struct HeatRow {
     pub remote_bytes: BTreeMap<String, u64>,
     /// Pages of its valid replicas, by node.
     pub replica_pages: BTreeMap<String, u64>,
+    /// The file's page cache, by node (every cached page, mapped or not;
+    /// filled for files named in the request).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cached_pages: BTreeMap<String, u64>,
     pub writes_per_hour: u64,
     /// The policy deciding for it.
     pub policy: String,

@@ -183,6 +183,7 @@ fn proto_seeds() -> Vec<(&'static str, Vec<u8>)> {
                         mapped_pages: node("0", 256),
                         remote_bytes: node("1", 1 << 20),
                         replica_pages: node("1", 256),
+                        cached_pages: node("0", 256),
                         writes_per_hour: 0,
                         policy: "text".into(),
                     }],

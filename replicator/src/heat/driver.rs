@@ -51,7 +51,13 @@ pub struct Planner {
     last_plan: Plan,
     last_heat: Vec<SourceHeat>,
     last_cpu: Duration,
+    /// Files whose page cache was moved, where and when: not moved again
+    /// for [`MIGRATE_AGAIN_AFTER`] (pages that would not move stay put).
+    migrated: HashMap<SourceKey, (u32, Instant)>,
 }
+
+/// How long a migrated file is left alone before it is tried again.
+const MIGRATE_AGAIN_AFTER: Duration = Duration::from_secs(300);
 
 /// PSI `some avg10` of `<proc>/pressure/memory`, if the kernel has PSI.
 pub fn psi_memory_some(proc: &ProcReader) -> Option<f64> {
@@ -94,6 +100,7 @@ impl Planner {
             last_plan: Plan::default(),
             last_heat: Vec::new(),
             last_cpu: Duration::ZERO,
+            migrated: HashMap::new(),
         }
     }
 
@@ -301,7 +308,34 @@ impl Planner {
                         Err(e) => report.failed.push(format!("evict {path}: {e}")),
                     }
                 }
-                Action::Migrate { .. } | Action::Skip { .. } => {}
+                Action::Migrate {
+                    key, path, node, ..
+                } => {
+                    if self
+                        .migrated
+                        .get(key)
+                        .is_some_and(|(n, at)| n == node && at.elapsed() < MIGRATE_AGAIN_AFTER)
+                    {
+                        continue;
+                    }
+                    self.migrated.insert(*key, (*node, Instant::now()));
+                    match replicator.migrate(Path::new(path), *node) {
+                        Ok(m) => {
+                            metrics
+                                .planner_actions
+                                .with_label_values(&["migrate"])
+                                .inc();
+                            report.carried_out.push(format!(
+                                "migrate {path} to node {node}: {} pages moved, {} could not move",
+                                m.moved, m.failed
+                            ));
+                        }
+                        Err(e) => report
+                            .failed
+                            .push(format!("migrate {path} to node {node}: {e}")),
+                    }
+                }
+                Action::Skip { .. } => {}
             }
         }
         let mut used: BTreeMap<u32, u64> = BTreeMap::new();
