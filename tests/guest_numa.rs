@@ -17,7 +17,17 @@
 //!   libc text whose pages are on the last node;
 //! - `spanning`: a process whose CPUs span two nodes is left alone (and
 //!   `status` says why) until a `[[home_node]]` for its cgroup is loaded,
-//!   then it runs on that node's replicas.
+//!   then it runs on that node's replicas;
+//! - `policy`: with no `replicactl replicate`, processes started before the
+//!   daemon (a data file cached on node 0, libc text) end up on their
+//!   node's pages within 3 scan intervals, by a `mode = "replicate"`
+//!   policy; `observe`: the same under `mode = "observe"` changes nothing
+//!   and `plan` shows the copy;
+//! - `migrate`: a file used only on the last node is migrated, not copied;
+//! - `budget`: a budget that fits two of three files copies the two with
+//!   the most remote bytes and reports the third over budget;
+//! - `pressure`: memory pressure (a free-memory watermark no node meets)
+//!   drops the planner's copies, least benefit first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod guest;
@@ -112,6 +122,46 @@ fn two_nodes_spanning_process_left_alone_unless_policy_names_a_home() {
 #[test]
 fn four_nodes_spanning_process_left_alone_unless_policy_names_a_home() {
     check(4, "spanning");
+}
+
+#[test]
+fn two_nodes_policy_replicates_for_running_processes() {
+    check(2, "policy");
+}
+
+#[test]
+fn four_nodes_policy_replicates_for_running_processes() {
+    check(4, "policy");
+}
+
+#[test]
+fn two_nodes_observe_changes_nothing_and_plans() {
+    check(2, "observe");
+}
+
+#[test]
+fn four_nodes_observe_changes_nothing_and_plans() {
+    check(4, "observe");
+}
+
+#[test]
+fn two_nodes_single_node_users_get_a_migration() {
+    check(2, "migrate");
+}
+
+#[test]
+fn four_nodes_single_node_users_get_a_migration() {
+    check(4, "migrate");
+}
+
+#[test]
+fn two_nodes_budget_takes_the_most_remote_bytes() {
+    check(2, "budget");
+}
+
+#[test]
+fn two_nodes_pressure_drops_the_least_benefit_first() {
+    check(2, "pressure");
 }
 
 #[test]
