@@ -22,10 +22,12 @@
 //!   daemon (a data file cached on node 0, libc text) end up on their
 //!   node's pages within 3 scan intervals, by a `mode = "replicate"`
 //!   policy; `observe`: the same under `mode = "observe"` changes nothing
-//!   and `plan` shows the copy;
+//!   and `plan` shows the copy, and `heat` agrees with both processes'
+//!   numa_maps page for page;
 //! - `migrate`: a file used only on the last node is migrated, not copied;
 //! - `budget`: a budget that fits two of three files copies the two with
 //!   the most remote bytes and reports the third over budget;
+//! - `written`: a file rewritten every second is not copied (or dropped);
 //! - `pressure`: memory pressure (a free-memory watermark no node meets)
 //!   drops the planner's copies, least benefit first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -157,6 +159,11 @@ fn four_nodes_single_node_users_get_a_migration() {
 #[test]
 fn two_nodes_budget_takes_the_most_remote_bytes() {
     check(2, "budget");
+}
+
+#[test]
+fn two_nodes_a_file_rewritten_every_second_is_not_copied() {
+    check(2, "written");
 }
 
 #[test]

@@ -82,6 +82,7 @@ fn main() {
             "observe",
             "migrate",
             "budget",
+            "written",
             "pressure",
         ]
     };
@@ -125,6 +126,7 @@ fn main() {
             "observe" => policy(&ids, &mut daemon, "observe"),
             "migrate" => migrate(&ids, &mut daemon),
             "budget" => budget(&ids, &mut daemon),
+            "written" => written(&ids, &mut daemon),
             "pressure" => pressure(&ids, &mut daemon),
             other => Err(format!("no scenario {other}")),
         };
@@ -809,6 +811,15 @@ fn libc_text(pid: u32) -> (String, String) {
     (path, numa)
 }
 
+/// The address holder `pid` (one of `children`: node 0's first) mapped.
+fn holder_addr(children: &[Child], pid: u32, last: &str, first: &str) -> String {
+    if children.first().map(Child::id) == Some(pid) {
+        first.to_string()
+    } else {
+        last.to_string()
+    }
+}
+
 fn kill_all(children: &mut [Child]) {
     for c in children {
         let _ = c.kill();
@@ -853,7 +864,7 @@ fn policy(ids: &[u32], daemon: &mut Child, mode: &str) -> Result<String, String>
     let _ = daemon.wait();
     cached_on_node0(&file, 4)?;
     let pages = 4 * 256u64;
-    let (h0, _) = holder(0, &file)?;
+    let (h0, addr0) = holder(0, &file)?;
     let (hl, addr) = holder(last, &file)?;
     let mut children = vec![h0, hl];
     let pid = children[1].id();
@@ -927,10 +938,46 @@ fn policy(ids: &[u32], daemon: &mut Child, mode: &str) -> Result<String, String>
                 status_paths()?
             ));
         }
+        // heat agrees with both holders' own numa_maps, page for page.
+        let heat = json(&ctl(&["heat", "--json", &file])?)?;
+        let row = &heat["rows"][0];
+        let mut mapped: BTreeMap<u32, u64> = BTreeMap::new();
+        for c in &children {
+            let (n, _) = mapping_at(c.id(), &holder_addr(&children, c.id(), &addr, &addr0));
+            for (node, p) in pages_per_node(&n) {
+                let e = mapped.entry(node).or_default();
+                *e = (*e).max(p);
+            }
+        }
+        let heat_mapped: BTreeMap<u32, u64> = row["mapped_pages"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let remote_last = row["remote_bytes"][last.to_string()].as_u64().unwrap_or(0);
+        if heat_mapped != mapped
+            || remote_last != pages * PAGE as u64
+            || row["sharers"]["0"] != 1
+            || row["sharers"][last.to_string()] != 1
+        {
+            return Err(format!(
+                "heat disagrees with the holders' numa_maps ({}): {row}",
+                histogram(&mapped)
+            ));
+        }
         Ok(format!(
-            "observe: the node-{last} holder still maps {file} on node 0 ({}), no replica; plan: {}",
+            "observe: the node-{last} holder still maps {file} on node 0 ({}), no replica; heat \
+             agrees with numa_maps ({}, {remote_last} bytes remote on node {last}); plan: {}",
             histogram(&h),
-            ctl(&["plan"])?.lines().filter(|l| l.contains("replicate")).collect::<Vec<_>>().join("; ")
+            histogram(&mapped),
+            ctl(&["plan"])?
+                .lines()
+                .filter(|l| l.contains("replicate"))
+                .collect::<Vec<_>>()
+                .join("; ")
         ))
     })();
     kill_all(&mut children);
@@ -1111,5 +1158,52 @@ fn pressure(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
     })();
     kill_all(&mut children);
     let _ = write_config("");
+    r
+}
+
+/// A file rewritten every second, read from both nodes: not replicated, or
+/// evicted once its writes are seen, and `plan` says why.
+fn written(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let file = format!("{DATA}/written.bin");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    cached_on_node0(&file, 1)?;
+    let mut children = vec![holder(0, &file)?.0, holder(last, &file)?.0];
+    // Rewrites the first page in place every second.
+    children.push(
+        Command::new("/bin/sh")
+            .args([
+                "-c",
+                &format!(
+                    "while true; do dd if=/dev/urandom of={file} bs=4096 count=1 conv=notrunc 2>/dev/null; sleep 1; done"
+                ),
+            ])
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    let r = (|| -> Result<String, String> {
+        let include = format!("\"{file}\"");
+        restart_daemon(daemon, &policy_config("replicate", &include, "64m", ""))?;
+        std::thread::sleep(Duration::from_secs(5 * POLICY_INTERVAL_S));
+        let copied = status_paths()?.iter().any(|(p, _)| p == &file);
+        let plan = json(&ctl(&["plan", "--json"])?)?;
+        let why = plan["actions"].as_array().and_then(|a| {
+            a.iter()
+                .find(|x| x["path"] == file.as_str() && x["action"] == "skip")
+                .map(|x| x["reason"].as_str().unwrap_or("").to_string())
+        });
+        match (copied, why) {
+            (false, Some(w)) if w.contains("not read-mostly") => Ok(format!(
+                "rewritten every second: no copy after {} s; plan: {w}",
+                5 * POLICY_INTERVAL_S
+            )),
+            (c, w) => Err(format!(
+                "copied: {c}; skip reason: {w:?}; plan {plan}; log: {}",
+                daemon_log()
+            )),
+        }
+    })();
+    kill_all(&mut children);
     r
 }
