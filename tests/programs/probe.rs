@@ -33,6 +33,11 @@
 //! 3 s pass, and reports whether it got a range of FILE and could read
 //! FILE's bytes through an fd that came back.
 //!
+//! `replicad-probe unshare FILE`: whether the shim's watcher thread
+//! ("replicad-follow") runs, what `unshare(CLONE_NEWUSER)` returns (0 or
+//! the errno), whether the thread runs after it, and after an `mmap` of
+//! FILE.
+//!
 //! Every command prints one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -319,6 +324,33 @@ fn hold(path: &str) -> Value {
     json!({"released": path})
 }
 
+/// Whether a thread of ours is named `name` (waiting up to `wait`).
+fn has_thread(name: &str, wait: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let found = std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            let comm = t.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == name)
+        });
+        if found || t0.elapsed() >= wait {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn unshare(path: &str) -> Value {
+    let before = has_thread("replicad-follow", Duration::from_secs(2));
+    // SAFETY: unshare has no memory arguments.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+    let unshare = if rc == 0 { 0 } else { errno() };
+    let after = has_thread("replicad-follow", Duration::ZERO);
+    let _mapped = map_ro(path, libc::MAP_PRIVATE);
+    let after_mmap = has_thread("replicad-follow", Duration::from_secs(2));
+    json!({"follow_before": before, "unshare": unshare, "follow_after_unshare": after,
+           "follow_after_mmap": after_mmap})
+}
+
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
@@ -417,11 +449,12 @@ fn main() {
         Some("replicate-pid") => replicate_pid(args[2].parse().expect("pid")),
         Some("mprotect") => mprotect(&args[2]),
         Some("hold") => hold(&args[2]),
+        Some("unshare") => unshare(&args[2]),
         Some("inherit") => inherit(&args[2], &args[3], &args[4..]),
         _ => {
             eprintln!(
                 "usage: replicad-probe open FILE | hello [--map FILE]... [--extra-field] [--with-fd FILE] [--try-writes] \
-                 | replicate-pid PID | mprotect FILE | hold FILE | inherit FILE EXE ARGS..."
+                 | replicate-pid PID | mprotect FILE | hold FILE | unshare FILE | inherit FILE EXE ARGS..."
             );
             std::process::exit(2);
         }
