@@ -160,6 +160,7 @@ fn hello(why: &str) {
 fn hello_with(why: &str, maps: Option<String>) {
     let t0 = Instant::now();
     let Ok(mut guard) = STATE.try_lock() else {
+        missed();
         return;
     };
     let Some(st) = guard.as_mut() else {
@@ -594,6 +595,7 @@ pub(crate) fn raw_mmap(
 pub(crate) fn after_dlopen() {
     let want = {
         let Ok(guard) = STATE.try_lock() else {
+            missed();
             return;
         };
         let Some(st) = guard.as_ref() else {
@@ -633,6 +635,24 @@ fn replicated_off_replica(st: &State, reader: &Reader, maps: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Busy;
 
+/// A wrapper (or a hello) skipped its attach because the shim was busy
+/// (the watcher, often): the watcher looks at our maps again.
+static MISSED: AtomicBool = AtomicBool::new(false);
+
+fn missed() {
+    MISSED.store(true, Ordering::Release);
+}
+
+/// Whether an attach was skipped since the last call.
+pub(crate) fn take_missed() -> bool {
+    MISSED.swap(false, Ordering::AcqRel)
+}
+
+/// Whether an attach was skipped and nobody looked again yet.
+pub(crate) fn missed_pending() -> bool {
+    MISSED.load(Ordering::Acquire)
+}
+
 /// The published set for the watcher to follow: the one open, else the
 /// path opened again (the daemon started, restarted or grew the set);
 /// `None` when there is none to believe.
@@ -653,6 +673,10 @@ pub(crate) fn watched_set() -> Result<Option<&'static Reader>, Busy> {
 /// ours that is not on one, say hello (the daemon decides, the hello
 /// swaps).
 pub(crate) fn follow() -> Result<(), Busy> {
+    // Read before the lock: the program's wrappers skip while it is held.
+    let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
+        return Ok(());
+    };
     let want = {
         let Ok(guard) = STATE.try_lock() else {
             return Err(Busy);
@@ -661,9 +685,6 @@ pub(crate) fn follow() -> Result<(), Busy> {
             return Ok(());
         };
         let Some(reader) = st.published.filter(|r| !r.is_retired()) else {
-            return Ok(());
-        };
-        let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
             return Ok(());
         };
         replicated_off_replica(st, reader, &maps)
@@ -694,6 +715,7 @@ pub(crate) fn on_mmap(
         // A lazy start: the first replicated file this program maps.
         let listed = {
             let Ok(guard) = STATE.try_lock() else {
+                missed();
                 return;
             };
             let Some(reader) = guard.as_ref().and_then(|st| st.published.as_ref()) else {
@@ -711,6 +733,7 @@ pub(crate) fn on_mmap(
         }
     }
     let Ok(guard) = STATE.try_lock() else {
+        missed();
         return;
     };
     let Some(st) = guard.as_ref() else {

@@ -19,7 +19,9 @@
 //! ```
 //!
 //! The thread never holds a shim lock while it sleeps and only tries them:
-//! a busy shim is tried again a little later. `unshare()` and `setns()`
+//! a busy shim is tried again a little later. A wrapper that skipped its
+//! attach because the shim was busy (the watcher holding it, often) says
+//! so, and the watcher looks at our maps again before it sleeps. `unshare()` and `setns()`
 //! fail in a process with more than one thread (user and mount namespaces
 //! want a single one), so their wrappers [`stop`] and join it first; the
 //! next file `mmap()` or `dlopen()` of the program starts it again, as in
@@ -263,17 +265,20 @@ fn run(path: &Path) {
         };
         let seq = word.load(Ordering::Relaxed);
         let key = (reader as *const Reader as usize, seq);
-        if seen != Some(key) {
+        if attach::take_missed() || seen != Some(key) {
             match guarded(attach::follow) {
-                Some(Ok(())) => {
-                    seen = Some(key);
-                    busy = 0;
-                }
+                Some(Ok(())) => seen = Some(key),
                 Some(Err(attach::Busy)) | None => {
                     nap_busy(&mut busy, wake_fd);
                     continue;
                 }
             }
+            if attach::missed_pending() {
+                // A wrapper skipped its attach while we held the shim.
+                nap_busy(&mut busy, wake_fd);
+                continue;
+            }
+            busy = 0;
         }
         let addr = word as *const AtomicU64 as usize;
         WAITING_ON.store(addr, Ordering::SeqCst);
