@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -250,14 +250,17 @@ fn open_published(st: &State) -> Option<&'static Reader> {
             if let Some(word) = r.revoking_word() {
                 shim::watch_revokes(word);
             }
+            OPEN_SET.store(r as *const Reader as usize, Ordering::Release);
             Some(r)
         }
         Err(e @ replicad_client::Error::UntrustedSet { .. }) => {
             debug!("{e}; a hello asks replicad instead, and files mapped later are not attached");
+            OPEN_SET.store(0, Ordering::Release);
             None
         }
         Err(e) => {
             debug!("{e}: files mapped later are not attached");
+            OPEN_SET.store(0, Ordering::Release);
             None
         }
     }
@@ -653,10 +656,22 @@ pub(crate) fn missed_pending() -> bool {
     MISSED.load(Ordering::Acquire)
 }
 
+/// [`State::published`] as an address (0: none), for the watcher to read
+/// without the lock: the program's wrappers skip while it is held.
+static OPEN_SET: AtomicUsize = AtomicUsize::new(0);
+
 /// The published set for the watcher to follow: the one open, else the
 /// path opened again (the daemon started, restarted or grew the set);
 /// `None` when there is none to believe.
 pub(crate) fn watched_set() -> Result<Option<&'static Reader>, Busy> {
+    let open = OPEN_SET.load(Ordering::Acquire);
+    if open != 0 {
+        // SAFETY: OPEN_SET only ever holds a leaked (never freed) Reader.
+        let r: &'static Reader = unsafe { &*(open as *const Reader) };
+        if !r.is_retired() {
+            return Ok(Some(r));
+        }
+    }
     let Ok(mut guard) = STATE.try_lock() else {
         return Err(Busy);
     };
