@@ -62,8 +62,9 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 static STOP: AtomicBool = AtomicBool::new(false);
 /// The seq word it sleeps on (0: none), for [`stop`] to wake.
 static WAITING_ON: AtomicUsize = AtomicUsize::new(0);
-/// Its eventfd (poll wakes on it) and inotify fd, -1 when none: closed in
-/// a fork child, where they are only copies.
+/// The eventfd its polls also wake on (made once, never closed while a
+/// [`stop`] may write to it) and its inotify fd, -1 when none: closed in a
+/// fork child, where they are only copies.
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static INOTIFY_FD: AtomicI32 = AtomicI32::new(-1);
 /// The watcher, with the pid that started it (a fork child has a copy of
@@ -128,6 +129,20 @@ pub(crate) fn start() {
         // thread this process does not have.
         std::mem::forget(h);
     }
+    let mut wake_fd = WAKE_FD.load(Ordering::SeqCst);
+    if wake_fd < 0 {
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake_fd < 0 {
+            debug!(
+                "follow: no eventfd ({}): not following",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        wake_fd = out_of_the_way(wake_fd);
+        WAKE_FD.store(wake_fd, Ordering::SeqCst);
+    }
     STOP.store(false, Ordering::Release);
     // Asynchronous signals stay with the program's threads: the new one
     // inherits this mask; faults stay deliverable (blocked, they kill).
@@ -149,8 +164,7 @@ pub(crate) fn start() {
         .name(THREAD_NAME.into())
         .stack_size(STACK)
         .spawn(move || {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&path)));
-            close_fds();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&path, wake_fd)));
         });
     // SAFETY: restores the mask read above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
@@ -188,6 +202,14 @@ pub(crate) fn stop() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let _ = h.join();
+    // Drain the wakes: the next watcher starts asleep-able.
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let mut n: u64 = 0;
+        // SAFETY: an 8-byte read into a live value from our (non-blocking)
+        // eventfd.
+        unsafe { libc::read(fd, (&mut n as *mut u64).cast(), 8) };
+    }
     STOP.store(false, Ordering::Release);
     RUNNING.store(false, Ordering::Release);
 }
@@ -219,32 +241,12 @@ fn wake() {
     }
 }
 
-fn close_fds() {
-    for fd in [&WAKE_FD, &INOTIFY_FD] {
-        let fd = fd.swap(-1, Ordering::SeqCst);
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-    }
-}
-
 fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
 /// The watcher's loop (see the module doc).
-fn run(path: &Path) {
-    // SAFETY: eventfd has no memory arguments; the result is checked.
-    let wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if wake_fd < 0 {
-        debug!(
-            "follow: no eventfd ({}): not following",
-            std::io::Error::last_os_error()
-        );
-        return;
-    }
-    WAKE_FD.store(wake_fd, Ordering::SeqCst);
+fn run(path: &Path, wake_fd: i32) {
     let mut seen = CHECKED.lock().ok().and_then(|mut c| c.take());
     let mut busy = 0u32;
     while !stopping() {
@@ -344,6 +346,7 @@ fn wait_for_set(path: &Path, wake_fd: i32) {
         poll_in(&[wake_fd], WAIT);
         return;
     }
+    let ino = out_of_the_way(ino);
     INOTIFY_FD.store(ino, Ordering::SeqCst);
     let mask = libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
     let armed = path.parent().is_some_and(|dir| {
@@ -364,6 +367,30 @@ fn wait_for_set(path: &Path, wake_fd: i32) {
     INOTIFY_FD.store(-1, Ordering::SeqCst);
     // SAFETY: our own inotify fd.
     unsafe { libc::close(ino) };
+}
+
+/// `fd` moved to a high number (64 below the soft open-file limit, or
+/// above), so that a program that closes fds it does not know of (a
+/// `closefrom()`) is unlikely to have one of its own there when the shim
+/// uses or closes this one. `fd` itself when that fails.
+fn out_of_the_way(fd: i32) -> i32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur < 256 {
+        return fd;
+    }
+    let want = (lim.rlim_cur.min(1 << 20) - 64) as libc::c_int;
+    // SAFETY: F_DUPFD_CLOEXEC of our own fd; the result is checked.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, want) };
+    if high < 0 {
+        return fd;
+    }
+    // SAFETY: our own fd, now duplicated.
+    unsafe { libc::close(fd) };
+    high
 }
 
 fn add_watch(ino: i32, dir: &Path, mask: u32) -> bool {
