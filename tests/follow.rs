@@ -8,7 +8,8 @@
 //!   directory) attaches once the daemon runs and replicates its file;
 //! * while nothing changes the thread sleeps (state S) and uses no CPU;
 //! * `unshare(CLONE_NEWUSER)`, which wants a single thread, still works
-//!   under the shim, and the thread comes back afterwards.
+//!   under the shim, and the thread comes back afterwards;
+//! * a fork child has no watcher until it maps a file, then has one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -330,4 +331,29 @@ fn unshare_of_a_user_namespace_works_under_the_shim() {
     );
     assert_eq!(shimmed["follow_after_unshare"], false, "{shimmed}");
     assert_eq!(shimmed["follow_after_mmap"], true, "{shimmed}");
+}
+
+#[test]
+fn a_fork_child_starts_its_own_watcher_when_it_maps_a_file() {
+    let d = Daemon::start("");
+    let dir = scratch("follow-fork");
+    let data = dir.path().join("data.bin");
+    make_file(&data, 1 << 20, 16);
+    let out = Command::new(program(PROBE))
+        .arg("fork")
+        .arg(&data)
+        .env("LD_PRELOAD", shim_path())
+        .env("REPLICAD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["follow_parent"], true, "{v}");
+    assert_eq!(v["read"], 2, "{v}");
+    assert_eq!(v["follow_child_at_fork"], false, "{v}");
+    assert_eq!(v["follow_child_after_mmap"], true, "{v}");
 }

@@ -38,6 +38,9 @@
 //! the errno), whether the thread runs after it, and after an `mmap` of
 //! FILE.
 //!
+//! `replicad-probe fork FILE`: whether the watcher thread runs, then, in a
+//! forked child, whether it runs there before and after an `mmap` of FILE.
+//!
 //! Every command prints one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -351,6 +354,38 @@ fn unshare(path: &str) -> Value {
            "follow_after_mmap": after_mmap})
 }
 
+fn fork_child(path: &str) -> Value {
+    let parent = has_thread("replicad-follow", Duration::from_secs(2));
+    let mut p = [0; 2];
+    // SAFETY: p has room for two fds.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: the child only reads /proc, maps a file and writes a pipe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let before = has_thread("replicad-follow", Duration::ZERO);
+        let _mapped = map_ro(path, libc::MAP_PRIVATE);
+        let after = has_thread("replicad-follow", Duration::from_secs(2));
+        let out = [u8::from(before), u8::from(after)];
+        // SAFETY: a 2-byte write from a live buffer to our pipe.
+        unsafe {
+            libc::write(p[1], out.as_ptr().cast(), 2);
+            libc::_exit(0);
+        }
+    }
+    let mut got = [0u8; 2];
+    // SAFETY: a 2-byte read into a live buffer from our pipe.
+    let n = unsafe {
+        libc::close(p[1]);
+        libc::read(p[0], got.as_mut_ptr().cast(), 2)
+    };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    json!({"follow_parent": parent, "read": n, "follow_child_at_fork": got[0] == 1,
+           "follow_child_after_mmap": got[1] == 1})
+}
+
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
@@ -450,11 +485,12 @@ fn main() {
         Some("mprotect") => mprotect(&args[2]),
         Some("hold") => hold(&args[2]),
         Some("unshare") => unshare(&args[2]),
+        Some("fork") => fork_child(&args[2]),
         Some("inherit") => inherit(&args[2], &args[3], &args[4..]),
         _ => {
             eprintln!(
                 "usage: replicad-probe open FILE | hello [--map FILE]... [--extra-field] [--with-fd FILE] [--try-writes] \
-                 | replicate-pid PID | mprotect FILE | hold FILE | unshare FILE | inherit FILE EXE ARGS..."
+                 | replicate-pid PID | mprotect FILE | hold FILE | unshare FILE | fork FILE | inherit FILE EXE ARGS..."
             );
             std::process::exit(2);
         }
