@@ -33,6 +33,14 @@
 //! 3 s pass, and reports whether it got a range of FILE and could read
 //! FILE's bytes through an fd that came back.
 //!
+//! `replicad-probe unshare FILE`: whether the shim's watcher thread
+//! ("replicad-follow") runs, what `unshare(CLONE_NEWUSER)` returns (0 or
+//! the errno), whether the thread runs after it, and after an `mmap` of
+//! FILE.
+//!
+//! `replicad-probe fork FILE`: whether the watcher thread runs, then, in a
+//! forked child, whether it runs there before and after an `mmap` of FILE.
+//!
 //! Every command prints one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -319,6 +327,65 @@ fn hold(path: &str) -> Value {
     json!({"released": path})
 }
 
+/// Whether a thread of ours is named `name` (waiting up to `wait`).
+fn has_thread(name: &str, wait: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let found = std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            let comm = t.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == name)
+        });
+        if found || t0.elapsed() >= wait {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn unshare(path: &str) -> Value {
+    let before = has_thread("replicad-follow", Duration::from_secs(2));
+    // SAFETY: unshare has no memory arguments.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+    let unshare = if rc == 0 { 0 } else { errno() };
+    let after = has_thread("replicad-follow", Duration::ZERO);
+    let _mapped = map_ro(path, libc::MAP_PRIVATE);
+    let after_mmap = has_thread("replicad-follow", Duration::from_secs(2));
+    json!({"follow_before": before, "unshare": unshare, "follow_after_unshare": after,
+           "follow_after_mmap": after_mmap})
+}
+
+fn fork_child(path: &str) -> Value {
+    let parent = has_thread("replicad-follow", Duration::from_secs(2));
+    let mut p = [0; 2];
+    // SAFETY: p has room for two fds.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: the child only reads /proc, maps a file and writes a pipe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let before = has_thread("replicad-follow", Duration::ZERO);
+        let _mapped = map_ro(path, libc::MAP_PRIVATE);
+        let after = has_thread("replicad-follow", Duration::from_secs(2));
+        let out = [u8::from(before), u8::from(after)];
+        // SAFETY: a 2-byte write from a live buffer to our pipe.
+        unsafe {
+            libc::write(p[1], out.as_ptr().cast(), 2);
+            libc::_exit(0);
+        }
+    }
+    let mut got = [0u8; 2];
+    // SAFETY: a 2-byte read into a live buffer from our pipe.
+    let n = unsafe {
+        libc::close(p[1]);
+        libc::read(p[0], got.as_mut_ptr().cast(), 2)
+    };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    json!({"follow_parent": parent, "read": n, "follow_child_at_fork": got[0] == 1,
+           "follow_child_after_mmap": got[1] == 1})
+}
+
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
@@ -417,11 +484,13 @@ fn main() {
         Some("replicate-pid") => replicate_pid(args[2].parse().expect("pid")),
         Some("mprotect") => mprotect(&args[2]),
         Some("hold") => hold(&args[2]),
+        Some("unshare") => unshare(&args[2]),
+        Some("fork") => fork_child(&args[2]),
         Some("inherit") => inherit(&args[2], &args[3], &args[4..]),
         _ => {
             eprintln!(
                 "usage: replicad-probe open FILE | hello [--map FILE]... [--extra-field] [--with-fd FILE] [--try-writes] \
-                 | replicate-pid PID | mprotect FILE | hold FILE | inherit FILE EXE ARGS..."
+                 | replicate-pid PID | mprotect FILE | hold FILE | unshare FILE | fork FILE | inherit FILE EXE ARGS..."
             );
             std::process::exit(2);
         }

@@ -46,6 +46,24 @@
 //! when the two differ or are odd; after that it answers `Unknown`, and the
 //! shim asks the daemon as it would without this table.
 //!
+//! `seq` is also what a running program waits on to follow the set:
+//!
+//! ```text
+//!  shim's watcher                          Writer
+//!  s = seq; check our maps against the set
+//!  FUTEX_WAIT(low half of seq, s) ──┐      publish() that changed a slot,
+//!        (asleep, no CPU)           │<──── count or flags; remove(); or a
+//!  seq != s: check again            │      new file's retire() of this one
+//!                                   └───── FUTEX_WAKE(low half of seq, all)
+//! ```
+//!
+//! The wake is a shared futex (no `FUTEX_PRIVATE_FLAG`): the waiters map the
+//! file in other processes. A retire (a bigger table renamed over this one,
+//! or a new daemon) moves `seq` on by two and wakes, so a waiter that read
+//! `seq` before the flag went up never sleeps through it. A waiter sleeps
+//! only while the low half still holds what it read, so a wake between its
+//! read and its wait is not lost.
+//!
 //! Nothing in the file is trusted by the reader beyond what `open` checked:
 //! the capacity is the one the file's size matched at open, a probe stops
 //! after `capacity` slots, and any content (even garbage) yields an answer,
@@ -283,6 +301,8 @@ impl Writer {
         }
 
         let flags = if overflow { FLAG_OVERFLOW } else { 0 };
+        let changed_header =
+            self.shm.load(COUNT_WORD) != sources as u64 || self.shm.load(FLAGS_WORD) != flags;
         let slots_written = self.write_locked(|w| {
             let mut written = 0;
             for slot in 0..w.capacity {
@@ -299,6 +319,10 @@ impl Writer {
             written
         });
         std::mem::swap(&mut self.current, &mut self.next);
+        if slots_written > 0 || changed_header {
+            // Programs that follow the set (see the module doc) look again.
+            self.shm.wake_all(SEQ_WORD);
+        }
         Published {
             sources,
             overflow,
@@ -329,6 +353,7 @@ impl Writer {
         self.write_locked(|w| w.shm.store(FLAGS_WORD, FLAG_RETIRED));
         self.shm.store_release(REVOKING_WORD, 0);
         self.shm.wake_all(REVOKING_WORD);
+        self.shm.wake_all(SEQ_WORD);
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {}
             Ok(_) => return Ok(()),
@@ -392,6 +417,11 @@ fn retire(path: &Path) {
     };
     if check(&file, &shm).is_ok() {
         shm.fetch_or(FLAGS_WORD, FLAG_RETIRED);
+        // Even to even (or odd to odd, under a writer still at work): seq
+        // moves, so a follower that read it before the flag went up does
+        // not sleep through the wake below.
+        shm.fetch_add(SEQ_WORD, 2);
+        shm.wake_all(SEQ_WORD);
         // A daemon that died mid-revoke left its count up: nobody lowers it
         // now, and fallbacks would wait it out.
         shm.store_release(REVOKING_WORD, 0);
@@ -552,6 +582,14 @@ impl Reader {
         self.shm.word(REVOKING_WORD)
     }
 
+    /// Address of the `seq` word (see the module doc), for a follower to
+    /// load and `FUTEX_WAIT` on (shared) while this reader lives: the
+    /// writer wakes it after every change. Only relaxed loads: the mapping
+    /// is read-only.
+    pub fn seq_word(&self) -> Option<&AtomicU64> {
+        self.shm.word(SEQ_WORD)
+    }
+
     /// Revokes in progress, as the daemon counts them.
     pub fn revoking(&self) -> u64 {
         self.shm.load(REVOKING_WORD)
@@ -688,6 +726,13 @@ impl Shm {
             w.fetch_or(bits.to_le(), Ordering::Release);
         }
     }
+
+    /// Only on writable mappings (little-endian hosts: the file's order).
+    fn fetch_add(&self, i: usize, n: u64) {
+        if let Some(w) = self.word(i) {
+            w.fetch_add(n.to_le(), Ordering::Release);
+        }
+    }
 }
 
 impl Shm {
@@ -822,6 +867,99 @@ mod tests {
         // More ends than begins never wrap.
         w.revoke_ended();
         assert_eq!(r.revoking(), 0);
+    }
+
+    /// Wait (up to `secs`) on `r`'s seq word in another thread while
+    /// `act` runs; how long the waiter slept.
+    fn seq_wait_during(r: &Arc<Reader>, secs: i64, act: impl FnOnce()) -> std::time::Duration {
+        let r2 = r.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let word = r2.seq_word().unwrap();
+            let before = word.load(Ordering::Relaxed);
+            tx.send(()).unwrap();
+            let t = std::time::Instant::now();
+            while word.load(Ordering::Relaxed) == before && t.elapsed().as_secs() < secs as u64 {
+                futex_wait(word, secs);
+            }
+            t.elapsed()
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        act();
+        waiter.join().unwrap()
+    }
+
+    #[test]
+    fn followers_on_seq_are_woken_by_changes_retires_and_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = set_path(&dir);
+        let mut w = Writer::create(&path, 8).unwrap();
+        let r = Arc::new(Reader::open(&path).unwrap());
+        let long = std::time::Duration::from_secs(20);
+        // A publish that changes a slot wakes at once.
+        let woke = seq_wait_during(&r, 30, || {
+            w.publish(&[entry(1, 2, 1, 1)]);
+        });
+        assert!(woke < long, "{woke:?}");
+        // A bigger file renamed over this one retires it: seq moves, wakes.
+        let woke = seq_wait_during(&r, 30, || {
+            let _bigger = Writer::create(&path, 64).unwrap();
+        });
+        assert!(woke < long, "{woke:?}");
+        assert!(r.is_retired());
+        // remove() wakes too.
+        let w = Writer::create(&path, 8).unwrap();
+        let r = Arc::new(Reader::open(&path).unwrap());
+        let woke = seq_wait_during(&r, 30, || w.remove().unwrap());
+        assert!(woke < long, "{woke:?}");
+        assert!(r.is_retired());
+    }
+
+    #[test]
+    fn a_publish_that_changes_nothing_wakes_no_follower() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = set_path(&dir);
+        let mut w = Writer::create(&path, 8).unwrap();
+        let r = Arc::new(Reader::open(&path).unwrap());
+        w.publish(&[entry(1, 2, 1, 1)]);
+        let r2 = r.clone();
+        let word = r.seq_word().unwrap();
+        let seen = word.load(Ordering::Relaxed);
+        let waiter = std::thread::spawn(move || {
+            let word = r2.seq_word().unwrap();
+            let addr = word as *const AtomicU64 as *const u32;
+            let ts = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            let t = std::time::Instant::now();
+            // SAFETY: FUTEX_WAIT on the low half of a live mapped word,
+            // with the value read before the publish and a valid timespec.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    addr,
+                    libc::FUTEX_WAIT,
+                    seen as u32,
+                    &ts,
+                    0usize,
+                    0u32,
+                )
+            };
+            let e = std::io::Error::last_os_error().raw_os_error();
+            (rc, e, t.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Hold seq at what the waiter saw: the same table, published again,
+        // moves seq (a reader mid-probe retries) but must not wake; the
+        // waiter is already asleep on the old value.
+        w.publish(&[entry(1, 2, 1, 1)]);
+        let (rc, e, slept) = waiter.join().unwrap();
+        assert!(
+            rc == -1 && e == Some(libc::ETIMEDOUT),
+            "woken ({rc}, {e:?}) after {slept:?}"
+        );
     }
 
     #[test]

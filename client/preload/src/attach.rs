@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use replicad_wire::proto::{AttachRange, Request, Response};
 use replicad_wire::published::{Lookup, Reader};
 use replicad_wire::sock;
 
-use crate::{debug, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, NODE, NODE_ENV};
+use crate::{debug, follow, ACTIVE, DEBUG, DEBUG_ENV, DISABLE_ENV, FOLLOW_ENV, NODE, NODE_ENV};
 
 /// How long the shim waits for the daemon, at most, before the program
 /// goes on without it. An absent daemon fails at once (no socket).
@@ -102,6 +102,16 @@ pub(crate) fn init() {
             declined: BTreeSet::new(),
         });
         st.published = open_published(st);
+        // What the watcher (crate::follow) starts from: the seq our maps are
+        // checked against now, read before the check.
+        let checked = st
+            .published
+            .and_then(|r| Some((r, r.seq_word()?.load(Ordering::Relaxed))));
+        if trust::env_var(FOLLOW_ENV).is_some_and(|v| v == "0") {
+            debug!("{FOLLOW_ENV}=0: replicas made later are not followed");
+        } else if let Some(dir) = st.socket.parent() {
+            follow::enable(dir.join(PUBLISHED), checked);
+        }
         // Read once: decides the lazy start, then serves the hello's checks
         // (nothing changes our mappings in between: the constructor runs
         // alone, and the daemon only reads them). Without a published set
@@ -150,6 +160,7 @@ fn hello(why: &str) {
 fn hello_with(why: &str, maps: Option<String>) {
     let t0 = Instant::now();
     let Ok(mut guard) = STATE.try_lock() else {
+        missed();
         return;
     };
     let Some(st) = guard.as_mut() else {
@@ -239,14 +250,17 @@ fn open_published(st: &State) -> Option<&'static Reader> {
             if let Some(word) = r.revoking_word() {
                 shim::watch_revokes(word);
             }
+            OPEN_SET.store(r as *const Reader as usize, Ordering::Release);
             Some(r)
         }
         Err(e @ replicad_client::Error::UntrustedSet { .. }) => {
             debug!("{e}; a hello asks replicad instead, and files mapped later are not attached");
+            OPEN_SET.store(0, Ordering::Release);
             None
         }
         Err(e) => {
             debug!("{e}: files mapped later are not attached");
+            OPEN_SET.store(0, Ordering::Release);
             None
         }
     }
@@ -584,6 +598,7 @@ pub(crate) fn raw_mmap(
 pub(crate) fn after_dlopen() {
     let want = {
         let Ok(guard) = STATE.try_lock() else {
+            missed();
             return;
         };
         let Some(st) = guard.as_ref() else {
@@ -595,21 +610,104 @@ pub(crate) fn after_dlopen() {
                 let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
                     return;
                 };
-                maps.lines()
-                    .filter_map(MapsLine::parse)
-                    .filter(|l| l.private_readonly_file())
-                    .any(|l| {
-                        !st.declined.contains(&(l.start, l.ino))
-                            && may_have_replica(reader, l.dev, l.ino)
-                            && !shim::is_spare(l.start as usize)
-                            && !shim::live_at(l.start as usize)
-                    })
+                replicated_off_replica(st, reader, &maps)
             }
         }
     };
     if want {
         hello("dlopen");
     }
+}
+
+/// Whether `maps` (ours) holds a private read-only file mapping that is not
+/// on a replica, was not declined, and whose file the published set shows
+/// a replica of for us.
+fn replicated_off_replica(st: &State, reader: &Reader, maps: &str) -> bool {
+    maps.lines()
+        .filter_map(MapsLine::parse)
+        .filter(|l| l.private_readonly_file())
+        .any(|l| {
+            !st.declined.contains(&(l.start, l.ino))
+                && may_have_replica(reader, l.dev, l.ino)
+                && !shim::is_spare(l.start as usize)
+                && !shim::live_at(l.start as usize)
+        })
+}
+
+/// The shim's lock was taken: try again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Busy;
+
+/// A wrapper (or a hello) skipped its attach because the shim was busy
+/// (the watcher, often): the watcher looks at our maps again.
+static MISSED: AtomicBool = AtomicBool::new(false);
+
+fn missed() {
+    MISSED.store(true, Ordering::Release);
+}
+
+/// Whether an attach was skipped since the last call.
+pub(crate) fn take_missed() -> bool {
+    MISSED.swap(false, Ordering::AcqRel)
+}
+
+/// Whether an attach was skipped and nobody looked again yet.
+pub(crate) fn missed_pending() -> bool {
+    MISSED.load(Ordering::Acquire)
+}
+
+/// [`State::published`] as an address (0: none), for the watcher to read
+/// without the lock: the program's wrappers skip while it is held.
+static OPEN_SET: AtomicUsize = AtomicUsize::new(0);
+
+/// The published set for the watcher to follow: the one open, else the
+/// path opened again (the daemon started, restarted or grew the set);
+/// `None` when there is none to believe.
+pub(crate) fn watched_set() -> Result<Option<&'static Reader>, Busy> {
+    let open = OPEN_SET.load(Ordering::Acquire);
+    if open != 0 {
+        // SAFETY: OPEN_SET only ever holds a leaked (never freed) Reader.
+        let r: &'static Reader = unsafe { &*(open as *const Reader) };
+        if !r.is_retired() {
+            return Ok(Some(r));
+        }
+    }
+    let Ok(mut guard) = STATE.try_lock() else {
+        return Err(Busy);
+    };
+    let Some(st) = guard.as_mut() else {
+        return Ok(None);
+    };
+    if st.published.is_none_or(Reader::is_retired) {
+        st.published = open_published(st);
+    }
+    Ok(st.published.filter(|r| !r.is_retired()))
+}
+
+/// The published set changed: if it now shows a replica for a mapping of
+/// ours that is not on one, say hello (the daemon decides, the hello
+/// swaps).
+pub(crate) fn follow() -> Result<(), Busy> {
+    // Read before the lock: the program's wrappers skip while it is held.
+    let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
+        return Ok(());
+    };
+    let want = {
+        let Ok(guard) = STATE.try_lock() else {
+            return Err(Busy);
+        };
+        let Some(st) = guard.as_ref() else {
+            return Ok(());
+        };
+        let Some(reader) = st.published.filter(|r| !r.is_retired()) else {
+            return Ok(());
+        };
+        replicated_off_replica(st, reader, &maps)
+    };
+    if want {
+        hello("follow");
+    }
+    Ok(())
 }
 
 /// A mapping the program just made of `fd`: if the published set shows a
@@ -632,6 +730,7 @@ pub(crate) fn on_mmap(
         // A lazy start: the first replicated file this program maps.
         let listed = {
             let Ok(guard) = STATE.try_lock() else {
+                missed();
                 return;
             };
             let Some(reader) = guard.as_ref().and_then(|st| st.published.as_ref()) else {
@@ -649,6 +748,7 @@ pub(crate) fn on_mmap(
         }
     }
     let Ok(guard) = STATE.try_lock() else {
+        missed();
         return;
     };
     let Some(st) = guard.as_ref() else {

@@ -26,6 +26,15 @@
 //!  sigaction(SIGBUS) / signal(SIGBUS) ─ once our handler is installed, the
 //!              program's action becomes the one we chain to
 //!  SIGBUS in a range after a revoke ─ mremap(spare -> range): the file again
+//!
+//!  thread "replicad-follow" (started after the constructor) ─ asleep in
+//!              FUTEX_WAIT on the published set's seq; when the daemon
+//!              changes the set and it shows a replica of something we map
+//!              that is not on one: hello again (no set yet: inotify on its
+//!              directory until one appears). See `follow`.
+//!  unshare(), setns() ─ the watcher stopped and joined first (they want a
+//!              single thread), then the real one; the next file mmap()
+//!              or dlopen() starts it again, as in a child after fork()
 //! ```
 //!
 //! Nothing here may break a program: no daemon, a refusal, a range that
@@ -33,6 +42,9 @@
 //! `REPLICAD_DEBUG=1` the shim says why on stderr. The wrappers never block
 //! on the shim's own locks (they skip instead), and never attach while the
 //! shim itself is mapping (a thread-local guard).
+//!
+//! `REPLICAD_FOLLOW=0` keeps the watcher thread from starting: the program
+//! then attaches only at start, on `mmap()` and on `dlopen()`.
 //!
 //! The shim believes only the real daemon (`replicad_client::trust`): in
 //! a program the kernel marks `AT_SECURE` (set-user-ID, capabilities) it
@@ -48,6 +60,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 mod attach;
+mod follow;
 
 /// Environment: print why the shim did or did not attach. Like every
 /// `REPLICAD_*` variable, ignored under `AT_SECURE`.
@@ -56,6 +69,10 @@ pub const DEBUG_ENV: &str = "REPLICAD_DEBUG";
 pub const NODE_ENV: &str = "REPLICAD_NODE";
 /// Environment: `1` turns the shim off (the program runs untouched).
 pub const DISABLE_ENV: &str = "REPLICAD_DISABLE";
+/// Environment: `0` keeps the shim from following the published set (no
+/// watcher thread): replicas made after start are attached only by a later
+/// `mmap()` or `dlopen()`.
+pub const FOLLOW_ENV: &str = "REPLICAD_FOLLOW";
 
 /// The daemon answered our hello: `NODE` is ours, the wrappers attach.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
@@ -121,6 +138,7 @@ static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
     guarded(attach::init);
+    guarded(follow::start);
 }
 
 // ---- mmap -------------------------------------------------------------
@@ -143,6 +161,15 @@ pub unsafe extern "C" fn mmap(
     if p != libc::MAP_FAILED {
         // Whatever the shim had moved onto a replica there is gone.
         replicad_client::shim::forget(p as usize, len);
+    }
+    if p != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_ANONYMOUS == 0 {
+        // A file mapping (never an allocator's): the watcher again, if an
+        // unshare() or a fork() left us without one.
+        // SAFETY: errno is thread-local; starting must not change it.
+        let errno = unsafe { *libc::__errno_location() };
+        guarded(follow::start);
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
     }
     if p != libc::MAP_FAILED
         && fd >= 0
@@ -291,6 +318,45 @@ pub unsafe extern "C" fn mremap(
     p
 }
 
+// ---- unshare / setns --------------------------------------------------
+
+/// Stop the watcher thread (a new user or mount namespace wants this
+/// process single-threaded), keeping the program's errno.
+fn single_threaded() {
+    // SAFETY: errno is thread-local.
+    let errno = unsafe { *libc::__errno_location() };
+    guarded(follow::stop);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// `unshare(2)` for the program: the shim's watcher thread is stopped and
+/// joined first (`CLONE_NEWUSER` fails with `EINVAL` in a process with more
+/// than one thread); the next file `mmap()` or `dlopen()` starts it again.
+///
+/// # Safety
+/// As `unshare(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn unshare(flags: c_int) -> c_int {
+    single_threaded();
+    // SAFETY: the unshare syscall with the caller's argument; libc's
+    // syscall() sets errno and returns -1 on failure.
+    unsafe { libc::syscall(libc::SYS_unshare, flags as libc::c_long) as c_int }
+}
+
+/// `setns(2)` for the program: as [`unshare`] (a user namespace wants a
+/// single thread, a mount namespace an unshared filesystem context).
+///
+/// # Safety
+/// As `setns(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn setns(fd: c_int, nstype: c_int) -> c_int {
+    single_threaded();
+    // SAFETY: the setns syscall with the caller's arguments; libc's
+    // syscall() sets errno and returns -1 on failure.
+    unsafe { libc::syscall(libc::SYS_setns, fd as libc::c_long, nstype as libc::c_long) as c_int }
+}
+
 // ---- sigaction / signal ----------------------------------------------
 
 /// `sigaction(2)`: SIGBUS, once our handler is installed, sets and reports
@@ -424,12 +490,15 @@ extern "C" fn dlopen_wrapped(file: *const c_char, flags: c_int) -> *mut c_void {
     let f = unsafe { std::mem::transmute::<usize, Dlopen>(real) };
     // SAFETY: the caller's arguments, unchanged.
     let handle = unsafe { f(file, flags) };
-    if !handle.is_null() && ACTIVE.load(Ordering::Relaxed) {
+    if !handle.is_null() {
         // SAFETY: errno is thread-local.
         let errno = unsafe { *libc::__errno_location() };
         guarded(|| {
-            PENDING.store(false, Ordering::Relaxed);
-            attach::after_dlopen();
+            follow::start();
+            if ACTIVE.load(Ordering::Relaxed) {
+                PENDING.store(false, Ordering::Relaxed);
+                attach::after_dlopen();
+            }
         });
         // SAFETY: as above.
         unsafe { *libc::__errno_location() = errno };
