@@ -714,9 +714,16 @@ fn hold(file: &str) {
         )
     };
     assert_ne!(p, libc::MAP_FAILED);
+    // Where our libc text is (the shim may move a replica over it later).
+    let libc_at = std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("r-xp") && l.ends_with("libc.so.6"))
+        .and_then(|l| l.split('-').next().map(str::to_string))
+        .unwrap_or_default();
     println!(
         "{}",
-        serde_json::json!({ "addr": format!("{:x}", p as usize) })
+        serde_json::json!({ "addr": format!("{:x}", p as usize), "libc": libc_at })
     );
     std::io::stdout().flush().unwrap();
     let t0 = Instant::now();
@@ -769,6 +776,11 @@ fn cached_on_node0(path: &str, mb: usize) -> Result<(), String> {
 
 /// A holder of `file` on `node` under the shim, and the address it mapped.
 fn holder(node: u32, file: &str) -> Result<(Child, String), String> {
+    holder_with_libc(node, file).map(|(c, a, _)| (c, a))
+}
+
+/// [`holder`], and the address of its libc text.
+fn holder_with_libc(node: u32, file: &str) -> Result<(Child, String, String), String> {
     let mut c = on_node(node, &["/bin/replicad-guest", "hold", file]);
     c.stdout(Stdio::piped());
     let mut child = c.spawn().map_err(|e| e.to_string())?;
@@ -776,8 +788,10 @@ fn holder(node: u32, file: &str) -> Result<(Child, String), String> {
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
-    let addr = json(&line)?["addr"].as_str().unwrap_or("").to_string();
-    Ok((child, addr))
+    let v = json(&line)?;
+    let addr = v["addr"].as_str().unwrap_or("").to_string();
+    let libc_at = v["libc"].as_str().unwrap_or("").to_string();
+    Ok((child, addr, libc_at))
 }
 
 /// The numa_maps line of `pid`'s mapping at `addr` (hex), and its maps path.
@@ -797,17 +811,10 @@ fn mapping_at(pid: u32, addr: &str) -> (String, String) {
     (numa, path)
 }
 
-/// The r-xp libc mapping of `pid`: its maps path and numa_maps line.
-fn libc_text(pid: u32) -> (String, String) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let Some(line) = maps.lines().find(|l| {
-        l.split_whitespace().nth(1) == Some("r-xp")
-            && (l.ends_with("libc.so.6") || (l.contains("/run/replicad/") && l.contains("libc")))
-    }) else {
-        return (String::new(), String::new());
-    };
-    let start = line.split('-').next().unwrap_or("").to_string();
-    let (numa, path) = mapping_at(pid, &start);
+/// The libc text mapping of `pid` at `at` (hex): its maps path and
+/// numa_maps line.
+fn libc_text(pid: u32, at: &str) -> (String, String) {
+    let (numa, path) = mapping_at(pid, at);
     (path, numa)
 }
 
@@ -865,7 +872,7 @@ fn policy(ids: &[u32], daemon: &mut Child, mode: &str) -> Result<String, String>
     cached_on_node0(&file, 4)?;
     let pages = 4 * 256u64;
     let (h0, addr0) = holder(0, &file)?;
-    let (hl, addr) = holder(last, &file)?;
+    let (hl, addr, libc_at) = holder_with_libc(last, &file)?;
     let mut children = vec![h0, hl];
     let pid = children[1].id();
     let include = format!("\"{DATA}/**\", \"{LIBC}\"");
@@ -881,7 +888,7 @@ fn policy(ids: &[u32], daemon: &mut Child, mode: &str) -> Result<String, String>
             (String::new(), String::new(), (String::new(), String::new()));
         while t0.elapsed() < deadline + Duration::from_secs(2) {
             (numa, path) = mapping_at(pid, &addr);
-            text = libc_text(pid);
+            text = libc_text(pid, &libc_at);
             let h = pages_per_node(&numa);
             data_ok = path.starts_with(&replica_dir) && all_on(&h, last, pages);
             let th = pages_per_node(&text.1);
