@@ -5,12 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use replicad_procfs::ProcReader;
-use replicad_replicator::heat::{
-    Action, Kind, Mode, Planner, Policies, Policy, Pressure, Scanner, SourceHeat,
-};
+use replicad_replicator::heat::{Action, Planner, Policies, Policy, Pressure, Scanner, SourceHeat};
 use replicad_replicator::model::Target;
 use replicad_replicator::Replicator;
 use replicad_wire::proto::{HeatReport, HeatRow, PlanReport, PlanRow};
@@ -194,19 +192,7 @@ pub fn heat(engine: &Replicator, paths: &[PathBuf]) -> HeatReport {
         }
     }
     let everything = Policies {
-        list: vec![Policy {
-            name: "(heat)".into(),
-            cgroups: vec!["/**".into()],
-            mode: Mode::Observe,
-            include: vec![],
-            exclude: vec![],
-            kinds: vec![Kind::Text, Kind::Data],
-            min_sharers: 1,
-            min_remote: 0,
-            node_budget: replicad_replicator::heat::Budget::Bytes(0),
-            huge_pages: false,
-            evict_after: Duration::from_secs(600),
-        }],
+        list: vec![Policy::observe_everything("(heat)")],
     };
     let mut scanner = Scanner::new(
         ProcReader::default(),

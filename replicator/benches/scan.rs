@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use replicad_procfs::ProcReader;
-use replicad_replicator::heat::{Budget, Kind, Mode, Policies, Policy, ScanConfig, Scanner};
+use replicad_replicator::heat::{Policies, Policy, ScanConfig, Scanner};
 use replicad_replicator::Topology;
 
 fn thread_cpu() -> Duration {
@@ -55,19 +55,7 @@ fn main() {
         }
     };
     let all = Policies {
-        list: vec![Policy {
-            name: "bench".into(),
-            cgroups: vec!["/**".into()],
-            mode: Mode::Observe,
-            include: vec![],
-            exclude: vec![],
-            kinds: vec![Kind::Text, Kind::Data],
-            min_sharers: 1,
-            min_remote: 0,
-            node_budget: Budget::Bytes(1 << 30),
-            huge_pages: false,
-            evict_after: Duration::from_secs(600),
-        }],
+        list: vec![Policy::observe_everything("bench")],
     };
     let interval = ScanConfig::default().interval;
     println!(

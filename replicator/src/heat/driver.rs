@@ -242,6 +242,7 @@ impl Planner {
                 i64::try_from(plan.budget.get(&n.id).copied().unwrap_or(0)).unwrap_or(i64::MAX),
             );
         }
+        let mut gone: BTreeSet<SourceKey> = BTreeSet::new();
         for p in &plan.actions {
             if p.mode != Mode::Replicate {
                 continue;
@@ -294,7 +295,9 @@ impl Planner {
                     // Only a source whose every copy is the planner's goes
                     // whole; the operator's copies stay.
                     let all_ours = existing.iter().filter(|e| e.key == *key).all(|e| e.planned);
-                    if !all_ours {
+                    // One evict drops the whole source: a second action for
+                    // another of its nodes has nothing left to do.
+                    if !all_ours || !gone.insert(*key) {
                         continue;
                     }
                     match replicator.evict(Path::new(path)) {

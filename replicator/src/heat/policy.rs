@@ -105,6 +105,24 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A policy that observes every file of every process (`replicactl
+    /// heat` with no policy, benchmarks).
+    pub fn observe_everything(name: &str) -> Policy {
+        Policy {
+            name: name.into(),
+            cgroups: vec!["/**".into()],
+            mode: Mode::Observe,
+            include: vec![],
+            exclude: vec![],
+            kinds: vec![Kind::Text, Kind::Data],
+            min_sharers: 1,
+            min_remote: 0,
+            node_budget: Budget::Bytes(0),
+            huge_pages: false,
+            evict_after: Duration::from_secs(600),
+        }
+    }
+
     /// Whether a process in `cgroups` (its cgroup paths) falls under this
     /// policy.
     pub fn covers(&self, cgroups: &[String]) -> bool {
