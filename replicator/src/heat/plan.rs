@@ -129,6 +129,14 @@ impl Plan {
     }
 }
 
+/// Why a file written `h.writes_per_hour` times an hour is left alone.
+fn not_read_mostly(h: &SourceHeat, scan: &ScanConfig) -> String {
+    format!(
+        "written {:.0} times an hour (more than {:.0}): not read-mostly",
+        h.writes_per_hour, scan.max_writes_per_hour
+    )
+}
+
 /// Decide. `heat` from the scanner, `existing` every copy there is now.
 pub fn plan(
     heat: &[SourceHeat],
@@ -169,6 +177,27 @@ pub fn plan(
             mode,
         });
     };
+    // Drop `e`, and give its bytes back to its node's budget.
+    let evict = |out: &mut Plan,
+                 used: &mut BTreeMap<u32, u64>,
+                 policy: usize,
+                 e: &Existing,
+                 reason: String| {
+        if let Some(u) = used.get_mut(&e.node) {
+            *u = u.saturating_sub(e.bytes);
+        }
+        push(
+            out,
+            policy,
+            Action::Evict {
+                key: e.key,
+                path: e.path.clone(),
+                node: e.node,
+                bytes: e.bytes,
+                reason,
+            },
+        );
+    };
     // Evictions first: they free budget for the copies below.
     let mut evicted: BTreeSet<(SourceKey, u32)> = BTreeSet::new();
     for e in existing.iter().filter(|e| e.planned) {
@@ -177,10 +206,7 @@ pub fn plan(
         let p = policies.list.get(policy);
         let reason =
             if let Some(h) = h.filter(|h| h.writes_per_hour > 2.0 * scan.max_writes_per_hour) {
-                Some(format!(
-                    "written {:.0} times an hour (more than {:.0}): not read-mostly",
-                    h.writes_per_hour, scan.max_writes_per_hour
-                ))
+                Some(not_read_mostly(h, scan))
             } else {
                 let after = p.map(|p| p.evict_after).unwrap_or(Duration::from_secs(600));
                 (e.unattached_for >= after)
@@ -188,20 +214,7 @@ pub fn plan(
             };
         if let Some(reason) = reason {
             evicted.insert((e.key, e.node));
-            if let Some(u) = used.get_mut(&e.node) {
-                *u = u.saturating_sub(e.bytes);
-            }
-            push(
-                &mut out,
-                policy,
-                Action::Evict {
-                    key: e.key,
-                    path: e.path.clone(),
-                    node: e.node,
-                    bytes: e.bytes,
-                    reason,
-                },
-            );
+            evict(&mut out, &mut used, policy, e, reason);
         }
     }
     if machine.pressure {
@@ -213,23 +226,11 @@ pub fn plan(
             .min_by_key(|e| (e.benefit, std::cmp::Reverse(e.bytes)))
         {
             let policy = by_key.get(&e.key).map(|h| h.policy).unwrap_or(usize::MAX);
-            if let Some(u) = used.get_mut(&e.node) {
-                *u = u.saturating_sub(e.bytes);
-            }
-            push(
-                &mut out,
-                policy,
-                Action::Evict {
-                    key: e.key,
-                    path: e.path.clone(),
-                    node: e.node,
-                    bytes: e.bytes,
-                    reason: format!(
-                        "memory pressure: least benefit ({} remote bytes)",
-                        e.benefit
-                    ),
-                },
+            let reason = format!(
+                "memory pressure: least benefit ({} remote bytes)",
+                e.benefit
             );
+            evict(&mut out, &mut used, policy, e, reason);
         }
     }
     // Candidates.
@@ -257,14 +258,7 @@ pub fn plan(
             continue;
         }
         if h.writes_per_hour > scan.max_writes_per_hour {
-            skip(
-                &mut out,
-                None,
-                format!(
-                    "written {:.0} times an hour (more than {:.0}): not read-mostly",
-                    h.writes_per_hour, scan.max_writes_per_hour
-                ),
-            );
+            skip(&mut out, None, not_read_mostly(h, scan));
             continue;
         }
         // Every user on one node, the pages elsewhere: move them there.
@@ -280,9 +274,7 @@ pub fn plan(
                 .map(|(_, c)| c)
                 .sum();
             if local == 0 && elsewhere > 0 && elsewhere * page >= p.min_remote {
-                if machine.pressure {
-                    // A migration costs no memory: pressure does not stop it.
-                }
+                // A migration costs no memory: pressure does not stop it.
                 push(
                     &mut out,
                     h.policy,
