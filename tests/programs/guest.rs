@@ -313,12 +313,7 @@ fn json(line: &str) -> Result<serde_json::Value, String> {
 /// the last node: its pages stay on node 0 (the problem replicad solves).
 fn baseline(ids: &[u32]) -> Result<String, String> {
     let last = *ids.last().unwrap();
-    // Write it, push it out of the page cache, then cache it from node 0.
-    sh(&format!(
-        "dd if=/dev/urandom of={MODEL} bs=1M count={MODEL_MB} 2>/dev/null && sync && \
-         echo 3 > /proc/sys/vm/drop_caches"
-    ))?;
-    output(on_node(0, &["/bin/cat", MODEL]))?;
+    cached_on_node0(MODEL, MODEL_MB)?;
     let probe = json(&output(on_node(
         last,
         &["/bin/replicad-guest", "probe", MODEL],
@@ -765,12 +760,17 @@ fn policy_config(mode: &str, include: &str, budget: &str, extra: &str) -> String
     )
 }
 
-/// A fresh file of `mb` MiB cached on node 0.
+/// A fresh file of `mb` MiB cached on node 0: written from node 0, pushed
+/// out of the page cache, then read back from node 0. drop_caches leaves a
+/// page it cannot drop (one still in a CPU's LRU batch) where the writer
+/// put it, so the writer runs on node 0 too: a CI run once found one page
+/// of 2048 on node 1 when `dd` ran unbound.
 fn cached_on_node0(path: &str, mb: usize) -> Result<(), String> {
-    sh(&format!(
+    let write = format!(
         "dd if=/dev/urandom of={path} bs=1M count={mb} 2>/dev/null && sync && \
          echo 3 > /proc/sys/vm/drop_caches"
-    ))?;
+    );
+    output(on_node(0, &["/bin/sh", "-c", &write]))?;
     output(on_node(0, &["/bin/cat", path])).map(|_| ())
 }
 
