@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use replicad_procfs::{
     parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,
-    parse_stat, parse_status, unescape_octal, AT_NULL,
+    parse_numa_maps_of, parse_stat, parse_status, unescape_octal, AT_NULL,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -25,7 +25,13 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(c) = parse_cgroup(&text) {
         assert!(!c.is_empty());
     }
-    let _ = parse_numa_maps(&text);
+    if let Ok(all) = parse_numa_maps(&text) {
+        // The lines a filter keeps are those lines of the whole, parsed
+        // the same way (the scanner asks for a few of each process's).
+        let odd = parse_numa_maps_of(&text, |s| s % 2 == 1);
+        let want: Vec<_> = all.into_iter().filter(|e| e.start % 2 == 1).collect();
+        assert_eq!(odd.ok(), Some(want));
+    }
     let _ = parse_mountinfo(&text);
     let _ = parse_fdinfo(&text);
     assert!(unescape_octal(&text).len() <= text.len() * 3);

@@ -31,6 +31,7 @@ mod cpulist;
 pub mod maps;
 mod pagemap;
 mod parse;
+mod process;
 pub mod slots;
 #[cfg(test)]
 mod test;
@@ -48,9 +49,10 @@ pub use pagemap::{
 };
 pub use parse::{
     parse_auxv, parse_cgroup, parse_cpus_allowed, parse_fdinfo, parse_mountinfo, parse_numa_maps,
-    parse_stat, parse_status, unescape_octal, CgroupEntry, FdInfo, MountInfo, NumaMapsEntry,
-    ParseError, Stat, Status, AT_BASE, AT_NULL,
+    parse_numa_maps_of, parse_stat, parse_status, unescape_octal, CgroupEntry, FdInfo, MountInfo,
+    NumaMapsEntry, ParseError, Stat, Status, AT_BASE, AT_NULL,
 };
+pub use process::Process;
 
 /// Where procfs is mounted.
 pub const PROC_ROOT: &str = "/proc";
@@ -136,6 +138,69 @@ fn gone_or<T>(path: &Path, r: io::Result<T>) -> Result<Option<T>> {
     }
 }
 
+/// The whole of a `/proc` file, in as few reads as the kernel allows.
+///
+/// `std::fs::read` sizes its buffer from `st_size` (one more `statx`),
+/// which is 0 here, and grows it from 32 bytes: nine `read` calls for a
+/// 7 KiB `maps`, each taking the target's mmap lock again. Starting with
+/// room for 64 KiB makes that three (seq_file hands out at most a page, or
+/// its longest record, a call, and says it is done with a read of 0).
+fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    read_all(std::fs::File::open(path)?)
+}
+
+/// The rest of `f`, as [`read_whole`] reads it.
+fn read_all(f: std::fs::File) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(64 << 10);
+    // Through `Take` read_to_end neither stats the file nor probes.
+    f.take(u64::MAX).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// `bytes` as text, lossy UTF-8 (a path need not be UTF-8), without a
+/// copy when they are UTF-8 already.
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// `bytes` (lossy UTF-8) of `path` parsed by `parse`; `None` stays `None`.
+fn parsed<T>(
+    path: PathBuf,
+    bytes: Option<Vec<u8>>,
+    parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
+) -> Result<Option<T>> {
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    // from_utf8 checks ASCII a word at a time; the lossy path byte by byte.
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(&bytes),
+    };
+    parse(&text).map(Some).map_err(|e| Error::parse(path, e))
+}
+
+/// The lines of a `maps` text; one that does not parse is
+/// [`Error::Parse`] naming `path` and its 1-based line.
+fn maps_lines(path: &Path, text: &str) -> Result<Vec<OwnedMapsLine>> {
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.is_empty() {
+            continue;
+        }
+        let Some(m) = OwnedMapsLine::parse(l) else {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: format!("not a maps line: {}", cpulist::quote(l)),
+            });
+        };
+        out.push(m);
+    }
+    Ok(out)
+}
+
 /// Reads `/proc` (or a tree shaped like it) under one root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcReader {
@@ -183,7 +248,7 @@ impl ProcReader {
 
     /// The text of the calling process's own maps.
     pub fn self_maps_text(&self) -> io::Result<String> {
-        std::fs::read(self.self_path("maps")).map(|b| String::from_utf8_lossy(&b).into_owned())
+        read_whole(&self.self_path("maps")).map(into_text)
     }
 
     /// `sys/fs/lease-break-time`: seconds the kernel waits for a lease
@@ -206,7 +271,7 @@ impl ProcReader {
     /// The bytes of a per-process file; `None` if the process is gone.
     fn read(&self, pid: u32, name: &str) -> Result<Option<Vec<u8>>> {
         let path = self.file(pid, name);
-        gone_or(&path, std::fs::read(&path))
+        gone_or(&path, read_whole(&path))
     }
 
     /// The text (lossy UTF-8) of a per-process file, parsed by `parse`.
@@ -217,12 +282,14 @@ impl ProcReader {
         parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
     ) -> Result<Option<T>> {
         let path = self.file(pid, name);
-        let Some(bytes) = gone_or(&path, std::fs::read(&path))? else {
-            return Ok(None);
-        };
-        parse(&String::from_utf8_lossy(&bytes))
-            .map(Some)
-            .map_err(|e| Error::parse(path, e))
+        let bytes = gone_or(&path, read_whole(&path))?;
+        parsed(path, bytes, parse)
+    }
+
+    /// `<pid>`'s directory, opened once: see [`Process`]. `None` if the
+    /// process is gone.
+    pub fn process(&self, pid: u32) -> Result<Option<Process>> {
+        Process::open(self.pid_dir(pid))
     }
 
     /// The pids in the root (its numeric entries), unsorted.
@@ -243,9 +310,7 @@ impl ProcReader {
 
     /// The text of `<pid>/maps`, lossy UTF-8 (a path need not be UTF-8).
     pub fn maps_text(&self, pid: u32) -> Result<Option<String>> {
-        Ok(self
-            .read(pid, "maps")?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+        Ok(self.read(pid, "maps")?.map(into_text))
     }
 
     /// `<pid>/maps`, parsed. A line that does not parse is
@@ -254,21 +319,7 @@ impl ProcReader {
         let Some(text) = self.maps_text(pid)? else {
             return Ok(None);
         };
-        let mut out = Vec::new();
-        for (i, l) in text.lines().enumerate() {
-            if l.is_empty() {
-                continue;
-            }
-            let Some(m) = OwnedMapsLine::parse(l) else {
-                return Err(Error::Parse {
-                    path: self.file(pid, "maps"),
-                    line: i + 1,
-                    reason: format!("not a maps line: {}", cpulist::quote(l)),
-                });
-            };
-            out.push(m);
-        }
-        Ok(Some(out))
+        maps_lines(&self.file(pid, "maps"), &text).map(Some)
     }
 
     /// `<pid>/smaps`, parsed by [`parse_smaps`].
@@ -317,7 +368,7 @@ impl ProcReader {
     /// `<pid>/auxv`, parsed by [`parse_auxv`].
     pub fn auxv(&self, pid: u32) -> Result<Option<Vec<(u64, u64)>>> {
         let path = self.file(pid, "auxv");
-        let Some(bytes) = gone_or(&path, std::fs::read(&path))? else {
+        let Some(bytes) = gone_or(&path, read_whole(&path))? else {
             return Ok(None);
         };
         parse_auxv(&bytes)
@@ -431,7 +482,7 @@ impl ProcReader {
             Some(pid) => self.file(pid, "mountinfo"),
             None => self.root.join("self").join("mountinfo"),
         };
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        let bytes = read_whole(&path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;

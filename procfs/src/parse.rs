@@ -404,6 +404,16 @@ pub struct NumaMapsEntry {
 /// (`active=`, `swapcache=`, `mapmax=` ...) are ignored; a known count
 /// that is not a number is an error.
 pub fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapsEntry>, ParseError> {
+    parse_numa_maps_of(text, |_| true)
+}
+
+/// [`parse_numa_maps`] of the lines whose start `keep` accepts; the others
+/// are read only as far as their start (the scanner wants a few mappings
+/// of each process, and a line's start is all that names it).
+pub fn parse_numa_maps_of(
+    text: &str,
+    mut keep: impl FnMut(u64) -> bool,
+) -> Result<Vec<NumaMapsEntry>, ParseError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
@@ -419,6 +429,9 @@ pub fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapsEntry>, ParseError> {
         };
         let start = u64::from_str_radix(start, 16)
             .map_err(|_| ParseError::new(n, format!("start {} is not hex", quote(start))))?;
+        if !keep(start) {
+            continue;
+        }
         let mut e = NumaMapsEntry {
             start,
             policy: policy.to_string(),

@@ -552,6 +552,7 @@ fn every_parser(bytes: &[u8]) {
     let _ = parse_cpus_allowed(&s);
     let _ = parse_cgroup(&s);
     let _ = parse_numa_maps(&s);
+    let _ = parse_numa_maps_of(&s, |start| start % 2 == 0);
     let _ = parse_mountinfo(&s);
     let _ = parse_fdinfo(&s);
     let _ = parse_auxv(bytes);
@@ -629,4 +630,89 @@ fn live_children_are_listed_and_a_gone_process_has_none() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(r.children(u32::MAX - 1).unwrap(), None);
+}
+
+#[test]
+fn a_process_dir_reads_the_process_it_was_opened_for() {
+    // Fixture tree: the same answers as the path readers.
+    let dir = real().process(REAL_PID).unwrap().unwrap();
+    assert_eq!(dir.path(), real().pid_dir(REAL_PID));
+    assert_eq!(dir.cgroups().unwrap(), real().cgroups(REAL_PID).unwrap());
+    assert_eq!(
+        dir.cpus_allowed().unwrap(),
+        real().cpus_allowed(REAL_PID).unwrap()
+    );
+    assert_eq!(
+        dir.maps_text().unwrap(),
+        real().maps_text(REAL_PID).unwrap()
+    );
+    assert_eq!(
+        dir.numa_maps_of(|_| true).unwrap(),
+        real().numa_maps(REAL_PID).unwrap()
+    );
+    assert!(real().process(u32::MAX - 1).unwrap().is_none());
+    // A live child: once it is gone, the open directory reads as vanished
+    // (never as whoever gets the pid next).
+    let mut child = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .unwrap();
+    let live = ProcReader::default();
+    let dir = live.process(child.id()).unwrap().unwrap();
+    let text = dir.maps_text().unwrap().unwrap();
+    assert!(text.lines().any(|l| l.contains("sleep")), "{text}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(dir.maps_text().unwrap(), None);
+    assert_eq!(dir.cgroups().unwrap(), None);
+    assert_eq!(dir.cpus_allowed().unwrap(), None);
+    assert_eq!(dir.numa_maps_of(|_| true).unwrap(), None);
+}
+
+#[test]
+fn numa_maps_of_keeps_the_asked_lines_and_checks_them() {
+    let all = real().numa_maps(REAL_PID).unwrap().unwrap();
+    let want = [all[0].start, all[5].start];
+    let dir = real().process(REAL_PID).unwrap().unwrap();
+    let some = dir.numa_maps_of(|s| want.contains(&s)).unwrap().unwrap();
+    assert_eq!(some, vec![all[0].clone(), all[5].clone()]);
+    // A kept line is checked as parse_numa_maps checks it; one not kept is
+    // read only as far as its start.
+    let text = "1000 default N0=x\n2000 default N0=3\n";
+    assert_eq!(
+        parse_numa_maps_of(text, |s| s == 0x1000).unwrap_err().line,
+        1
+    );
+    let kept = parse_numa_maps_of(text, |s| s == 0x2000).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].pages_per_node, BTreeMap::from([(0, 3)]));
+    assert_eq!(
+        parse_numa_maps_of("zz default\n", |_| false)
+            .unwrap_err()
+            .line,
+        1
+    );
+}
+
+#[test]
+fn files_longer_than_the_first_buffer_are_read_whole() {
+    // Past the 64 KiB read_whole starts with, and not valid UTF-8 at the
+    // end (a path need not be).
+    let dir = tempfile::tempdir().unwrap();
+    let pid = dir.path().join("7");
+    std::fs::create_dir(&pid).unwrap();
+    let line = "7f0000000000-7f0000001000 r--p 00000000 fe:00 12 /a/file\n";
+    let mut text = line.repeat(3000).into_bytes();
+    text.extend_from_slice(b"7f0000002000-7f0000003000 r--p 00000000 fe:00 13 /b\xff\n");
+    std::fs::write(pid.join("maps"), &text).unwrap();
+    let r = ProcReader::new(dir.path());
+    let read = r.maps_text(7).unwrap().unwrap();
+    assert_eq!(
+        read.len(),
+        text.len() + 2,
+        "one byte became U+FFFD (3 bytes)"
+    );
+    assert_eq!(r.maps(7).unwrap().unwrap().len(), 3001);
+    let through_dir = r.process(7).unwrap().unwrap().maps_text().unwrap().unwrap();
+    assert_eq!(through_dir, read);
 }

@@ -8,6 +8,14 @@
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let p = pattern.as_bytes();
     let t = text.as_bytes();
+    // The common shapes without a memo: a literal, and a literal then `**`
+    // (`/**`, `/usr/lib/**`), asked once per mapping of every process.
+    let special = |b: &u8| matches!(b, b'*' | b'?');
+    match p.iter().position(special) {
+        None => return p == t,
+        Some(i) if p.len() == i + 2 && p[i + 1] == b'*' => return t.starts_with(&p[..i]),
+        _ => {}
+    }
     // Memo of (pi, ti) pairs known to fail: bounds the work of `**`.
     let mut failed = vec![false; (p.len() + 1) * (t.len() + 1)];
     matches(p, t, 0, 0, &mut failed)

@@ -150,10 +150,25 @@ impl Policies {
     /// The policy deciding for a mapping of `path` (`kind`) by a process
     /// in `cgroups`: the first that covers the process and wants the file.
     pub fn decide(&self, cgroups: &[String], path: &str, kind: Kind) -> Option<(usize, &Policy)> {
-        self.list
+        self.decide_among(&self.covering(cgroups), path, kind)
+            .map(|i| (i, &self.list[i]))
+    }
+
+    /// The policies (indices) covering a process in `cgroups`, for
+    /// [`Policies::decide_among`]: the cgroup globs once per process rather
+    /// than once per mapping.
+    pub fn covering(&self, cgroups: &[String]) -> Vec<usize> {
+        (0..self.list.len())
+            .filter(|&i| self.list[i].covers(cgroups))
+            .collect()
+    }
+
+    /// [`Policies::decide`] for a process covered by `covering`.
+    pub fn decide_among(&self, covering: &[usize], path: &str, kind: Kind) -> Option<usize> {
+        covering
             .iter()
-            .enumerate()
-            .find(|(_, p)| p.covers(cgroups) && p.wants(path, kind))
+            .copied()
+            .find(|&i| self.list[i].wants(path, kind))
     }
 
     /// Whether any policy other than `off` covers a process in `cgroups`.

@@ -47,7 +47,6 @@ pub struct MappedFile {
 /// What one pass saw of one process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcHeat {
-    pub start_time: u64,
     /// The node its CPUs lie on; `None` when they span several.
     pub node: Option<u32>,
     pub cgroups: Vec<String>,
@@ -252,7 +251,10 @@ impl Scanner {
 
     /// `Ok(None)`: not covered; `Err`: vanished or unreadable.
     fn read_one(&self, pid: u32, policies: &Policies) -> Result<Option<ProcHeat>, ()> {
-        let entries = self.proc.cgroups(pid).map_err(|_| ())?.ok_or(())?;
+        // Every file through one directory fd: a pid reused mid-read
+        // reads as vanished instead of mixing two processes.
+        let dir = self.proc.process(pid).map_err(|_| ())?.ok_or(())?;
+        let entries = dir.cgroups().map_err(|_| ())?.ok_or(())?;
         let mut cgroups: Vec<String> = entries.into_iter().map(|e| e.path).collect();
         if cgroups.is_empty() {
             cgroups.push("/".into());
@@ -262,13 +264,14 @@ impl Scanner {
         if !policies.scans(&cgroups) {
             return Ok(None);
         }
-        let start_time = self.proc.start_time(pid).map_err(|_| ())?.ok_or(())?;
-        let maps = self.proc.maps(pid).map_err(|_| ())?.ok_or(())?;
+        let text = dir.maps_text().map_err(|_| ())?.ok_or(())?;
+        let covering = policies.covering(&cgroups);
         let store = self.store_dir.to_string_lossy();
         let mut attached = false;
         let mut wanted = Vec::new();
-        for m in &maps {
-            let l = m.line();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            // A line that does not parse leaves the process out of the pass.
+            let l = replicad_procfs::MapsLine::parse(line).ok_or(())?;
             if !l.private_readonly_file()
                 || !l.path.starts_with('/')
                 || l.path.ends_with(" (deleted)")
@@ -288,41 +291,45 @@ impl Scanner {
             } else {
                 Kind::Data
             };
-            if let Some((i, _)) = policies.decide(&cgroups, l.path, kind) {
+            if let Some(i) = policies.decide_among(&covering, l.path, kind) {
                 if policies.list[i].mode == super::policy::Mode::Off {
                     continue;
                 }
-                wanted.push((l.start, l.len(), l.dev, l.ino, l.path.to_string(), kind, i));
+                wanted.push((l, kind, i));
             }
         }
-        let node = self
-            .proc
-            .cpus_allowed(pid)
+        let node = dir
+            .cpus_allowed()
             .map_err(|_| ())?
             .ok_or(())
             .map(|cpus| self.topology.home_node(&cpus))?;
-        let mut files = Vec::new();
+        let mut files = Vec::with_capacity(wanted.len());
         if !wanted.is_empty() {
-            let numa = self.proc.numa_maps(pid).map_err(|_| ())?.ok_or(())?;
-            let by_start: HashMap<u64, &BTreeMap<u32, u64>> =
-                numa.iter().map(|e| (e.start, &e.pages_per_node)).collect();
-            for (start, len, dev, ino, path, kind, policy) in wanted {
-                let pages_per_node = by_start
-                    .get(&start)
-                    .map(|m| (*m).clone())
-                    .unwrap_or_default();
+            let mut starts: Vec<u64> = wanted.iter().map(|(l, _, _)| l.start).collect();
+            starts.sort_unstable();
+            let numa = dir
+                .numa_maps_of(|s| starts.binary_search(&s).is_ok())
+                .map_err(|_| ())?
+                .ok_or(())?;
+            let mut by_start: HashMap<u64, BTreeMap<u32, u64>> = numa
+                .into_iter()
+                .map(|e| (e.start, e.pages_per_node))
+                .collect();
+            for (l, kind, policy) in wanted {
                 files.push(MappedFile {
-                    key: SourceKey { dev, ino },
-                    path,
+                    key: SourceKey {
+                        dev: l.dev,
+                        ino: l.ino,
+                    },
+                    path: l.path.to_string(),
                     kind,
-                    len,
-                    pages_per_node,
+                    len: l.len(),
+                    pages_per_node: by_start.remove(&l.start).unwrap_or_default(),
                     policy,
                 });
             }
         }
         Ok(Some(ProcHeat {
-            start_time,
             node,
             cgroups,
             files,
