@@ -73,7 +73,51 @@ fn matches(p: &[u8], t: &[u8], mut pi: usize, mut ti: usize, failed: &mut [bool]
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, matches};
+
+    /// The memoized matcher alone, without the shortcuts.
+    fn general(pattern: &str, text: &str) -> bool {
+        let (p, t) = (pattern.as_bytes(), text.as_bytes());
+        let mut failed = vec![false; (p.len() + 1) * (t.len() + 1)];
+        matches(p, t, 0, 0, &mut failed)
+    }
+
+    #[test]
+    fn shortcuts_agree_with_the_general_matcher() {
+        let patterns = [
+            "",
+            "/",
+            "**",
+            "/**",
+            "/usr/**",
+            "/usr/lib/libc.so.6",
+            "/usr/lib/",
+            "a**",
+            "/**/",
+            "/*",
+            "/usr/*",
+            "?",
+            "/usr/lib/**.so",
+        ];
+        let texts = [
+            "",
+            "/",
+            "/usr",
+            "/usr/",
+            "/usr/lib/libc.so.6",
+            "/usr/lib/libc.so.6x",
+            "/usrx/lib",
+            "a",
+            "ab/c",
+            "/system.slice/a.service",
+            "usr/lib",
+        ];
+        for p in patterns {
+            for t in texts {
+                assert_eq!(glob_match(p, t), general(p, t), "{p:?} against {t:?}");
+            }
+        }
+    }
 
     #[test]
     fn stars_questions_and_literals() {
