@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use replicad_procfs::ProcReader;
@@ -19,6 +19,9 @@ use crate::config::Heat;
 pub struct HeatState {
     planner: Mutex<Planner>,
     config: Mutex<Heat>,
+    /// Signalled with `config` changed: the thread's wait for the next
+    /// tick ends early, so a shorter interval applies at once.
+    reloaded: Condvar,
 }
 
 static STATE: OnceLock<Arc<HeatState>> = OnceLock::new();
@@ -32,6 +35,7 @@ pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
     let state = Arc::new(HeatState {
         planner: Mutex::new(Planner::new(engine, ProcReader::default())),
         config: Mutex::new(heat),
+        reloaded: Condvar::new(),
     });
     let _ = STATE.set(state.clone());
     let engine = engine.clone();
@@ -57,7 +61,7 @@ pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
             if engine.is_stopped() {
                 return;
             }
-            std::thread::sleep(cfg.scan.interval.saturating_sub(t0.elapsed()));
+            state.wait_for_next_tick(t0);
         })?;
     Ok(())
 }
@@ -66,6 +70,26 @@ pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
 pub fn reload(heat: Heat) {
     if let Some(s) = STATE.get() {
         *lock(&s.config) = heat;
+        s.reloaded.notify_all();
+    }
+}
+
+impl HeatState {
+    /// Until one interval has passed since the tick that began at `t0`,
+    /// by the interval in force: one a reload shortened ends the wait then.
+    fn wait_for_next_tick(&self, t0: Instant) {
+        let mut cfg = lock(&self.config);
+        loop {
+            let left = cfg.scan.interval.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            cfg = self
+                .reloaded
+                .wait_timeout(cfg, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+const FAST_SCAN_INTERVAL: &str = "interval = \"200ms\"";
 const FAST_SCAN: &str = "[scan]\ninterval = \"200ms\"\ncpu_budget = \"50%\"\n";
 
 /// python3 mapping `file` private and read-only, every page touched; it
@@ -238,4 +239,39 @@ fn check_config_refuses_a_bad_policy_with_file_line_and_reason() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A reload that shortens the scan interval applies at once: the planner
+/// does not sleep out the interval it was started with (an hour here).
+#[test]
+fn a_reload_to_a_shorter_interval_applies_without_waiting_out_the_old_one() {
+    if !root_or_skip("a_reload_to_a_shorter_interval_applies_without_waiting_out_the_old_one") {
+        return;
+    }
+    let d = Daemon::start("[scan]\ninterval = \"1h\"\n");
+    let passes = || d.metric("replicad_scan_passes_total");
+    let t0 = Instant::now();
+    while passes() < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no first pass");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(passes(), 1.0, "one pass an hour");
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace("interval = \"1h\"", FAST_SCAN_INTERVAL),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let t0 = Instant::now();
+    while passes() < 3.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} passes 10 s after the reload to 200 ms:\n{}",
+            passes(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
