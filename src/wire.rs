@@ -295,6 +295,12 @@ impl Publisher for PublishedSet {
         }
     }
 
+    fn nudge(&mut self) {
+        if let Some(writer) = self.0.as_mut() {
+            writer.nudge();
+        }
+    }
+
     fn revoke_began(&mut self) {
         if let Some(writer) = self.0.as_mut() {
             writer.revoke_began();

@@ -16,8 +16,9 @@
 //! - `text`: coreutils `sleep` bound to the last node under the shim runs
 //!   libc text whose pages are on the last node;
 //! - `spanning`: a process whose CPUs span two nodes is left alone (and
-//!   `status` says why) until a `[[home_node]]` for its cgroup is loaded,
-//!   then it runs on that node's replicas;
+//!   `status` says why); while it runs, `taskset` onto the last node or a
+//!   `[[home_node]]` for its cgroup puts it on that node's replicas within
+//!   2 scan intervals (it is re-examined, no restart);
 //! - `policy`: with no `replicactl replicate`, processes started before the
 //!   daemon (a data file cached on node 0, libc text) end up on their
 //!   node's pages within 3 scan intervals, by a `mode = "replicate"`

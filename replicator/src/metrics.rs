@@ -88,6 +88,7 @@ pub struct Metrics {
     pub carried_pages: IntCounter,
     /// Page-cache pages `migrate` moved to the node asked for.
     pub migrated_pages: IntCounter,
+    pub follower_nudges: IntCounter,
     /// Always 1; the `version` label carries the version.
     pub build_info: IntGaugeVec,
     /// Bytes processes on a node map from other nodes' memory now
@@ -244,6 +245,11 @@ impl Metrics {
             "Page-cache pages of files moved to the NUMA node a migrate asked for (pages already there not counted)",
         )?;
         register(Box::new(migrated_pages.clone()))?;
+        let follower_nudges = IntCounter::new(
+            "replicad_follower_nudges_total",
+            "Times programs following the published set were asked to look at their maps again with the set unchanged (a process changed node, a home node changed)",
+        )?;
+        register(Box::new(follower_nudges.clone()))?;
         register(Box::new(build_info.clone()))?;
         let remote_mapped_bytes = IntGaugeVec::new(
             Opts::new(
@@ -331,6 +337,7 @@ impl Metrics {
             forced_breaks,
             carried_pages,
             migrated_pages,
+            follower_nudges,
         })
     }
 

@@ -222,6 +222,9 @@ pub trait Publisher: Send {
     fn publish(&mut self, sources: &[PublishedSource]);
     /// The engine is shutting down: withdraw what was published.
     fn retire(&mut self);
+    /// Ask programs that follow the set to look at their maps again, the
+    /// set unchanged: a process's node or a cgroup's home node changed.
+    fn nudge(&mut self);
     /// A revoke starts truncating replicas; programs falling back hold
     /// their remap until [`Publisher::revoke_ended`] (timing only).
     fn revoke_began(&mut self);

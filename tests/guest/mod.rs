@@ -203,8 +203,16 @@ pub fn kernel() -> (PathBuf, PathBuf) {
         .expect("no modules in the kernel package")
         .unwrap()
         .path();
-    std::fs::copy(modules.join("kernel/drivers/block/loop.ko"), &loop_ko).unwrap();
-    std::fs::copy(boot, &vmlinuz).unwrap();
+    // Copied beside, then renamed (vmlinuz last, as the check above reads
+    // them): the other guest, booting at once, sees both whole or neither.
+    std::fs::copy(
+        modules.join("kernel/drivers/block/loop.ko"),
+        work.path().join("loop.ko"),
+    )
+    .unwrap();
+    std::fs::copy(boot, work.path().join("vmlinuz")).unwrap();
+    std::fs::rename(work.path().join("loop.ko"), &loop_ko).unwrap();
+    std::fs::rename(work.path().join("vmlinuz"), &vmlinuz).unwrap();
     std::fs::write(dir.join("package"), format!("{image}\n")).unwrap();
     (vmlinuz, loop_ko)
 }
@@ -318,14 +326,23 @@ fn stripped(src: &Path) -> PathBuf {
         _ => false,
     };
     if !fresh {
+        // To a name of our own, then renamed: the 2- and 4-node guests boot
+        // at once, and one must never read the other's half-written copy
+        // (a run once booted a guest whose program printed nothing).
+        let tmp = tempfile::Builder::new()
+            .prefix(".strip-")
+            .tempfile_in(&dir)
+            .unwrap()
+            .into_temp_path();
         run(
             Command::new(tool("strip", "binutils"))
                 .arg("--strip-debug")
                 .arg("-o")
-                .arg(&dst)
+                .arg(&tmp)
                 .arg(src),
             "stripping a binary for the guest",
         );
+        tmp.persist(&dst).unwrap();
     }
     dst
 }

@@ -572,6 +572,15 @@ fn spanning(nodes: &BTreeMap<u32, String>, daemon: &mut Child) -> Result<String,
             .to_string()
     };
     let cpus = format!("{},{}", first_cpu(0), first_cpu(last));
+    let hup = |daemon: &Child| {
+        // SAFETY: kill with SIGHUP on our own child.
+        unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // A scanner that passes every 2 s notices CPUs that move.
+    let scan = format!("[scan]\ninterval = \"{POLICY_INTERVAL_S}s\"\ncpu_budget = \"50%\"\n");
+    write_config(&scan)?;
+    hup(daemon);
     ctl(&["replicate", LIBC])?;
     // `run` without --node keeps the CPUs it was given: both nodes.
     let spawn = || -> Result<Child, String> {
@@ -585,65 +594,110 @@ fn spanning(nodes: &BTreeMap<u32, String>, daemon: &mut Child) -> Result<String,
                 "run",
                 "--",
                 "/usr/bin/sleep",
-                "30",
+                "60",
             ])
             .env("REPLICAD_SOCKET", SOCKET)
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())
     };
-    let mut first = spawn()?;
-    let pid = first.id();
-    let t0 = Instant::now();
-    let mut why = None;
-    while t0.elapsed() < Duration::from_secs(20) && why.is_none() {
-        std::thread::sleep(Duration::from_millis(200));
-        let st = json(&ctl(&["status", "--json"])?)?;
-        why = st["left_alone"]
-            .as_array()
-            .and_then(|l| l.iter().find(|e| e["pid"] == pid))
-            .map(|e| e["reason"].as_str().unwrap_or("").to_string());
-    }
-    let _ = first.kill();
-    let _ = first.wait();
-    let why =
-        why.ok_or_else(|| format!("sleep (pid {pid}) on cpus {cpus} is not listed as left alone"))?;
-    if !why.contains("span several nodes") {
-        return Err(format!("left alone for another reason: {why}"));
-    }
-    // Name a home node for every cgroup, reload, and start another one.
-    write_config(&format!("[[home_node]]\ncgroup = \"/\"\nnode = {last}\n"))?;
-    // SAFETY: kill with SIGHUP on our own child.
-    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(500));
-    let mut second = spawn()?;
-    let pid2 = second.id();
+    let left_alone = |pid: u32| -> Result<String, String> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(200));
+            let st = json(&ctl(&["status", "--json"])?)?;
+            let why = st["left_alone"]
+                .as_array()
+                .and_then(|l| l.iter().find(|e| e["pid"] == pid))
+                .map(|e| e["reason"].as_str().unwrap_or("").to_string());
+            if let Some(why) = why {
+                return if why.contains("span several nodes") {
+                    Ok(why)
+                } else {
+                    Err(format!("pid {pid} left alone for another reason: {why}"))
+                };
+            }
+        }
+        Err(format!(
+            "sleep (pid {pid}) on cpus {cpus} is not listed as left alone"
+        ))
+    };
     let replica_dir = format!("{RUN_DIR}/node{last}/");
-    let t0 = Instant::now();
-    let mut on_replica = false;
-    while t0.elapsed() < Duration::from_secs(20) && !on_replica {
-        std::thread::sleep(Duration::from_millis(200));
-        on_replica = std::fs::read_to_string(format!("/proc/{pid2}/maps"))
+    let text_on_replica = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap_or_default()
             .lines()
-            .any(|l| l.contains(&replica_dir) && l.split_whitespace().nth(1) == Some("r-xp"));
+            .any(|l| l.contains(&replica_dir) && l.split_whitespace().nth(1) == Some("r-xp"))
+    };
+    // Running, left alone, then both within 2 scan intervals: one whose
+    // CPUs move onto the last node, one whose cgroup gets a home node.
+    let deadline = Duration::from_secs(2 * POLICY_INTERVAL_S);
+    let follows = |pid: u32| -> Option<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < deadline {
+            if text_on_replica(pid) {
+                return Some(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    };
+    let mut moved = spawn()?;
+    let mut homed = spawn()?;
+    let result = (|| {
+        let why = left_alone(moved.id())?;
+        left_alone(homed.id())?;
+        let one_cpu = first_cpu(last);
+        sh(&format!(
+            "taskset -a -p -c {one_cpu} {} >/dev/null",
+            moved.id()
+        ))?;
+        let after_taskset =
+            follows(moved.id()).ok_or_else(|| {
+                format!(
+                "sleep (pid {}) bound to cpu {one_cpu} (node {last}) while running did not map \
+                 libc text from {replica_dir} within {deadline:?}; left alone: {}",
+                moved.id(),
+                ctl(&["status", "--json"])
+                    .map(|s| json(&s).map(|j| j["left_alone"].clone()).unwrap_or_default())
+                    .unwrap_or_default()
+            )
+            })?;
+        if text_on_replica(homed.id()) {
+            return Err(format!(
+                "pid {} attached before its home node was named",
+                homed.id()
+            ));
+        }
+        // Name a home node for every cgroup and reload.
+        write_config(&format!(
+            "{scan}[[home_node]]\ncgroup = \"/\"\nnode = {last}\n"
+        ))?;
+        // SAFETY: as in hup.
+        unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
+        let after_reload = follows(homed.id()).ok_or_else(|| {
+            format!(
+                "with home_node = {last}, the running sleep (pid {}) on cpus {cpus} did not map \
+                 libc text from {replica_dir} within {deadline:?}; cgroup: {:?}",
+                homed.id(),
+                std::fs::read_to_string(format!("/proc/{}/cgroup", homed.id())).unwrap_or_default()
+            )
+        })?;
+        Ok(format!(
+            "cpus {cpus}: left alone ({why}); running, bound by taskset to node {last}: libc text \
+             from its replica after {:.1} s; running, its cgroup given home node {last}: after \
+             {:.1} s (limit {deadline:?})",
+            after_taskset.as_secs_f64(),
+            after_reload.as_secs_f64()
+        ))
+    })();
+    for c in [&mut moved, &mut homed] {
+        let _ = c.kill();
+        let _ = c.wait();
     }
-    let left = json(&ctl(&["status", "--json"])?)?["left_alone"].clone();
-    let _ = second.kill();
-    let _ = second.wait();
     write_config("")?;
-    // SAFETY: as above.
-    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGHUP) };
-    if !on_replica {
-        return Err(format!(
-            "with home_node = {last}, sleep (pid {pid2}) on cpus {cpus} did not map libc text \
-             from {replica_dir}; left alone: {left}; cgroup: {:?}",
-            std::fs::read_to_string(format!("/proc/{pid2}/cgroup")).unwrap_or_default()
-        ));
-    }
-    Ok(format!(
-        "cpus {cpus}: left alone ({why}); with [[home_node]] node {last}: libc text from node {last}'s replica"
-    ))
+    hup(daemon);
+    result
 }
 
 /// Map `file` with plain mmap (the shim, if preloaded, swaps it onto the

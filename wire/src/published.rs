@@ -52,8 +52,8 @@
 //!  shim's watcher                          Writer
 //!  s = seq; check our maps against the set
 //!  FUTEX_WAIT(low half of seq, s) ──┐      publish() that changed a slot,
-//!        (asleep, no CPU)           │<──── count or flags; remove(); or a
-//!  seq != s: check again            │      new file's retire() of this one
+//!        (asleep, no CPU)           │<──── count or flags; nudge(); remove();
+//!  seq != s: check again            │      or a new file's retire() of this one
 //!                                   └───── FUTEX_WAKE(low half of seq, all)
 //! ```
 //!
@@ -328,6 +328,15 @@ impl Writer {
             overflow,
             slots_written,
         }
+    }
+
+    /// Wake every program that follows the set, with the table unchanged:
+    /// each looks at its maps again. For what the table does not show but
+    /// a program's answer depends on: its CPUs moved to another node, or
+    /// the home node of its cgroup changed. Moves `seq` on by two.
+    pub fn nudge(&mut self) {
+        self.write_locked(|_| ());
+        self.shm.wake_all(SEQ_WORD);
     }
 
     /// A revoke starts truncating replicas: fallbacks wait for it (see the
@@ -923,11 +932,48 @@ mod tests {
         let mut w = Writer::create(&path, 8).unwrap();
         let r = Arc::new(Reader::open(&path).unwrap());
         w.publish(&[entry(1, 2, 1, 1)]);
-        let r2 = r.clone();
-        let word = r.seq_word().unwrap();
-        let seen = word.load(Ordering::Relaxed);
-        let waiter = std::thread::spawn(move || {
-            let word = r2.seq_word().unwrap();
+        let waiter = follower(r.clone());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Hold seq at what the waiter saw: the same table, published again,
+        // moves seq (a reader mid-probe retries) but must not wake; the
+        // waiter is already asleep on the old value.
+        w.publish(&[entry(1, 2, 1, 1)]);
+        let (rc, e, slept) = waiter.join().unwrap();
+        assert!(
+            rc == -1 && e == Some(libc::ETIMEDOUT),
+            "woken ({rc}, {e:?}) after {slept:?}"
+        );
+    }
+
+    #[test]
+    fn a_nudge_wakes_every_follower_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = set_path(&dir);
+        let mut w = Writer::create(&path, 8).unwrap();
+        let r = Arc::new(Reader::open(&path).unwrap());
+        w.publish(&[entry(1, 2, 1, 1)]);
+        let before = r.seq_word().unwrap().load(Ordering::Relaxed);
+        let waiters = [follower(r.clone()), follower(r.clone())];
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        w.nudge();
+        for waiter in waiters {
+            let (rc, e, slept) = waiter.join().unwrap();
+            assert!(rc == 0, "not woken ({rc}, {e:?}) after {slept:?}");
+            assert!(slept < std::time::Duration::from_millis(900), "{slept:?}");
+        }
+        assert_eq!(r.seq_word().unwrap().load(Ordering::Relaxed), before + 2);
+        assert_eq!(r.has_replica_on(1, 2, 0), Some(true));
+        assert_eq!(r.lookup(1, 3), Lookup::Absent);
+    }
+
+    /// A program's watcher: FUTEX_WAIT (up to 1 s) on the seq it reads now;
+    /// joins with the return value, errno and time asleep.
+    fn follower(
+        r: Arc<Reader>,
+    ) -> std::thread::JoinHandle<(libc::c_long, Option<i32>, std::time::Duration)> {
+        let seen = r.seq_word().unwrap().load(Ordering::Relaxed);
+        std::thread::spawn(move || {
+            let word = r.seq_word().unwrap();
             let addr = word as *const AtomicU64 as *const u32;
             let ts = libc::timespec {
                 tv_sec: 1,
@@ -935,7 +981,7 @@ mod tests {
             };
             let t = std::time::Instant::now();
             // SAFETY: FUTEX_WAIT on the low half of a live mapped word,
-            // with the value read before the publish and a valid timespec.
+            // with the value read before any change and a valid timespec.
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_futex,
@@ -949,17 +995,7 @@ mod tests {
             };
             let e = std::io::Error::last_os_error().raw_os_error();
             (rc, e, t.elapsed())
-        });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        // Hold seq at what the waiter saw: the same table, published again,
-        // moves seq (a reader mid-probe retries) but must not wake; the
-        // waiter is already asleep on the old value.
-        w.publish(&[entry(1, 2, 1, 1)]);
-        let (rc, e, slept) = waiter.join().unwrap();
-        assert!(
-            rc == -1 && e == Some(libc::ETIMEDOUT),
-            "woken ({rc}, {e:?}) after {slept:?}"
-        );
+        })
     }
 
     #[test]

@@ -166,6 +166,9 @@ fn hello_with(why: &str, maps: Option<String>) {
     let Some(st) = guard.as_mut() else {
         return;
     };
+    // The set as we ask: if it changes before we mark what was declined,
+    // the answer may predate a replica the set now shows (see note_declined).
+    let asked_at = set_seq(st.published);
     let answer = match ask(
         st,
         &Request::Hello {
@@ -221,7 +224,7 @@ fn hello_with(why: &str, maps: Option<String>) {
                 }
             };
             let done = remap(&ranges, &fds, &maps, daemon_uid);
-            note_declined(st, &maps);
+            note_declined(st, &maps, asked_at);
             debug!(
                 "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
                 sources,
@@ -304,12 +307,24 @@ fn never_moved(lines: &[MapsLine<'_>]) -> BTreeSet<(u64, u64)> {
         .collect()
 }
 
+/// The published set's seq now (`None`: no set to read).
+fn set_seq(reader: Option<&Reader>) -> Option<u64> {
+    Some(reader?.seq_word()?.load(Ordering::Acquire))
+}
+
 /// Remember the mappings of replicated files that are not on replicas now:
-/// the daemon just declined them.
-fn note_declined(st: &mut State, maps: &str) {
+/// the daemon just declined them. Only when the set is as it was when we
+/// asked (`asked_at`): a replica made meanwhile is in the set but was not
+/// in the answer, and marking it declined would keep the program off it
+/// for good (a follower skips declined mappings).
+fn note_declined(st: &mut State, maps: &str, asked_at: Option<u64>) {
     let Some(reader) = &st.published else {
         return;
     };
+    if asked_at.is_none() || set_seq(Some(reader)) != asked_at {
+        debug!("the published set changed while we asked: nothing marked declined");
+        return;
+    }
     let node = NODE.load(Ordering::Relaxed);
     for l in maps.lines().filter_map(MapsLine::parse) {
         if l.private_readonly_file()

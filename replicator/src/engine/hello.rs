@@ -148,10 +148,45 @@ impl Replicator {
             Err(_) => "refused",
         };
         inner.metrics.attaches.with_label_values(&[label]).inc();
-        if let Ok(Hello::LeftAlone { reason }) = &result {
-            inner.note_left_alone(pid, reason);
+        match &result {
+            Ok(Hello::LeftAlone { reason }) => inner.note_left_alone(pid, reason),
+            // It has a node now: no longer left alone.
+            Ok(Hello::Attached(_)) => {
+                super::relock(&inner.left_alone).retain(|(a, _, _)| a.pid != pid)
+            }
+            _ => {}
         }
         result
+    }
+
+    /// Processes left alone because they had no node (their CPUs spanned
+    /// nodes, no home node named) that have one now (`taskset`, a cpuset
+    /// or home node change): nudge followers once for them, and they ask
+    /// again. Called once per planner interval; costs an affinity and a
+    /// cgroup read per process left alone. Returns how many have a node.
+    pub fn recheck_left_alone(&self) -> usize {
+        let waiting: Vec<u32> = super::relock(&self.inner.left_alone)
+            .iter()
+            .filter(|(_, _, nudged)| !nudged)
+            .map(|(a, _, _)| a.pid)
+            .collect();
+        let ready: Vec<u32> = waiting
+            .into_iter()
+            .filter(|&pid| matches!(self.inner.node_for(pid, None), Ok(Some(Ok(_)))))
+            .collect();
+        if ready.is_empty() {
+            return 0;
+        }
+        for (a, _, nudged) in super::relock(&self.inner.left_alone).iter_mut() {
+            if ready.contains(&a.pid) {
+                *nudged = true;
+            }
+        }
+        tracing::debug!(
+            "pids {ready:?}, left alone for where they ran, have a node now: programs look again"
+        );
+        self.nudge_followers();
+        ready.len()
     }
 }
 
@@ -194,7 +229,7 @@ impl Inner {
         let a = self.attachment(pid);
         let comm = self.proc.comm(pid).ok().flatten().unwrap_or_default();
         let mut left = super::relock(&self.left_alone);
-        left.retain(|(old, _)| old.pid != pid);
+        left.retain(|(old, _, _)| old.pid != pid);
         if left.len() >= LEFT_ALONE_MAX {
             left.remove(0);
         }
@@ -205,6 +240,7 @@ impl Inner {
                 comm,
                 reason: reason.to_string(),
             },
+            false,
         ));
     }
 

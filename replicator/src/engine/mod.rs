@@ -204,7 +204,9 @@ struct Inner {
     threads: Mutex<Threads>,
     /// Processes that said hello and were left on their own mappings
     /// (newest last, bounded), pruned when they exit.
-    left_alone: Mutex<Vec<(Attachment, LeftAlone)>>,
+    /// Processes a hello left alone (no node for them), with whether
+    /// followers were nudged since they got one ([`Replicator::recheck_left_alone`]).
+    left_alone: Mutex<Vec<(Attachment, LeftAlone, bool)>>,
     /// Where validity changes are published.
     publisher: Mutex<Option<Box<dyn Publisher>>>,
     /// Revoke gates held until the writer each let go is seen opening
@@ -512,12 +514,31 @@ impl Replicator {
     }
 
     /// Replace the home-node policy (a reloaded configuration).
+    /// Programs whose cgroup's home node changed look again (a nudge).
     pub fn set_home_nodes(&self, home_nodes: Vec<HomeNode>) {
-        *self
-            .inner
-            .home_nodes
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = home_nodes;
+        let changed = {
+            let mut current = self
+                .inner
+                .home_nodes
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let changed = *current != home_nodes;
+            *current = home_nodes;
+            changed
+        };
+        if changed {
+            self.nudge_followers();
+        }
+    }
+
+    /// Wake every program that follows the published set to look at its
+    /// maps again, the set unchanged: one left alone (its CPUs spanned
+    /// nodes, say) asks again, and is answered for where it runs now.
+    pub fn nudge_followers(&self) {
+        if let Some(p) = relock(&self.inner.publisher).as_mut() {
+            p.nudge();
+        }
+        self.inner.metrics.follower_nudges.inc();
     }
 
     /// Resolve a node selection against the machine.

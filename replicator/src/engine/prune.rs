@@ -40,9 +40,12 @@ impl Inner {
             .filter(|(_, fd)| self.ops.stat(fd.as_fd()).is_ok_and(|st| st.nlink == 0))
             .map(|(key, _)| key)
             .collect();
-        let left: Vec<Attachment> = relock(&self.left_alone).iter().map(|(a, _)| *a).collect();
+        let left: Vec<Attachment> = relock(&self.left_alone)
+            .iter()
+            .map(|(a, _, _)| *a)
+            .collect();
         let gone: BTreeSet<Attachment> = left.into_iter().filter(|a| !self.still_runs(a)).collect();
-        relock(&self.left_alone).retain(|(a, _)| !gone.contains(a));
+        relock(&self.left_alone).retain(|(a, _, _)| !gone.contains(a));
         let tables: Vec<Attachment> = relock(&self.tables).keys().copied().collect();
         let exited: BTreeSet<Attachment> =
             tables.into_iter().filter(|a| !self.still_runs(a)).collect();

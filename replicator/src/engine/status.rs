@@ -110,7 +110,7 @@ impl Replicator {
         drop(list);
         let left_alone = relock(&self.inner.left_alone)
             .iter()
-            .map(|(_, l)| l.clone())
+            .map(|(_, l, _)| l.clone())
             .collect();
         StatusView {
             sources,

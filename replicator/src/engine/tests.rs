@@ -59,6 +59,8 @@ enum Event {
     Publish(Vec<SourceKey>),
     /// The published set's revoke count raised (true) or lowered.
     RevokeGate(bool),
+    /// Followers asked to look again, the set unchanged.
+    Nudge,
 }
 
 #[derive(Default)]
@@ -136,6 +138,10 @@ impl Publisher for RecordingPublisher {
 
     fn retire(&mut self) {}
 
+    fn nudge(&mut self) {
+        self.0.push(Event::Nudge);
+    }
+
     fn revoke_began(&mut self) {
         self.0.push(Event::RevokeGate(true));
     }
@@ -167,11 +173,14 @@ fn rig() -> Rig {
 }
 
 fn rig_with(max_sources: Option<super::SourceLimit>) -> Rig {
+    let topo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sysfs/1node");
+    rig_on(Topology::from_sysfs(&topo_root).unwrap(), max_sources)
+}
+
+fn rig_on(topology: Topology, max_sources: Option<super::SourceLimit>) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let proc_root = dir.path().join("proc");
     std::fs::create_dir_all(&proc_root).unwrap();
-    let topo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sysfs/1node");
-    let topology = Topology::from_sysfs(&topo_root).unwrap();
     let cfg = EngineConfig {
         store: StoreConfig {
             run_dir: dir.path().join("run"),
@@ -1041,4 +1050,119 @@ fn migrate_refuses_files_of_the_store_and_directories() {
     assert!(matches!(e, Error::StoreFile { .. }), "{e:?}");
     let e = rig.engine.migrate(rig.dir.path(), 0).unwrap_err();
     assert!(matches!(e, Error::NotRegularFile { .. }), "{e:?}");
+}
+
+#[test]
+fn a_changed_home_node_list_nudges_followers_and_the_same_one_does_not() {
+    let rig = rig();
+    let nudges = |rig: &Rig| {
+        rig.log
+            .events()
+            .iter()
+            .filter(|e| matches!(e, Event::Nudge))
+            .count()
+    };
+    let home = |node| {
+        vec![super::HomeNode {
+            cgroup: "/system.slice/m.service".into(),
+            node,
+        }]
+    };
+    rig.engine.set_home_nodes(Vec::new());
+    assert_eq!(nudges(&rig), 0, "no home nodes before either");
+    rig.engine.set_home_nodes(home(0));
+    assert_eq!(nudges(&rig), 1);
+    rig.engine.set_home_nodes(home(0));
+    assert_eq!(
+        nudges(&rig),
+        1,
+        "a reload that changes nothing wakes nobody"
+    );
+    rig.engine.set_home_nodes(Vec::new());
+    assert_eq!(nudges(&rig), 2);
+    assert_eq!(rig.engine.metrics().follower_nudges.get(), 2);
+}
+
+/// Two nodes with one CPU each, 0 and 1: this machine's two CPUs on two
+/// nodes, so a real process can span them and then be bound to one.
+fn cpu_per_node() -> (tempfile::TempDir, Topology) {
+    let dir = tempfile::tempdir().unwrap();
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sysfs/2node");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(from.join("sys"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sys = dir.path().join("sys/devices/system");
+    std::fs::write(sys.join("node/node0/cpulist"), "0\n").unwrap();
+    std::fs::write(sys.join("node/node1/cpulist"), "1\n").unwrap();
+    for f in ["online", "present", "possible"] {
+        std::fs::write(sys.join("cpu").join(f), "0-1\n").unwrap();
+    }
+    let topology = Topology::from_sysfs(dir.path()).unwrap();
+    (dir, topology)
+}
+
+fn set_affinity(pid: u32, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c is below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: a valid set of the size given, for a child we started.
+    let rc =
+        unsafe { libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_process_left_alone_for_spanning_nodes_is_rechecked_once_it_has_one() {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    if online.trim() == "0" {
+        eprintln!("SKIP: one CPU online ({online:?}); a process cannot span two");
+        return;
+    }
+    let (_sys, topology) = cpu_per_node();
+    let rig = rig_on(topology, None);
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    set_affinity(pid, &[0, 1]);
+    let dir = rig.proc_root.join(pid.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup"), "0::/\n").unwrap();
+    // Its own stat: the attachment (pid, start time) stays alive.
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+    std::fs::write(dir.join("stat"), stat).unwrap();
+    let hello = rig.engine.hello(pid, None, &|| true).unwrap();
+    assert!(
+        matches!(&hello, super::Hello::LeftAlone { reason } if reason.contains("span several nodes")),
+        "{hello:?}"
+    );
+    let nudges = |rig: &Rig| {
+        rig.log
+            .events()
+            .iter()
+            .filter(|e| matches!(e, Event::Nudge))
+            .count()
+    };
+    assert_eq!(rig.engine.recheck_left_alone(), 0, "still spans");
+    assert_eq!(nudges(&rig), 0);
+    set_affinity(pid, &[1]);
+    assert_eq!(rig.engine.recheck_left_alone(), 1, "on node 1 now");
+    assert_eq!(nudges(&rig), 1);
+    assert_eq!(
+        rig.engine.recheck_left_alone(),
+        0,
+        "nudged once: no wake every interval while it stays listed"
+    );
+    assert_eq!(nudges(&rig), 1);
+    assert_eq!(rig.engine.status().left_alone.len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -157,6 +157,7 @@ impl Planner {
             pass_ended: self.scanner.step(policies, scan.step_budget()),
             ..TickReport::default()
         };
+        replicator.recheck_left_alone();
         let metrics = replicator.metrics();
         if report.pass_ended {
             if let Some(s) = self.scanner.last_pass() {

@@ -18,21 +18,23 @@ fn two_nodes() -> Topology {
     Topology::from_sysfs(&root).unwrap()
 }
 
-const STAT: &str = "(sleep) S 1 1 1 0 -1 4194304 129 0 1 0 0 0 0 0 20 0 1 0 26676 2990080 414 18446744073709551615 1 1 1 0 0 0 0 6 0 1 0 0 17 0 0 0 0 0 0 1 1 1 1 1 1 1 0";
-
 /// One made-up process: cpus, cgroup, maps lines and numa_maps lines.
 fn process(root: &Path, pid: u32, cpus: &str, cgroup: &str, maps: &[&str], numa: &[&str]) {
     let d = root.join(pid.to_string());
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("stat"), format!("{pid} {STAT}\n")).unwrap();
-    std::fs::write(
-        d.join("status"),
-        format!("Name:\tsleep\nPid:\t{pid}\nUid:\t0\t0\t0\t0\nCpus_allowed_list:\t{cpus}\n"),
-    )
-    .unwrap();
+    set_cpus(root, pid, cpus);
     std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
     std::fs::write(d.join("maps"), maps.join("\n") + "\n").unwrap();
     std::fs::write(d.join("numa_maps"), numa.join("\n") + "\n").unwrap();
+}
+
+/// `Cpus_allowed_list` of a made-up process (`taskset` on it).
+fn set_cpus(root: &Path, pid: u32, cpus: &str) {
+    std::fs::write(
+        root.join(pid.to_string()).join("status"),
+        format!("Name:\tsleep\nPid:\t{pid}\nUid:\t0\t0\t0\t0\nCpus_allowed_list:\t{cpus}\n"),
+    )
+    .unwrap();
 }
 
 fn fixture() -> (tempfile::TempDir, PathBuf) {
