@@ -233,7 +233,9 @@ pub fn error_kind(e: &Error) -> ErrorKind {
         Error::Unfenceable { .. } => ErrorKind::Unfenceable,
         Error::NoSuchNode { .. } => ErrorKind::NoSuchNode,
         Error::NoSpace { .. } => ErrorKind::NoSpace,
-        Error::SourceChanged { .. } | Error::WriterArrived { .. } => ErrorKind::SourceChanged,
+        Error::SourceChanged { .. } | Error::WriterArrived { .. } | Error::Replaced { .. } => {
+            ErrorKind::SourceChanged
+        }
         Error::Misplaced { .. } => ErrorKind::Misplaced,
         Error::ShuttingDown => ErrorKind::ShuttingDown,
         Error::TooManySources { .. } => ErrorKind::Limit,

@@ -222,6 +222,26 @@ fn every_metric_is_moved_by_a_test() {
     assert!(e.contains("is full"), "{e}");
     w.scrape();
 
+    // A reload that names a home node: programs following the set are
+    // nudged to look again.
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        format!("{config}\n[[home_node]]\ncgroup = \"/\"\nnode = 0\n"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while !d.log().contains("configuration reloaded") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    w.scrape();
+
     let (seen, help, moved, scrapes) = (w.seen, w.help, w.moved, w.scrapes);
     let exempt: BTreeSet<String> = CANNOT_MOVE.iter().map(|(n, _)| n.to_string()).collect();
     for name in &exempt {

@@ -59,6 +59,12 @@ pub enum Error {
     SourceChanged { path: PathBuf, what: &'static str },
 
     #[error(
+        "{path} is no longer the file the scan saw (renamed over or replaced since): left \
+         alone; the next scan sees what is there now"
+    )]
+    Replaced { path: PathBuf },
+
+    #[error(
         "{path} was opened for writing while it was being copied: this generation was not \
          replicated; the next one is copied once the writer is done and the file has been \
          quiet for fence.settle_ms"
@@ -189,7 +195,9 @@ impl Error {
     pub fn replication_failure_label(&self) -> &'static str {
         match self {
             Error::NoSpace { .. } => "no_space",
-            Error::SourceChanged { .. } | Error::WriterArrived { .. } => "source_changed",
+            Error::SourceChanged { .. } | Error::WriterArrived { .. } | Error::Replaced { .. } => {
+                "source_changed"
+            }
             Error::Misplaced { .. } => "misplaced",
             _ => "io",
         }

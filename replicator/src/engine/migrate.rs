@@ -14,6 +14,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::Replicator;
+use crate::model::SourceKey;
 use crate::residency;
 use crate::{Error, Result};
 
@@ -52,6 +53,15 @@ impl Replicator {
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
+        self.migrate_file(&file, path, node)
+    }
+
+    /// [`Replicator::migrate`] of `path` only while it still is `key` (see
+    /// [`Replicator::replicate_expected`]).
+    pub fn migrate_expected(&self, path: &Path, key: SourceKey, node: u32) -> Result<Migrated> {
+        self.check_running()?;
+        self.inner.topology.node(node)?;
+        let file = super::populate::open_expected(path, key)?;
         self.migrate_file(&file, path, node)
     }
 

@@ -207,6 +207,9 @@ struct Inner {
     /// Processes a hello left alone (no node for them), with whether
     /// followers were nudged since they got one ([`Replicator::recheck_left_alone`]).
     left_alone: Mutex<Vec<(Attachment, LeftAlone, bool)>>,
+    /// Sources a writer broke in on (lease break or modify watch), oldest
+    /// first, for the planner's changes per hour ([`Replicator::take_write_breaks`]).
+    write_breaks: Mutex<Vec<SourceKey>>,
     /// Where validity changes are published.
     publisher: Mutex<Option<Box<dyn Publisher>>>,
     /// Revoke gates held until the writer each let go is seen opening
@@ -245,6 +248,10 @@ enum Job {
     Refence(Instant, SourceKey),
     Stop,
 }
+
+/// Write breaks kept for the planner between two of its ticks (it takes
+/// them each interval; a daemon without one keeps the newest).
+pub const WRITE_BREAKS_MAX: usize = 4096;
 
 /// Why replicas are invalidated (the metric's label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,6 +433,7 @@ impl Replicator {
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(Threads::default()),
             left_alone: Mutex::new(Vec::new()),
+            write_breaks: Mutex::new(Vec::new()),
             home_nodes: RwLock::new(home_nodes),
             publisher: Mutex::new(wiring.publisher),
             held_gates: Mutex::new(Vec::new()),
@@ -529,6 +537,13 @@ impl Replicator {
         if changed {
             self.nudge_followers();
         }
+    }
+
+    /// The sources writers broke in on since the last call, one entry per
+    /// revoke (a writer that keeps the file open counts once), oldest
+    /// first; at most [`WRITE_BREAKS_MAX`] are kept between calls.
+    pub fn take_write_breaks(&self) -> Vec<SourceKey> {
+        std::mem::take(&mut *relock(&self.inner.write_breaks))
     }
 
     /// Wake every program that follows the published set to look at its

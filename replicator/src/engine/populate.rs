@@ -36,6 +36,22 @@ impl Replicator {
         self.inner.replicate_source(file, key, path, targets)
     }
 
+    /// [`Replicator::replicate`] of `path` only while it still is `key`:
+    /// the planner names files by what a scan saw, and one renamed over or
+    /// replaced since is [`Error::Replaced`], opened but never fenced or
+    /// copied.
+    pub fn replicate_expected(
+        &self,
+        path: &Path,
+        key: SourceKey,
+        nodes: &NodeSelection,
+    ) -> Result<SourceView> {
+        self.check_running()?;
+        let targets = self.targets(nodes)?;
+        let file = open_expected(path, key)?;
+        self.inner.replicate_source(file, key, path, targets)
+    }
+
     /// Replicate the file behind `file`, which the caller already opened
     /// (through `map_files`, say), onto `nodes`, as [`Replicator::replicate`]
     /// does a path. `path` names the file in messages and in the status.
@@ -572,6 +588,17 @@ pub(super) fn not_regular(ft: std::fs::FileType, path: &Path) -> Error {
 }
 
 /// Open a source for replication: it must exist and be a regular file.
+/// [`open_source`], refused unless the file opened is `key`.
+pub(super) fn open_expected(path: &Path, key: SourceKey) -> Result<File> {
+    let (file, found) = open_source(path)?;
+    if found != key {
+        return Err(Error::Replaced {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
 fn open_source(path: &Path) -> Result<(File, SourceKey)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let ft = meta.file_type();

@@ -60,6 +60,13 @@ impl Inner {
         reason: Reason,
         signalled: Option<Instant>,
     ) -> (MutexGuard<'a, ReplicaList>, usize) {
+        if matches!(reason, Reason::Write | Reason::Modified) {
+            let mut breaks = relock(&self.write_breaks);
+            if breaks.len() >= super::WRITE_BREAKS_MAX {
+                breaks.remove(0);
+            }
+            breaks.push(key);
+        }
         // 1. No new attaches, and copiers stop at their next chunk.
         if let Some(src) = list.get_mut(key) {
             src.abort.store(true, Ordering::SeqCst);

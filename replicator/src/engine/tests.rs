@@ -401,6 +401,9 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
     assert!(rig.states(key).is_empty());
     let m = &rig.engine.inner.metrics;
     assert_eq!(m.invalidations.with_label_values(&["write"]).get(), 2);
+    // The planner counts it once among the file's changes per hour.
+    assert_eq!(rig.engine.take_write_breaks(), [key], "two replicas, one break");
+    assert!(rig.engine.take_write_breaks().is_empty(), "taken");
     // A later attach is refused: a writer holds the file.
     match attach(&rig, &path, std::process::id()) {
         Attach::Original { reason } => assert!(reason.contains("writer"), "{reason}"),
@@ -1165,4 +1168,37 @@ fn a_process_left_alone_for_spanning_nodes_is_rechecked_once_it_has_one() {
     assert_eq!(rig.engine.status().left_alone.len(), 1);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn the_planner_s_calls_refuse_a_file_renamed_over_since_the_scan() {
+    let rig = rig();
+    let scanned = rig.source("weights", &[7u8; 8192]);
+    let key = Rig::key(&scanned);
+    // A hostile user renames another file over the path the scan saw.
+    let other = rig.source("other", &[9u8; 8192]);
+    std::fs::rename(&other, &scanned).unwrap();
+    let e = rig
+        .engine
+        .replicate_expected(&scanned, key, &NodeSelection::All)
+        .unwrap_err();
+    assert!(matches!(e, Error::Replaced { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("no longer the file the scan saw"),
+        "{e}"
+    );
+    assert!(
+        rig.engine.status().sources.is_empty(),
+        "nothing fenced or copied"
+    );
+    let e = rig.engine.migrate_expected(&scanned, key, 0).unwrap_err();
+    assert!(matches!(e, Error::Replaced { .. }), "{e:?}");
+    // The file that is there now, named by its own key, is copied.
+    let now = Rig::key(&scanned);
+    let v = rig
+        .engine
+        .replicate_expected(&scanned, now, &NodeSelection::All)
+        .unwrap();
+    assert_eq!(v.key, now);
+    assert!(rig.engine.migrate_expected(&scanned, now, 0).is_ok());
 }

@@ -158,6 +158,9 @@ impl Planner {
             ..TickReport::default()
         };
         replicator.recheck_left_alone();
+        for key in replicator.take_write_breaks() {
+            self.scanner.note_write(key);
+        }
         let metrics = replicator.metrics();
         if report.pass_ended {
             if let Some(s) = self.scanner.last_pass() {
@@ -262,11 +265,12 @@ impl Planner {
                         .map(|e| e.node)
                         .collect();
                     nodes.insert(*node);
-                    match replicator.replicate(
+                    match replicator.replicate_expected(
                         Path::new(path),
+                        *key,
                         &NodeSelection::List(nodes.into_iter().collect()),
                     ) {
-                        Ok(v) if v.key == *key => {
+                        Ok(_) => {
                             self.made.insert(
                                 (*key, *node),
                                 Made {
@@ -282,9 +286,6 @@ impl Planner {
                                 .carried_out
                                 .push(format!("replicate {path} on node {node}"));
                         }
-                        Ok(_) => report
-                            .failed
-                            .push(format!("{path}: replaced by another file since the scan")),
                         Err(e) => report
                             .failed
                             .push(format!("replicate {path} on node {node}: {e}")),
@@ -323,7 +324,7 @@ impl Planner {
                         continue;
                     }
                     self.migrated.insert(*key, (*node, Instant::now()));
-                    match replicator.migrate(Path::new(path), *node) {
+                    match replicator.migrate_expected(Path::new(path), *key, *node) {
                         Ok(m) => {
                             metrics
                                 .planner_actions

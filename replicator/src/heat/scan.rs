@@ -111,6 +111,9 @@ type PerProcess<'a> = (BTreeMap<u32, u64>, &'a MappedFile, Vec<Kind>, u64);
 struct WriteTrack {
     seen: Option<(i64, i64, i64, i64)>,
     writes: VecDeque<Instant>,
+    /// A write break was noted since the last pass: the mtime it moved is
+    /// that write, not another.
+    broke: bool,
 }
 
 /// The scanner. Not `Sync`: one thread steps it.
@@ -339,11 +342,9 @@ impl Scanner {
 
     /// A writer broke the fence of `key` (the engine saw it).
     pub fn note_write(&mut self, key: SourceKey) {
-        self.writes
-            .entry(key)
-            .or_default()
-            .writes
-            .push_back(Instant::now());
+        let t = self.writes.entry(key).or_default();
+        t.writes.push_back(Instant::now());
+        t.broke = true;
     }
 
     /// Once per pass: a file whose mtime or ctime moved since the last pass
@@ -366,10 +367,11 @@ impl Scanner {
             }
             let stamp = (md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec());
             let t = self.writes.entry(key).or_default();
-            if t.seen.is_some_and(|s| s != stamp) {
+            if t.seen.is_some_and(|s| s != stamp) && !t.broke {
                 t.writes.push_back(now);
             }
             t.seen = Some(stamp);
+            t.broke = false;
         }
         for t in self.writes.values_mut() {
             while t

@@ -245,3 +245,57 @@ fn live_heat_matches_a_child_s_numa_maps() {
     assert_eq!(h.resident.values().sum::<u64>(), want, "{h:?}");
     assert!(h.sharers.values().sum::<u32>() + h.sharers_spanning >= 1);
 }
+
+#[test]
+fn a_write_break_and_the_mtime_it_moved_count_once() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, root) = fixture();
+    let file = dir.path().join("index.bin");
+    std::fs::write(&file, [1u8; 4096]).unwrap();
+    let md = std::fs::metadata(&file).unwrap();
+    let key = SourceKey {
+        dev: md.dev(),
+        ino: md.ino(),
+    };
+    let line = format!(
+        "7f5000000000-7f5000001000 r--p 00000000 {:02x}:{:02x} {} {}",
+        libc::major(md.dev()),
+        libc::minor(md.dev()),
+        md.ino(),
+        file.display()
+    );
+    process(
+        &root,
+        210,
+        "20",
+        "/user.slice",
+        &[&line],
+        &["7f5000000000 default mapped=1 N0=1 kernelpagesize_kB=4"],
+    );
+    let mut s = Scanner::new(ProcReader::new(&root), two_nodes(), "/run/replicad".into());
+    let rate = |s: &Scanner| {
+        s.heat()
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| h.writes_per_hour)
+            .unwrap()
+    };
+    s.full_pass(&policies());
+    assert_eq!(rate(&s), 0.0);
+    let touch = |b: u8| {
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, [b; 4096]).unwrap();
+    };
+    // The engine saw the writer break the fence, and the write moved mtime.
+    s.note_write(key);
+    touch(2);
+    s.full_pass(&policies());
+    // One write in under a minute reads as one a minute.
+    assert_eq!(rate(&s), 60.0, "counted once, not twice");
+    // A write the fence did not see (no replica yet): its mtime counts.
+    touch(3);
+    s.full_pass(&policies());
+    assert_eq!(rate(&s), 120.0);
+    s.full_pass(&policies());
+    assert_eq!(rate(&s), 120.0, "nothing changed");
+}
