@@ -7,7 +7,8 @@
 //!       a  plain                     (no LD_PRELOAD)
 //!       b  shim, replicas            (every file they map replicated first)
 //!       c  shim, no daemon           (REPLICAD_SOCKET names no socket)
-//!     median, p90, and the median added by b and c (goal: <= 2 ms)
+//!     median, p90, and the median added by b and c (goal: <= 1 ms, issue
+//!     11; it was 2 ms before)
 //!
 //!  2. attach: this bench re-runs itself as a small program that opens a
 //!     replicated file, mmap()s it PROT_READ|MAP_PRIVATE (timed), then
@@ -490,7 +491,7 @@ fn startup(setup: &Setup, runs: usize) {
             );
         }
         let added_b = (median(&times[p][1]) - base) * 1e3;
-        met &= added_b <= 2.0;
+        met &= added_b <= GOAL_MS;
         if !hello[p].is_empty() {
             println!(
                 "    the shim's own hello time in b (REPLICAD_DEBUG=1, its printing included, \
@@ -502,10 +503,13 @@ fn startup(setup: &Setup, runs: usize) {
         }
     }
     println!(
-        "  goal: at most 2 ms added to the median (b - a): {}",
+        "  goal: at most {GOAL_MS} ms added to the median (b - a), each program: {}",
         if met { "met" } else { "NOT met" }
     );
 }
+
+/// Start-up goal: added to the median start of each program (issue 11).
+const GOAL_MS: f64 = 1.0;
 
 // ---- part 2 -----------------------------------------------------------
 

@@ -675,6 +675,11 @@ pub(crate) fn missed_pending() -> bool {
 /// without the lock: the program's wrappers skip while it is held.
 static OPEN_SET: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether a published set is open (retired or not), read without the lock.
+pub(crate) fn set_open() -> bool {
+    OPEN_SET.load(Ordering::Acquire) != 0
+}
+
 /// The published set for the watcher to follow: the one open, else the
 /// path opened again (the daemon started, restarted or grew the set);
 /// `None` when there is none to believe.

@@ -402,7 +402,11 @@ fn revoke_marks_revoking_first_and_releases_only_after_every_replica_is_gone() {
     let m = &rig.engine.inner.metrics;
     assert_eq!(m.invalidations.with_label_values(&["write"]).get(), 2);
     // The planner counts it once among the file's changes per hour.
-    assert_eq!(rig.engine.take_write_breaks(), [key], "two replicas, one break");
+    assert_eq!(
+        rig.engine.take_write_breaks(),
+        [key],
+        "two replicas, one break"
+    );
     assert!(rig.engine.take_write_breaks().is_empty(), "taken");
     // A later attach is refused: a writer holds the file.
     match attach(&rig, &path, std::process::id()) {
