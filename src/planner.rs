@@ -1,6 +1,8 @@
 //! The planner's thread and what the control socket reads of it: one
-//! [`Planner`] behind a lock, stepped once per scan interval, its policies
-//! swapped on SIGHUP.
+//! [`Planner`], owned by its thread and stepped once per scan interval,
+//! its policies swapped on SIGHUP. After each tick the thread publishes
+//! what it saw ([`Seen`]); `heat`, `plan` and `top` read that, and never
+//! wait for a tick that is copying a large file.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,16 +10,19 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use replicad_procfs::ProcReader;
-use replicad_replicator::heat::{Action, Planner, Policies, Policy, Pressure, Scanner, SourceHeat};
+use replicad_replicator::heat::{
+    Action, PassStats, Plan, Planner, Policies, Policy, Pressure, Scanner, SourceHeat,
+};
 use replicad_replicator::model::Target;
 use replicad_replicator::Replicator;
 use replicad_wire::proto::{HeatReport, HeatRow, PlanReport, PlanRow};
 
 use crate::config::Heat;
 
-/// The planner and its config, shared by its thread and the server.
+/// The planner's config and what it last saw, shared by its thread and
+/// the server.
 pub struct HeatState {
-    planner: Mutex<Planner>,
+    seen: Mutex<Arc<Seen>>,
     config: Mutex<Heat>,
     /// Signalled with `config` changed: the thread's wait for the next
     /// tick ends early, so a shorter interval applies at once.
@@ -31,9 +36,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Start the planner thread (once per daemon).
+/// The planner's last tick, as the handlers read it.
+#[derive(Debug, Default)]
+struct Seen {
+    /// A full pass has finished since the daemon started.
+    complete: bool,
+    passes: u64,
+    last_pass: PassStats,
+    heat: Vec<SourceHeat>,
+    plan: Plan,
+}
+
+impl Seen {
+    fn of(planner: &Planner) -> Seen {
+        let scanner = planner.scanner();
+        Seen {
+            complete: scanner.complete(),
+            passes: scanner.passes(),
+            last_pass: scanner.last_pass().unwrap_or_default(),
+            heat: planner.last_heat().to_vec(),
+            plan: planner.last_plan().clone(),
+        }
+    }
+}
+
 pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
+    let mut planner = Planner::new(engine, ProcReader::default());
     let state = Arc::new(HeatState {
-        planner: Mutex::new(Planner::new(engine, ProcReader::default())),
+        seen: Mutex::new(Arc::new(Seen::default())),
         config: Mutex::new(heat),
         reloaded: Condvar::new(),
     });
@@ -48,7 +78,8 @@ pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
                 psi_some_avg10: cfg.psi_some_avg10,
                 min_free: cfg.min_free,
             };
-            let report = lock(&state.planner).tick(&engine, &cfg.policies, &cfg.scan, &pressure);
+            let report = planner.tick(&engine, &cfg.policies, &cfg.scan, &pressure);
+            *lock(&state.seen) = Arc::new(Seen::of(&planner));
             for c in &report.carried_out {
                 tracing::info!("planner: {c}");
             }
@@ -202,14 +233,13 @@ fn rows(
 /// covering anything, or named files) a pass made now over every process.
 pub fn heat(engine: &Replicator, paths: &[PathBuf]) -> HeatReport {
     if let Some(s) = STATE.get() {
-        let planner = lock(&s.planner);
-        let cfg = lock(&s.config);
-        let scanner = planner.scanner();
-        if scanner.complete() && paths.is_empty() && !planner.last_heat().is_empty() {
-            let last = scanner.last_pass().unwrap_or_default();
+        let seen = lock(&s.seen).clone();
+        if seen.complete && paths.is_empty() && !seen.heat.is_empty() {
+            let policies = lock(&s.config).policies.clone();
+            let last = seen.last_pass;
             return HeatReport {
-                rows: rows(engine, planner.last_heat(), &cfg.policies, paths),
-                passes: scanner.passes(),
+                rows: rows(engine, &seen.heat, &policies, paths),
+                passes: seen.passes,
                 processes: last.processes,
                 pass_cpu_us: u64::try_from(last.cpu.as_micros()).unwrap_or(u64::MAX),
             };
@@ -240,15 +270,15 @@ pub fn plan() -> PlanReport {
             ..PlanReport::default()
         };
     };
-    let planner = lock(&s.planner);
-    if !planner.scanner().complete() {
+    let seen = lock(&s.seen).clone();
+    if !seen.complete {
         return PlanReport {
             note: "the scanner has not finished its first pass yet: ask again in a few intervals"
                 .into(),
             ..PlanReport::default()
         };
     }
-    let plan = planner.last_plan();
+    let plan = &seen.plan;
     let page = replicad_procfs::page_size() as u64;
     PlanReport {
         actions: plan
