@@ -95,7 +95,15 @@ impl Default for Config {
     fn default() -> Self {
         let scan = Scan::default();
         let policy = default_policies();
-        let heat = Heat::build(&policy, &scan, "", Path::new("(defaults)")).unwrap_or_default();
+        let store = Store::default();
+        let heat = Heat::build(
+            &policy,
+            &scan,
+            store.huge_pages,
+            "",
+            Path::new("(defaults)"),
+        )
+        .unwrap_or_default();
         Config {
             daemon: Daemon::default(),
             store: Store::default(),
@@ -113,10 +121,12 @@ impl Heat {
     fn build(
         policy: &[PolicyConfig],
         scan: &Scan,
+        store_huge_pages: bool,
         text: &str,
         file: &Path,
     ) -> Result<Heat, ConfigError> {
-        let (policies, scan, psi, min_free) = crate::policy::build(policy, scan, text, file)?;
+        let (policies, scan, psi, min_free) =
+            crate::policy::build(policy, scan, store_huge_pages, text, file)?;
         Ok(Heat {
             policies,
             scan,
@@ -265,7 +275,7 @@ impl Config {
             }
         })?;
         cfg.check(file)?;
-        cfg.heat = Heat::build(&cfg.policy, &cfg.scan, text, file)?;
+        cfg.heat = Heat::build(&cfg.policy, &cfg.scan, cfg.store.huge_pages, text, file)?;
         Ok(cfg)
     }
 

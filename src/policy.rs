@@ -60,8 +60,9 @@ pub struct PolicyConfig {
     pub min_remote: String,
     #[serde(default = "node_budget")]
     pub node_budget: String,
-    #[serde(default = "yes")]
-    pub huge_pages: bool,
+    /// Unset: as `[store] huge_pages` (the only setting there is for now).
+    #[serde(default)]
+    pub huge_pages: Option<bool>,
     #[serde(default = "evict_after")]
     pub evict_after: String,
 }
@@ -84,9 +85,6 @@ fn min_remote() -> String {
 fn node_budget() -> String {
     "10%".into()
 }
-fn yes() -> bool {
-    true
-}
 fn evict_after() -> String {
     "10m".into()
 }
@@ -105,7 +103,7 @@ pub fn default_policies() -> Vec<PolicyConfig> {
             min_sharers: 1,
             min_remote: min_remote.into(),
             node_budget: budget.into(),
-            huge_pages: true,
+            huge_pages: None,
             evict_after: "10m".into(),
         };
     vec![
@@ -196,6 +194,7 @@ fn section_line(text: &str, header: &str, index: usize, key: &str) -> usize {
 pub fn build(
     policies: &[PolicyConfig],
     scan: &Scan,
+    store_huge_pages: bool,
     text: &str,
     file: &Path,
 ) -> Result<(Policies, ScanConfig, f64, Budget), ConfigError> {
@@ -322,6 +321,17 @@ pub fn build(
                     ),
                 )
             })?;
+        if let Some(h) = p.huge_pages.filter(|h| *h != store_huge_pages) {
+            return Err(bad(
+                "huge_pages",
+                format!(
+                    "{h} differs from [store] huge_pages = {store_huge_pages}: every copy sits in \
+                     the node stores, mounted with huge pages or without for all of them; leave \
+                     it out or set it as [store] does (huge pages per policy are not supported \
+                     yet)"
+                ),
+            ));
+        }
         let evict_after = parse_duration(&p.evict_after)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
@@ -340,7 +350,7 @@ pub fn build(
             min_sharers: p.min_sharers,
             min_remote,
             node_budget,
-            huge_pages: p.huge_pages,
+            huge_pages: p.huge_pages.unwrap_or(store_huge_pages),
             evict_after,
         });
     }
@@ -389,6 +399,30 @@ mod tests {
         crate::config::Config::parse(text, Path::new("/etc/r.toml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn huge_pages_follow_the_store_and_a_different_one_is_refused() {
+        let parse = |t: &str| crate::config::Config::parse(t, Path::new("/etc/r.toml"));
+        // Unset: as the store (huge pages by default, or not).
+        let c = parse("[[policy]]\nname = \"a\"\n").unwrap();
+        assert!(c.heat.policies.list[0].huge_pages);
+        let c = parse("[store]\nhuge_pages = false\n[[policy]]\nname = \"a\"\n").unwrap();
+        assert!(!c.heat.policies.list[0].huge_pages);
+        // The same as the store: taken.
+        let c =
+            parse("[store]\nhuge_pages = false\n[[policy]]\nname = \"a\"\nhuge_pages = false\n")
+                .unwrap();
+        assert!(!c.heat.policies.list[0].huge_pages);
+        // Another value: refused with its line, the store's value and the fix.
+        let e = err("[[policy]]\nname = \"a\"\nhuge_pages = false\n");
+        assert!(
+            e.starts_with("/etc/r.toml:3: policy[0] (a).huge_pages: false differs from [store] huge_pages = true"),
+            "{e}"
+        );
+        assert!(e.contains("leave it out or set it as [store] does"), "{e}");
+        // The embedded default with its stores mounted without huge pages.
+        assert!(parse("[store]\nhuge_pages = false\n").is_ok());
     }
 
     #[test]
