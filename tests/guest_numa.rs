@@ -25,6 +25,9 @@
 //!   policy; `observe`: the same under `mode = "observe"` changes nothing
 //!   and `plan` shows the copy, and `heat` agrees with both processes'
 //!   numa_maps page for page;
+//! - `restart`: after `policy`, a daemon killed with `-9` and its successor:
+//!   the adopted copy is still the planner's (dropped after `evict_after`
+//!   once nobody maps it), the operator's copies stay;
 //! - `migrate`: a file used only on the last node is migrated, not copied;
 //! - `budget`: a budget that fits two of three files copies the two with
 //!   the most remote bytes and reports the third over budget;
@@ -135,6 +138,16 @@ fn two_nodes_policy_replicates_for_running_processes() {
 #[test]
 fn four_nodes_policy_replicates_for_running_processes() {
     check(4, "policy");
+}
+
+#[test]
+fn two_nodes_the_planner_keeps_its_copies_across_a_kill_9() {
+    check(2, "restart");
+}
+
+#[test]
+fn four_nodes_the_planner_keeps_its_copies_across_a_kill_9() {
+    check(4, "restart");
 }
 
 #[test]

@@ -79,6 +79,7 @@ fn main() {
             "text",
             "spanning",
             "policy",
+            "restart",
             "observe",
             "migrate",
             "budget",
@@ -123,6 +124,7 @@ fn main() {
             "text" => text(&ids),
             "spanning" => spanning(&nodes, &mut daemon),
             "policy" => policy(&ids, &mut daemon, "replicate"),
+            "restart" => restart(&ids, &mut daemon),
             "observe" => policy(&ids, &mut daemon, "observe"),
             "migrate" => migrate(&ids, &mut daemon),
             "budget" => budget(&ids, &mut daemon),
@@ -910,6 +912,56 @@ fn status_paths() -> Result<Vec<(String, Vec<String>)>, String> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// After `policy`: the daemon is killed (`-9`) while the planner's copy of
+/// the policy file sits on the last node, and the next daemon adopts it
+/// from the fence keeper. It is still the planner's: with nobody mapping it,
+/// it is dropped after `evict_after`; the operator's copies stay.
+fn restart(ids: &[u32], daemon: &mut Child) -> Result<String, String> {
+    let last = *ids.last().unwrap();
+    let file = format!("{DATA}/policy-replicate.bin");
+    let target = format!("node{last}");
+    let has = |paths: &[(String, Vec<String>)], p: &str| {
+        paths.iter().any(|(q, t)| q == p && t.contains(&target))
+    };
+    if !has(&status_paths()?, &file) {
+        return Err(format!(
+            "the policy scenario's copy of {file} on {target} is not there"
+        ));
+    }
+    let include = format!("\"{DATA}/**\"");
+    let config = policy_config("replicate", &include, "64m", "") + "evict_after = \"2s\"\n";
+    restart_daemon(daemon, &config)?;
+    let adopted = status_paths()?;
+    if !has(&adopted, &file) || !has(&adopted, MODEL) {
+        return Err(format!(
+            "the restarted daemon did not take over {file} and {MODEL} on {target}: {adopted:?}"
+        ));
+    }
+    let t0 = Instant::now();
+    let deadline = Duration::from_secs(2 + 4 * POLICY_INTERVAL_S);
+    loop {
+        let now = status_paths()?;
+        if !has(&now, &file) {
+            if !has(&now, MODEL) {
+                return Err(format!("the operator's copy of {MODEL} went too: {now:?}"));
+            }
+            return Ok(format!(
+                "killed with -9, its successor adopted the planner's copy of {file} and dropped \
+                 it {:.1} s later (evict_after 2 s, nobody maps it); the operator's {MODEL} stays",
+                t0.elapsed().as_secs_f64()
+            ));
+        }
+        if t0.elapsed() > deadline {
+            return Err(format!(
+                "the adopted copy of {file} is still there after {deadline:?} (evict_after 2 s): \
+                 the new daemon takes it for the operator's; plan: {}",
+                ctl(&["plan"]).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Processes on node 0 and on the last node, started before the daemon,

@@ -4,7 +4,7 @@
 //! `replicactl heat` and `plan` read what the last tick saw.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use replicad_procfs::ProcReader;
@@ -48,12 +48,54 @@ pub struct Planner {
     scanner: Scanner,
     proc: ProcReader,
     made: HashMap<(SourceKey, u32), Made>,
+    /// Where `made` is kept across restarts ([`OWNED_FILE`] in the run
+    /// directory): replicas a daemon killed with `-9` left to the fence
+    /// keeper are adopted by the next one, and stay the planner's to drop.
+    owned_file: PathBuf,
+    /// `made`'s keys as last written there.
+    owned_written: BTreeSet<(SourceKey, u32)>,
     last_plan: Plan,
     last_heat: Vec<SourceHeat>,
     last_cpu: Duration,
     /// Files whose page cache was moved, where and when: not moved again
     /// for [`MIGRATE_AGAIN_AFTER`] (pages that would not move stay put).
     migrated: HashMap<SourceKey, (u32, Instant)>,
+}
+
+/// The planner's copies, one `dev ino node benefit` line each, in the run
+/// directory.
+pub const OWNED_FILE: &str = "planner.owned";
+
+/// The copies listed in `path` ([`OWNED_FILE`]): a missing file is none, a
+/// line that does not parse is skipped (the file is the daemon's own, in
+/// its private run directory; a torn or old one loses only ownership).
+pub fn load_owned(path: &Path) -> BTreeMap<(SourceKey, u32), u64> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_ascii_whitespace();
+            let dev = w.next()?.parse().ok()?;
+            let ino = w.next()?.parse().ok()?;
+            let node = w.next()?.parse().ok()?;
+            let benefit = w.next()?.parse().ok()?;
+            w.next()
+                .is_none()
+                .then_some(((SourceKey { dev, ino }, node), benefit))
+        })
+        .collect()
+}
+
+/// Write `owned` to `path` whole: a new file renamed over the old one.
+pub fn save_owned(path: &Path, owned: &BTreeMap<(SourceKey, u32), u64>) -> std::io::Result<()> {
+    let mut text = String::new();
+    for ((k, node), benefit) in owned {
+        text.push_str(&format!("{} {} {node} {benefit}\n", k.dev, k.ino));
+    }
+    let tmp = path.with_extension("owned.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// How long a migrated file is left alone before it is tried again.
@@ -88,7 +130,22 @@ pub fn node_free_bytes(sys_node_dir: &Path, nodes: &[u32]) -> BTreeMap<u32, u64>
 }
 
 impl Planner {
+    /// A planner that takes back the copies its predecessor on the same run
+    /// directory listed as its own (those no longer there are forgotten at
+    /// the first plan).
     pub fn new(replicator: &Replicator, proc: ProcReader) -> Planner {
+        let owned_file = replicator.run_dir().join(OWNED_FILE);
+        let owned = load_owned(&owned_file);
+        let made = owned
+            .iter()
+            .map(|(k, benefit)| {
+                let m = Made {
+                    benefit: *benefit,
+                    unattached_since: None,
+                };
+                (*k, m)
+            })
+            .collect();
         Planner {
             scanner: Scanner::new(
                 proc.clone(),
@@ -96,7 +153,9 @@ impl Planner {
                 replicator.run_dir().to_path_buf(),
             ),
             proc,
-            made: HashMap::new(),
+            made,
+            owned_file,
+            owned_written: owned.into_keys().collect(),
             last_plan: Plan::default(),
             last_heat: Vec::new(),
             last_cpu: Duration::ZERO,
@@ -364,6 +423,24 @@ impl Planner {
         }
         self.last_plan = plan;
         self.last_heat = heat;
+        self.save_owned();
         report
+    }
+
+    /// Write [`OWNED_FILE`] when the planner's copies changed.
+    fn save_owned(&mut self) {
+        let keys: BTreeSet<(SourceKey, u32)> = self.made.keys().copied().collect();
+        if keys == self.owned_written {
+            return;
+        }
+        let owned: BTreeMap<(SourceKey, u32), u64> =
+            self.made.iter().map(|(k, m)| (*k, m.benefit)).collect();
+        match save_owned(&self.owned_file, &owned) {
+            Ok(()) => self.owned_written = keys,
+            Err(e) => crate::warn_limited!(
+                "cannot write {} (the planner's copies, for the next daemon): {e}",
+                self.owned_file.display()
+            ),
+        }
     }
 }

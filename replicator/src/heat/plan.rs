@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::policy::{Mode, Policies, ScanConfig};
+use super::policy::{Kind, Mode, Policies, ScanConfig};
 use super::scan::SourceHeat;
 use crate::model::SourceKey;
 
@@ -202,7 +202,20 @@ pub fn plan(
     let mut evicted: BTreeSet<(SourceKey, u32)> = BTreeSet::new();
     for e in existing.iter().filter(|e| e.planned) {
         let h = by_key.get(&e.key);
-        let policy = h.map(|h| h.policy).unwrap_or(usize::MAX);
+        // A copy no process maps has no heat row: the first replicate
+        // policy that wants its path decides (its evict_after, not 10 min).
+        let policy = h.map(|h| h.policy).unwrap_or_else(|| {
+            policies
+                .list
+                .iter()
+                .position(|p| {
+                    p.mode == Mode::Replicate
+                        && [Kind::Text, Kind::Data]
+                            .iter()
+                            .any(|k| p.wants(&e.path, *k))
+                })
+                .unwrap_or(usize::MAX)
+        });
         let p = policies.list.get(policy);
         let reason =
             if let Some(h) = h.filter(|h| h.writes_per_hour > 2.0 * scan.max_writes_per_hour) {
@@ -541,6 +554,14 @@ mod tests {
             &machine(),
         );
         assert_eq!(p.of_kind("evict").count(), 1);
+        // No process maps it at all (no heat row): the policy that wants
+        // its path still decides, after its evict_after (60 s), not 10 min.
+        let p = plan(&[], &pol, &ScanConfig::default(), &[e.clone()], &machine());
+        assert_eq!(p.of_kind("evict").count(), 1, "{p:?}");
+        e.unattached_for = Duration::from_secs(59);
+        let p = plan(&[], &pol, &ScanConfig::default(), &[e.clone()], &machine());
+        assert_eq!(p.of_kind("evict").count(), 0, "{p:?}");
+        e.unattached_for = Duration::from_secs(61);
         e.planned = false;
         let p = plan(&[h], &pol, &ScanConfig::default(), &[e], &machine());
         assert_eq!(p.of_kind("evict").count(), 0);

@@ -299,3 +299,27 @@ fn a_write_break_and_the_mtime_it_moved_count_once() {
     s.full_pass(&policies());
     assert_eq!(rate(&s), 120.0, "nothing changed");
 }
+
+#[test]
+fn the_planner_s_copies_are_kept_across_restarts_and_a_bad_line_is_skipped() {
+    use super::driver::{load_owned, save_owned};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(super::driver::OWNED_FILE);
+    assert!(load_owned(&path).is_empty(), "no file: no copies");
+    let a = SourceKey { dev: 2049, ino: 11 };
+    let b = SourceKey { dev: 2049, ino: 22 };
+    let owned = BTreeMap::from([((a, 1), 4096), ((b, 0), 0), ((b, 3), 1 << 40)]);
+    save_owned(&path, &owned).unwrap();
+    assert_eq!(load_owned(&path), owned);
+    assert!(!path.with_extension("owned.tmp").exists(), "renamed over");
+    // A torn or foreign file: what parses is kept, the rest skipped.
+    std::fs::write(
+        &path,
+        "2049 11 1 4096\n2049 22\nx y z w\n2049 22 0 5 extra\n-1 2 3 4\n2049 22 3 7\n",
+    )
+    .unwrap();
+    assert_eq!(
+        load_owned(&path),
+        BTreeMap::from([((a, 1), 4096), ((b, 3), 7)])
+    );
+}
