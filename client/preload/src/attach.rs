@@ -343,14 +343,17 @@ fn note_declined(st: &mut State, maps: &str, asked_at: Option<u64>) {
 fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str, daemon_uid: u32) -> usize {
     let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
     let skip = never_moved(&lines);
-    // With other threads running (a dlopen in a threaded program), one of
-    // them may remap a range meanwhile: read maps again before each swap.
+    // With other threads running (the watcher's hello, a dlopen in a
+    // threaded program), one of them may unmap a range and map something
+    // else there meanwhile: each swap reads maps again and checks under the
+    // map lock, which the program's mmap/munmap/mremap/mprotect take too.
     let threaded = threads() != Some(1);
     let mut done = 0;
     let mut stats: BTreeMap<u32, libc::stat> = BTreeMap::new();
-    for (i, r) in ranges.iter().enumerate() {
+    for r in ranges {
+        let _lock = threaded.then(crate::MapLock::take);
         let fresh;
-        let lines: &[MapsLine<'_>] = if threaded && i > 0 {
+        let lines: &[MapsLine<'_>] = if threaded {
             fresh = replicad_procfs::ProcReader::default()
                 .self_maps_text()
                 .unwrap_or_default();

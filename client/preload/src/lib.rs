@@ -57,7 +57,7 @@
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 mod attach;
 mod follow;
@@ -89,6 +89,53 @@ static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     /// This thread is inside the shim: its own mmap calls must not attach.
     static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The thread (tid) that holds the map lock, 0 when none: see [`MapLock`].
+static MAP_LOCK: AtomicI32 = AtomicI32::new(0);
+
+/// Held around the program's own `mmap`, `munmap`, `mremap` and
+/// `mprotect`, and, in a process with more than one thread, around each
+/// check-and-swap of a range by the shim: a swap checks the range against a
+/// fresh read of our maps and moves the replica over it (`MREMAP_FIXED`),
+/// and another thread must not unmap the range and map something else there
+/// in between. (It did: a reader that maps and unmaps its file every round
+/// got replica pages at a shifted offset when the watcher's swap landed
+/// over its next mapping.) A spin lock on the holder's tid, not a Mutex: a
+/// fork child clears it (the holder is not there), a thread that holds it
+/// takes it again for free (a signal handler's mmap, the shim's own calls),
+/// and a hold is one maps read and a few syscalls.
+pub(crate) struct MapLock(bool);
+
+impl MapLock {
+    pub(crate) fn take() -> MapLock {
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        if MAP_LOCK.load(Ordering::Acquire) == me {
+            return MapLock(false);
+        }
+        while MAP_LOCK
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        MapLock(true)
+    }
+
+    /// After `fork()`, in the child: the holder, if any, was another thread.
+    pub(crate) fn reset() {
+        MAP_LOCK.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for MapLock {
+    fn drop(&mut self) {
+        if self.0 {
+            MAP_LOCK.store(0, Ordering::Release);
+        }
+    }
 }
 
 /// Run `f` marked busy, unless this thread already is (then `None`).
@@ -137,8 +184,15 @@ fn next_symbol(cache: &AtomicUsize, name: &CStr) -> usize {
 static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
+    // SAFETY: registers a handler that only stores an atomic (what a fork
+    // child may do).
+    unsafe { libc::pthread_atfork(None, None, Some(map_lock_after_fork)) };
     guarded(attach::init);
     guarded(follow::start);
+}
+
+extern "C" fn map_lock_after_fork() {
+    MapLock::reset();
 }
 
 // ---- mmap -------------------------------------------------------------
@@ -157,11 +211,13 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
+    let lock = MapLock::take();
     let p = attach::raw_mmap(addr, len, prot, flags, fd, off);
     if p != libc::MAP_FAILED {
         // Whatever the shim had moved onto a replica there is gone.
         replicad_client::shim::forget(p as usize, len);
     }
+    drop(lock);
     if p != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_ANONYMOUS == 0 {
         // A file mapping (never an allocator's): the watcher again, if an
         // unshare() or a fork() left us without one.
@@ -219,6 +275,7 @@ pub unsafe extern "C" fn mmap64(
 /// As `munmap(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: libc::size_t) -> c_int {
+    let _lock = MapLock::take();
     // SAFETY: the munmap syscall with the caller's arguments; libc's
     // syscall() sets errno and returns -1 on failure.
     let rc = unsafe { libc::syscall(libc::SYS_munmap, addr, len) } as c_int;
@@ -237,6 +294,7 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: libc::size_t) -> c_int {
 /// As `mprotect(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: libc::size_t, prot: c_int) -> c_int {
+    let _lock = MapLock::take();
     if prot & libc::PROT_WRITE != 0 {
         replicad_client::shim::fall_back(addr as usize, len);
     }
@@ -257,6 +315,7 @@ pub unsafe extern "C" fn pkey_mprotect(
     prot: c_int,
     pkey: c_int,
 ) -> c_int {
+    let _lock = MapLock::take();
     if prot & libc::PROT_WRITE != 0 {
         replicad_client::shim::fall_back(addr as usize, len);
     }
@@ -292,6 +351,7 @@ pub unsafe extern "C" fn mremap(
     flags: c_int,
     new_addr: *mut c_void,
 ) -> *mut c_void {
+    let _lock = MapLock::take();
     replicad_client::shim::fall_back(old as usize, old_len);
     let target = if flags & libc::MREMAP_FIXED != 0 {
         new_addr

@@ -1059,16 +1059,18 @@ fn migrate_refuses_files_of_the_store_and_directories() {
     assert!(matches!(e, Error::NotRegularFile { .. }), "{e:?}");
 }
 
+/// Nudges the engine sent the publisher.
+fn nudges(rig: &Rig) -> usize {
+    rig.log
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Nudge))
+        .count()
+}
+
 #[test]
 fn a_changed_home_node_list_nudges_followers_and_the_same_one_does_not() {
     let rig = rig();
-    let nudges = |rig: &Rig| {
-        rig.log
-            .events()
-            .iter()
-            .filter(|e| matches!(e, Event::Nudge))
-            .count()
-    };
     let home = |node| {
         vec![super::HomeNode {
             cgroup: "/system.slice/m.service".into(),
@@ -1151,13 +1153,6 @@ fn a_process_left_alone_for_spanning_nodes_is_rechecked_once_it_has_one() {
         matches!(&hello, super::Hello::LeftAlone { reason } if reason.contains("span several nodes")),
         "{hello:?}"
     );
-    let nudges = |rig: &Rig| {
-        rig.log
-            .events()
-            .iter()
-            .filter(|e| matches!(e, Event::Nudge))
-            .count()
-    };
     assert_eq!(rig.engine.recheck_left_alone(), 0, "still spans");
     assert_eq!(nudges(&rig), 0);
     set_affinity(pid, &[1]);
