@@ -136,7 +136,9 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let socket = cfg.socket();
-    let control = tokio::spawn(server::serve(listener, engine.clone(), socket.clone()));
+    // HTTP is bound before the control socket answers: whoever sees the
+    // daemon answer (a test, `replicactl status`, systemd's readiness) can
+    // scrape it too (a test once found the port still closed).
     let web = if cfg.daemon.metrics_listen.is_empty() {
         None
     } else {
@@ -147,6 +149,7 @@ async fn serve(
         tracing::info!("metrics at http://{addr}/metrics, status at http://{addr}/status");
         Some(tokio::spawn(http::serve(l, engine.clone())))
     };
+    let control = tokio::spawn(server::serve(listener, engine.clone(), socket.clone()));
     apply_replicate_list(&engine, &cfg, &BTreeSet::new()).await;
     notify_systemd("READY=1");
     tracing::info!("replicad ready");
