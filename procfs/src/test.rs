@@ -659,8 +659,18 @@ fn a_process_dir_reads_the_process_it_was_opened_for() {
         .unwrap();
     let live = ProcReader::default();
     let dir = live.process(child.id()).unwrap().unwrap();
-    let text = dir.maps_text().unwrap().unwrap();
-    assert!(text.lines().any(|l| l.contains("sleep")), "{text}");
+    // spawn() returns once the exec began (its vfork completion), which
+    // may be before the kernel mapped the new program: wait for it.
+    let t0 = std::time::Instant::now();
+    let text = loop {
+        let text = dir.maps_text().unwrap().unwrap();
+        if text.lines().any(|l| l.contains("sleep")) {
+            break text;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(text.contains("[stack]"), "{text}");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(dir.maps_text().unwrap(), None);

@@ -1017,6 +1017,9 @@ pub struct KeeperLink {
     broken: std::sync::atomic::AtomicBool,
     /// When it last answered a ping.
     answered: Mutex<Instant>,
+    /// When the daemon last pinged it: a longer gap than the silence
+    /// allowed means the daemon itself did not run (stopped, starved).
+    pinged: Mutex<Option<Instant>>,
 }
 
 impl KeeperLink {
@@ -1027,6 +1030,7 @@ impl KeeperLink {
             state: Mutex::new(state),
             broken: std::sync::atomic::AtomicBool::new(false),
             answered: Mutex::new(Instant::now()),
+            pinged: Mutex::new(None),
         }
     }
 
@@ -1259,6 +1263,19 @@ impl KeeperLink {
             return Err(io::Error::other("a message to it was not delivered"));
         }
         self.send(&message(PINGED, 0, SourceKey { dev: 0, ino: 0 }), &[])?;
+        // A daemon that was stopped itself (SIGSTOP, a stalled machine)
+        // asked nothing meanwhile: its silence is not the keeper's, which
+        // gets a whole `silence` from this ping (a CI run found a keeper
+        // declared lost the moment its daemon was continued).
+        let now = Instant::now();
+        let last = self
+            .pinged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(now);
+        if last.is_some_and(|t| now.duration_since(t) > silence) {
+            *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        }
         if self.exited() {
             return Err(io::Error::other("it exited"));
         }
