@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use replicad_procfs::ProcReader;
 use replicad_replicator::heat::{
-    Action, PassStats, Plan, Planner, Policies, Policy, Pressure, Scanner, SourceHeat,
+    Action, PassStats, Plan, Planner, Policies, Policy, Pressure, Scanner, SourceHeat, TickReport,
 };
 use replicad_replicator::model::Target;
 use replicad_replicator::Replicator;
@@ -48,14 +48,15 @@ struct Seen {
 }
 
 impl Seen {
-    fn of(planner: &Planner) -> Seen {
+    /// The scanner's counts, and the heat and plan the tick hands over.
+    fn of(planner: &Planner, report: &mut TickReport) -> Seen {
         let scanner = planner.scanner();
         Seen {
             complete: scanner.complete(),
             passes: scanner.passes(),
             last_pass: scanner.last_pass().unwrap_or_default(),
-            heat: planner.last_heat().to_vec(),
-            plan: planner.last_plan().clone(),
+            heat: std::mem::take(&mut report.heat),
+            plan: std::mem::take(&mut report.plan),
         }
     }
 }
@@ -78,8 +79,8 @@ pub fn start(engine: &Replicator, heat: Heat) -> anyhow::Result<()> {
                 psi_some_avg10: cfg.psi_some_avg10,
                 min_free: cfg.min_free,
             };
-            let report = planner.tick(&engine, &cfg.policies, &cfg.scan, &pressure);
-            *lock(&state.seen) = Arc::new(Seen::of(&planner));
+            let mut report = planner.tick(&engine, &cfg.policies, &cfg.scan, &pressure);
+            *lock(&state.seen) = Arc::new(Seen::of(&planner, &mut report));
             for c in &report.carried_out {
                 tracing::info!("planner: {c}");
             }

@@ -702,9 +702,9 @@ fn spanning(nodes: &BTreeMap<u32, String>, daemon: &mut Child) -> Result<String,
     result
 }
 
-/// Map `file` with plain mmap (the shim, if preloaded, swaps it onto the
-/// node's replica), touch every page, print the mapping's lines.
-fn probe(file: &str) {
+/// `file` mapped whole, private and read-only, with plain mmap (the shim,
+/// if preloaded, may swap it onto the node's replica); never unmapped.
+fn map_private(file: &str) -> (*mut libc::c_void, usize) {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(file).unwrap();
     let len = f.metadata().unwrap().len() as usize;
@@ -720,6 +720,13 @@ fn probe(file: &str) {
         )
     };
     assert_ne!(p, libc::MAP_FAILED);
+    (p, len)
+}
+
+/// Map `file` with plain mmap (the shim, if preloaded, swaps it onto the
+/// node's replica), touch every page, print the mapping's lines.
+fn probe(file: &str) {
+    let (p, len) = map_private(file);
     let mut sum = 0u64;
     for off in (0..len).step_by(PAGE) {
         // SAFETY: inside the mapping.
@@ -750,21 +757,7 @@ fn probe(file: &str) {
 /// Map `file` private read-only, print its address, then touch every page
 /// every 100 ms for two minutes.
 fn hold(file: &str) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(file).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    // SAFETY: a read-only private mapping of a file we opened.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let (p, len) = map_private(file);
     // Where our libc text is (the shim may move a replica over it later).
     let libc_at = std::fs::read_to_string("/proc/self/maps")
         .unwrap_or_default()

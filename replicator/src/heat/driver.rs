@@ -1,7 +1,7 @@
 //! The planner loop: step the scanner under its CPU budget, plan, and
 //! carry out what a `replicate` policy allows. The daemon calls
 //! [`Planner::tick`] once per scan interval from its own thread;
-//! `replicactl heat` and `plan` read what the last tick saw.
+//! `replicactl heat` and `plan` read what the last tick handed over.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,10 +39,13 @@ pub struct TickReport {
     pub carried_out: Vec<String>,
     pub failed: Vec<String>,
     pub pressure: Option<String>,
+    /// What the tick saw and planned (empty until the first full pass).
+    pub heat: Vec<SourceHeat>,
+    pub plan: Plan,
 }
 
-/// The scanner, the planner's memory of its own copies, and what the last
-/// tick saw.
+/// The scanner and the planner's memory of its own copies; each tick
+/// hands what it saw and planned to its caller ([`TickReport`]).
 #[derive(Debug)]
 pub struct Planner {
     scanner: Scanner,
@@ -54,8 +57,6 @@ pub struct Planner {
     owned_file: PathBuf,
     /// `made`'s keys as last written there.
     owned_written: BTreeSet<(SourceKey, u32)>,
-    last_plan: Plan,
-    last_heat: Vec<SourceHeat>,
     last_cpu: Duration,
     /// Files whose page cache was moved, where and when: not moved again
     /// for [`MIGRATE_AGAIN_AFTER`] (pages that would not move stay put).
@@ -156,19 +157,9 @@ impl Planner {
             made,
             owned_file,
             owned_written: owned.into_keys().collect(),
-            last_plan: Plan::default(),
-            last_heat: Vec::new(),
             last_cpu: Duration::ZERO,
             migrated: HashMap::new(),
         }
-    }
-
-    pub fn last_plan(&self) -> &Plan {
-        &self.last_plan
-    }
-
-    pub fn last_heat(&self) -> &[SourceHeat] {
-        &self.last_heat
     }
 
     pub fn scanner(&self) -> &Scanner {
@@ -421,8 +412,8 @@ impl Planner {
                 .with_label_values(&[&n.id.to_string()])
                 .set(i64::try_from(used.get(&n.id).copied().unwrap_or(0)).unwrap_or(i64::MAX));
         }
-        self.last_plan = plan;
-        self.last_heat = heat;
+        report.plan = plan;
+        report.heat = heat;
         self.save_owned();
         report
     }

@@ -346,7 +346,17 @@ pub fn plan(
         *b = (*b).max(budget);
         let bytes = h.mapped_bytes.div_ceil(page) * page;
         let u = used.entry(node).or_default();
-        if machine.pressure {
+        let skip = if machine.pressure {
+            Some("memory pressure: no new copies".to_string())
+        } else if *u + bytes > budget {
+            Some(format!(
+                "over budget on node {node}: needs {bytes} bytes, {} of {budget} left",
+                budget.saturating_sub(*u)
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = skip {
             push(
                 &mut out,
                 h.policy,
@@ -354,23 +364,7 @@ pub fn plan(
                     key: h.key,
                     path: h.path.clone(),
                     node: Some(node),
-                    reason: "memory pressure: no new copies".into(),
-                },
-            );
-            continue;
-        }
-        if *u + bytes > budget {
-            push(
-                &mut out,
-                h.policy,
-                Action::Skip {
-                    key: h.key,
-                    path: h.path.clone(),
-                    node: Some(node),
-                    reason: format!(
-                        "over budget on node {node}: needs {bytes} bytes, {} of {budget} left",
-                        budget.saturating_sub(*u)
-                    ),
+                    reason,
                 },
             );
             continue;
