@@ -12,10 +12,13 @@ const PAGE: u64 = 4096;
 
 /// Pages of `start..end` that hold private (anonymous) copies in `pagemap`
 /// (opened by [`crate::ProcReader::pagemap`]): present and not
-/// file-backed, or swapped out. Reads [`PAGEMAP_CHUNK`] entries per
-/// `pread`; stops early at a short read (the end of the address space).
+/// file-backed, or swapped out. Asked with `PAGEMAP_SCAN` (the kernel
+/// skips the file pages: a hello's python text costs one ioctl, not 730
+/// entries copied out); kernels without it are read [`PAGEMAP_CHUNK`]
+/// entries per `pread`, stopping early at a short read (the end of the
+/// address space).
 pub fn written_pages(pagemap: &std::fs::File, start: u64, end: u64) -> std::io::Result<u64> {
-    Ok(runs_by_entries(pagemap, start, end)?
+    Ok(private_runs(pagemap, start, end)?
         .iter()
         .map(|(from, to)| (to - from) / PAGE)
         .sum())
@@ -97,7 +100,7 @@ impl PmScanArg {
 /// `pagemap` this is: present and not file-backed, or swapped; what a
 /// `MAP_PRIVATE` file mapping holds where the process (or a debugger)
 /// wrote. One `PAGEMAP_SCAN` ioctl per 64 runs; kernels without it (before
-/// 6.7) are read entry by entry as [`written_pages`] does.
+/// 6.7) are read entry by entry.
 pub fn private_runs(
     pagemap: &std::fs::File,
     start: u64,
