@@ -357,3 +357,107 @@ fn a_fork_child_starts_its_own_watcher_when_it_maps_a_file() {
     assert_eq!(v["follow_child_at_fork"], false, "{v}");
     assert_eq!(v["follow_child_after_mmap"], true, "{v}");
 }
+
+/// The dynamic loader maps and unmaps without the shim's wrappers: a
+/// `dlopen` or `dlclose` in one thread while the watcher swaps in another
+/// must never have a replica moved over a mapping the loader is building
+/// or has just unmapped (the swaps run with the loader held still). A
+/// python loop loads a copy of libz, calls it and unloads it for 3 s while
+/// the test replicates and evicts that copy again and again, so that the
+/// shim (the watcher, or the dlopen wrapper with the watcher running)
+/// keeps swapping it; the program must end well with every call answered,
+/// the library must have been swapped in more than one of its loads (the
+/// ranges the loader unmapped were forgotten) and nothing of it may stay
+/// mapped after the last `dlclose` (no spare left behind).
+#[test]
+fn dlopen_and_dlclose_beside_the_watcher_never_break_the_program() {
+    if !root_or_skip("dlopen_and_dlclose_beside_the_watcher_never_break_the_program") {
+        return;
+    }
+    let libz = Path::new("/usr/lib/x86_64-linux-gnu/libz.so.1");
+    if !libz.exists() {
+        skip(
+            "dlopen_and_dlclose_beside_the_watcher_never_break_the_program",
+            "needs /usr/lib/x86_64-linux-gnu/libz.so.1 (apt-get install zlib1g)",
+        );
+        return;
+    }
+    let d = Daemon::start("");
+    let dir = scratch("follow-dlopen");
+    let copy = dir.path().join("libz-copy.so.1");
+    std::fs::copy(libz, &copy).unwrap();
+    let script = format!(
+        "import ctypes, _ctypes, sys, time\n\
+         n = 0\n\
+         end = time.monotonic() + 3\n\
+         while time.monotonic() < end:\n\
+         \x20   h = ctypes.CDLL({copy:?})\n\
+         \x20   f = h.zlibVersion\n\
+         \x20   f.restype = ctypes.c_char_p\n\
+         \x20   assert f().startswith(b'1.'), f()\n\
+         \x20   _ctypes.dlclose(h._handle)\n\
+         \x20   n += 1\n\
+         left = sum('libz-copy' in l for l in open('/proc/self/maps'))\n\
+         print('calls', n, 'left', left)\n",
+        copy = copy.to_str().unwrap()
+    );
+    let log = dir.path().join("python.log");
+    let child = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .env("LD_PRELOAD", shim_path())
+        .env("REPLICAD_SOCKET", &d.socket)
+        .env("REPLICAD_DEBUG", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut cycles = 0;
+    while t0.elapsed() < Duration::from_millis(2800) {
+        d.ctl_ok(&["replicate", copy.to_str().unwrap()]);
+        std::thread::sleep(Duration::from_millis(40));
+        d.ctl_ok(&["evict", copy.to_str().unwrap()]);
+        std::thread::sleep(Duration::from_millis(10));
+        cycles += 1;
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python loading and unloading a replicated library failed ({}) after {cycles} \
+         replicate/evict cycles:\n{stdout}\n{stderr}",
+        out.status
+    );
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let (calls, left): (u64, u64) = match words[..] {
+        ["calls", n, "left", l] => (n.parse().unwrap(), l.parse().unwrap()),
+        _ => panic!("python printed {stdout:?}\n{stderr}"),
+    };
+    let swapped = stderr
+        .lines()
+        .filter(|l| l.contains("ranges now on node") && !l.contains(": 0 of"))
+        .filter(|l| l.contains("follow:") || l.contains("dlopen:"))
+        .count();
+    let held_off = stderr
+        .lines()
+        .filter(|l| l.contains("the dynamic loader is loading or unloading"))
+        .count();
+    eprintln!(
+        "{calls} load/call/unload rounds, {cycles} replicate/evict cycles, {swapped} hellos \
+         that swapped, {held_off} held off while the loader was busy"
+    );
+    assert!(calls > 0, "{stdout}");
+    // Loaded again after an unload (often at the same address), it is
+    // swapped again: the shim forgot the ranges the loader unmapped.
+    assert!(
+        swapped >= 2,
+        "the library was swapped {swapped} times over {calls} loads:\n{stderr}"
+    );
+    // And nothing of it stays mapped after the last unload: no spare (the
+    // shim's second mapping of the file, its way back) is left behind.
+    assert_eq!(
+        left, 0,
+        "{left} mappings of the library left after its last dlclose:\n{stderr}"
+    );
+}

@@ -652,6 +652,32 @@ pub mod shim {
         live
     }
 
+    /// The ranges on a replica now (not fallen back): `(start, len,
+    /// replica st_dev as makedev, replica inode)` each, for a caller that
+    /// checks them against its maps after something other than the
+    /// program's own wrapped calls unmapped memory (the dynamic loader's
+    /// `dlclose`), then [`forget`]s those that are gone.
+    pub fn active_ranges() -> Vec<(usize, usize, u64, u64)> {
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        TABLE
+            .iter()
+            .take(high)
+            .filter(|slot| {
+                slot.ino.load(Ordering::Relaxed) != 0
+                    && state(slot.word.load(Ordering::Acquire)) == ACTIVE
+            })
+            .map(|slot| {
+                let dev = slot.dev.load(Ordering::Relaxed);
+                (
+                    slot.start.load(Ordering::Relaxed),
+                    slot.len.load(Ordering::Relaxed),
+                    libc::makedev((dev >> 32) as u32, dev as u32),
+                    slot.ino.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Whether `start` is the spare (the way back) of a shim range: a
     /// mapping of the source the shim made itself, never to be attached.
     pub fn is_spare(start: usize) -> bool {

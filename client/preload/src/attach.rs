@@ -223,7 +223,13 @@ fn hello_with(why: &str, maps: Option<String>) {
                     return;
                 }
             };
-            let done = remap(&ranges, &fds, &maps, daemon_uid);
+            let Some(done) = remap(&ranges, &fds, &maps, daemon_uid) else {
+                // The loader was busy: nothing swapped, nothing declined;
+                // the watcher looks again shortly.
+                debug!("{why}: the dynamic loader is loading or unloading: tried again shortly");
+                missed();
+                return;
+            };
             note_declined(st, &maps, asked_at);
             debug!(
                 "{why}: {done} of {offered} ranges now on node {node} replicas ({} files) in {:.2} ms",
@@ -339,99 +345,212 @@ fn note_declined(st: &mut State, maps: &str, asked_at: Option<u64>) {
 
 /// Swap every range that still is what the daemon (running as
 /// `daemon_uid`) saw, onto replicas that are the daemon's and from ways back
-/// that are the files the ranges map. Returns how many.
-fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str, daemon_uid: u32) -> usize {
+/// that are the files the ranges map. Returns how many, or `None` when the
+/// dynamic loader was loading or unloading (nothing swapped).
+fn remap(ranges: &[AttachRange], fds: &[OwnedFd], maps: &str, daemon_uid: u32) -> Option<usize> {
     let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
     let skip = never_moved(&lines);
-    // With other threads running (the watcher's hello, a dlopen in a
-    // threaded program), one of them may unmap a range and map something
-    // else there meanwhile: each swap reads maps again and checks under the
-    // map lock, which the program's mmap/munmap/mremap/mprotect take too.
-    let threaded = threads() != Some(1);
-    let mut done = 0;
     let mut stats: BTreeMap<u32, libc::stat> = BTreeMap::new();
-    for r in ranges {
-        let _lock = threaded.then(crate::MapLock::take);
-        let fresh;
-        let lines: &[MapsLine<'_>] = if threaded {
-            fresh = replicad_procfs::ProcReader::default()
+    let mut each = |r: &AttachRange, lines: &[MapsLine<'_>]| -> bool {
+        swap_range(r, lines, &skip, fds, &mut stats, daemon_uid)
+    };
+    if threads() == Some(1) {
+        // Alone: nothing changes our mappings but us.
+        return Some(ranges.iter().filter(|r| each(r, &lines)).count());
+    }
+    // With other threads running (the watcher's hello beside the
+    // program, a dlopen in a threaded program), one of them may unmap a
+    // range and map something else there meanwhile: each swap reads maps
+    // again and checks under the map lock, which the program's
+    // mmap/munmap/mremap/mprotect take too. The dynamic loader maps and
+    // unmaps without those wrappers, so the swaps run with it held still
+    // (see `loader_still`).
+    let mut done = 0;
+    let held = loader_still(&mut || {
+        for r in ranges {
+            let _lock = crate::MapLock::take();
+            let fresh = replicad_procfs::ProcReader::default()
                 .self_maps_text()
                 .unwrap_or_default();
-            &fresh
+            let lines: Vec<MapsLine<'_>> = fresh
                 .lines()
                 .filter_map(MapsLine::parse)
                 .filter(|l| l.start == r.start)
-                .collect::<Vec<_>>()
+                .collect();
+            done += usize::from(each(r, &lines));
+        }
+    });
+    held.then_some(done)
+}
+
+/// One range of a hello's answer onto its replica, if `lines` (our maps)
+/// still show it as the daemon saw it. Whether it was swapped.
+fn swap_range(
+    r: &AttachRange,
+    lines: &[MapsLine<'_>],
+    skip: &BTreeSet<(u64, u64)>,
+    fds: &[OwnedFd],
+    stats: &mut BTreeMap<u32, libc::stat>,
+    daemon_uid: u32,
+) -> bool {
+    let Some(l) = lines.iter().find(|l| l.start == r.start) else {
+        debug!("{:x}-{:x}: no longer mapped: left alone", r.start, r.end);
+        return false;
+    };
+    if l.end != r.end
+        || l.offset != r.offset
+        || l.dev != r.dev
+        || l.ino != r.ino
+        || l.perms_str() != r.perms
+        || !l.private_readonly_file()
+    {
+        debug!(
+            "{:x}-{:x} {}: changed since the daemon looked: left alone",
+            r.start, r.end, l.path
+        );
+        return false;
+    }
+    if skip.contains(&(l.dev, l.ino)) {
+        return false;
+    }
+    if shim::is_spare(r.start as usize) || shim::live_at(r.start as usize) {
+        return false;
+    }
+    let (Some(rfd), Some(sfd)) = (
+        fds.get(2 * r.source as usize),
+        fds.get(2 * r.source as usize + 1),
+    ) else {
+        debug!(
+            "{:x}-{:x}: the daemon named a file it did not send",
+            r.start, r.end
+        );
+        return false;
+    };
+    let prot = libc::PROT_READ
+        | if l.perms[2] == b'x' {
+            libc::PROT_EXEC
         } else {
-            &lines
+            0
         };
-        let Some(l) = lines.iter().find(|l| l.start == r.start) else {
-            debug!("{:x}-{:x}: no longer mapped: left alone", r.start, r.end);
-            continue;
-        };
-        if l.end != r.end
-            || l.offset != r.offset
-            || l.dev != r.dev
-            || l.ino != r.ino
-            || l.perms_str() != r.perms
-            || !l.private_readonly_file()
-        {
-            debug!(
-                "{:x}-{:x} {}: changed since the daemon looked: left alone",
-                r.start, r.end, l.path
-            );
-            continue;
-        }
-        if skip.contains(&(l.dev, l.ino)) {
-            continue;
-        }
-        if shim::is_spare(r.start as usize) || shim::live_at(r.start as usize) {
-            continue;
-        }
-        let (Some(rfd), Some(sfd)) = (
-            fds.get(2 * r.source as usize),
-            fds.get(2 * r.source as usize + 1),
-        ) else {
-            debug!(
-                "{:x}-{:x}: the daemon named a file it did not send",
-                r.start, r.end
-            );
-            continue;
-        };
-        let prot = libc::PROT_READ
-            | if l.perms[2] == b'x' {
-                libc::PROT_EXEC
-            } else {
-                0
-            };
-        // One check per replica file, not per range: a revoke after it is
-        // caught by the fallback like any other.
-        let st = match stats.get(&r.source) {
-            Some(st) => *st,
-            None => match checked_pair(rfd.as_fd(), sfd.as_fd(), l.dev, l.ino, daemon_uid) {
-                Ok(st) => {
-                    stats.insert(r.source, st);
-                    st
-                }
-                Err(e) => {
-                    debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path);
-                    continue;
-                }
-            },
-        };
-        let range = Range {
-            start: r.start as usize,
-            len: r.len(),
-            prot,
-            kind: libc::MAP_PRIVATE,
-            offset: r.offset as libc::off_t,
-        };
-        match swap(&range, rfd.as_fd(), &st, sfd.as_fd()) {
-            Ok(()) => done += 1,
-            Err(e) => debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path),
+    // One check per replica file, not per range: a revoke after it is
+    // caught by the fallback like any other.
+    let st = match stats.get(&r.source) {
+        Some(st) => *st,
+        None => match checked_pair(rfd.as_fd(), sfd.as_fd(), l.dev, l.ino, daemon_uid) {
+            Ok(st) => {
+                stats.insert(r.source, st);
+                st
+            }
+            Err(e) => {
+                debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path);
+                return false;
+            }
+        },
+    };
+    let range = Range {
+        start: r.start as usize,
+        len: r.len(),
+        prot,
+        kind: libc::MAP_PRIVATE,
+        offset: r.offset as libc::off_t,
+    };
+    match swap(&range, rfd.as_fd(), &st, sfd.as_fd()) {
+        Ok(()) => true,
+        Err(e) => {
+            debug!("{:x}-{:x} {}: {e}: left alone", r.start, r.end, l.path);
+            false
         }
     }
-    done
+}
+
+/// `struct r_debug` of `<link.h>`, and `r_next` of glibc's
+/// `r_debug_extended` (read only when `r_version` is 2 or more): one per
+/// link-map namespace.
+#[repr(C)]
+struct RDebug {
+    r_version: c_int,
+    r_map: *const c_void,
+    r_brk: usize,
+    r_state: c_int,
+    r_ldbase: usize,
+    r_next: *const RDebug,
+}
+
+/// `RT_CONSISTENT`: no object is being added or removed.
+const RT_CONSISTENT: c_int = 0;
+
+// SAFETY: both are glibc's: `dl_iterate_phdr` of libc, `_r_debug` of the
+// dynamic loader (which this object needs, like every glibc program).
+unsafe extern "C" {
+    fn dl_iterate_phdr(
+        callback: Option<unsafe extern "C" fn(*mut c_void, usize, *mut c_void) -> c_int>,
+        data: *mut c_void,
+    ) -> c_int;
+    static _r_debug: RDebug;
+}
+
+/// Whether the loader's debugger interface shows every namespace
+/// consistent: a `dlopen` sets `RT_ADD` before it maps anything, a
+/// `dlclose` `RT_DELETE` before it unmaps, and both set `RT_CONSISTENT`
+/// after.
+fn loader_consistent() -> bool {
+    // SAFETY: `_r_debug` lives as long as the process; its fields are read
+    // volatile (the loader writes them without atomics), and `r_next` only
+    // where `r_version` says the extended layout is there.
+    unsafe {
+        let mut r: *const RDebug = std::ptr::addr_of!(_r_debug);
+        // glibc has at most 16 namespaces.
+        for _ in 0..16 {
+            if r.is_null() {
+                return true;
+            }
+            if std::ptr::addr_of!((*r).r_state).read_volatile() != RT_CONSISTENT {
+                return false;
+            }
+            if std::ptr::addr_of!((*r).r_version).read_volatile() < 2 {
+                return true;
+            }
+            r = std::ptr::addr_of!((*r).r_next).read_volatile();
+        }
+    }
+    true
+}
+
+/// Run `f` with the dynamic loader held still; false (and `f` not run)
+/// when it is in the middle of loading or unloading.
+///
+/// `dl_iterate_phdr` calls back holding glibc's `dl_load_write_lock`,
+/// which `dlclose` holds while it unmaps and `dlopen` while it adds an
+/// object to its list (after mapping it, at addresses the kernel chose,
+/// so never over a range we were offered). A load already under way shows
+/// in `_r_debug` ([`loader_consistent`]): its half-built mapping (the
+/// first `mmap` of the whole object, which `MAP_FIXED` segments then
+/// replace) must not be swapped. `f` takes no loader lock, only the map
+/// lock, which no loader path holds: no lock order to break.
+fn loader_still(f: &mut dyn FnMut()) -> bool {
+    struct Hold<'a> {
+        f: Option<&'a mut dyn FnMut()>,
+        ran: bool,
+    }
+    unsafe extern "C" fn first_object(_: *mut c_void, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: `data` is the `Hold` below, alive for the whole call.
+        let hold = unsafe { &mut *data.cast::<Hold<'_>>() };
+        if let Some(f) = hold.f.take() {
+            if loader_consistent() {
+                // A panic must not unwind through the loader's frames.
+                hold.ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok();
+            }
+        }
+        1
+    }
+    let mut hold = Hold {
+        f: Some(f),
+        ran: false,
+    };
+    // SAFETY: a callback of the right signature and a pointer to a live
+    // `Hold` that outlives the call.
+    unsafe { dl_iterate_phdr(Some(first_object), (&mut hold as *mut Hold<'_>).cast()) };
+    hold.ran
 }
 
 /// This process's thread count (field 20 of /proc/self/stat, a shorter
@@ -634,6 +753,33 @@ pub(crate) fn after_dlopen() {
     };
     if want {
         hello("dlopen");
+    }
+}
+
+/// After a `dlclose`: every range on a replica that our maps no longer
+/// show as that replica, exactly, was unmapped by the loader: forgotten
+/// (its entry freed, its spare unmapped), as our `munmap` would have.
+pub(crate) fn after_dlclose() {
+    let active = shim::active_ranges();
+    if active.is_empty() {
+        return;
+    }
+    // Checked and forgotten with the program's own mapping calls held off:
+    // a range one of them maps again meanwhile is not taken for gone.
+    let _lock = crate::MapLock::take();
+    let Ok(maps) = replicad_procfs::ProcReader::default().self_maps_text() else {
+        return;
+    };
+    let lines: Vec<MapsLine<'_>> = maps.lines().filter_map(MapsLine::parse).collect();
+    for (start, len, dev, ino) in active {
+        let (from, to) = (start as u64, start.saturating_add(len) as u64);
+        let still = lines
+            .iter()
+            .any(|l| l.start == from && l.end == to && l.dev == dev && l.ino == ino);
+        if !still {
+            debug!("dlclose: {from:x}-{to:x} was unmapped by the loader: forgotten");
+            shim::forget(start, len);
+        }
     }
 }
 

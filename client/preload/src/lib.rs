@@ -15,6 +15,8 @@
 //!
 //!  dlopen()  ─ the real one, then attach what it mapped (if the published
 //!              replica set names any of it)
+//!  dlclose() ─ the real one, then forget the ranges on replicas that the
+//!              loader unmapped (their fallback entries and spares)
 //!  mmap()    ─ the real one, then, for a read-only mapping of a file the
 //!              published set shows a replica of on our node: Map{node} + fd
 //!  munmap()  ─ the real one, then forget the ranges unmapped (and those a
@@ -83,6 +85,7 @@ static DEBUG: AtomicBool = AtomicBool::new(false);
 static PENDING: AtomicBool = AtomicBool::new(false);
 
 static REAL_DLOPEN: AtomicUsize = AtomicUsize::new(0);
+static REAL_DLCLOSE: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
@@ -564,4 +567,33 @@ extern "C" fn dlopen_wrapped(file: *const c_char, flags: c_int) -> *mut c_void {
         unsafe { *libc::__errno_location() = errno };
     }
     handle
+}
+
+/// `dlclose(3)`: the real one, then the shim forgets the ranges it had
+/// moved onto replicas that the loader unmapped (it unmaps without our
+/// `munmap`): their entries and spare mappings would stay for good, and a
+/// library loaded again at the same address would be taken for one
+/// already on a replica.
+///
+/// # Safety
+/// As `dlclose(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
+    let real = next_symbol(&REAL_DLCLOSE, c"dlclose");
+    if real == 0 {
+        return -1;
+    }
+    type Dlclose = unsafe extern "C" fn(*mut c_void) -> c_int;
+    // SAFETY: RTLD_NEXT's dlclose has this signature.
+    let f = unsafe { std::mem::transmute::<usize, Dlclose>(real) };
+    // SAFETY: the caller's argument, unchanged.
+    let rc = unsafe { f(handle) };
+    if rc == 0 {
+        // SAFETY: errno is thread-local.
+        let errno = unsafe { *libc::__errno_location() };
+        guarded(attach::after_dlclose);
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
+    }
+    rc
 }
